@@ -1,0 +1,1 @@
+"""One module per ``noisescale`` command (see :mod:`noisescale.cli`)."""

@@ -1,0 +1,122 @@
+"""Matplotlib figures of a run log. Imported lazily: ``import noisescale`` never imports matplotlib.
+
+Every function takes ``ax=None`` and returns ``(fig, ax)``; pass an axis to draw into your own
+figure. ``run`` is a :class:`~noisescale.runlog.RunLog` or a path to a ``.jsonl`` run log.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from .runlog import RunLog, read_run_log
+
+__all__ = ["plot_b_simple", "plot_components", "plot_loss", "plot_run"]
+
+_X_LABEL = {"step": "optimizer step", "examples": "{unit} seen"}
+
+
+def _plt() -> Any:
+    try:
+        import matplotlib
+
+        if not os.environ.get("DISPLAY") and matplotlib.get_backend().lower() not in ("agg", "pdf", "svg"):
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        raise ImportError("plotting needs matplotlib: pip install 'noisescale[plot]'") from None
+    return plt
+
+
+def _run(run: RunLog | str | os.PathLike) -> RunLog:
+    return run if isinstance(run, RunLog) else read_run_log(run)
+
+
+def _axes(ax: Any) -> tuple[Any, Any]:
+    if ax is None:
+        fig, ax = _plt().subplots(figsize=(7, 4))
+        return fig, ax
+    return ax.figure, ax
+
+
+def _xs(log: RunLog, x: str) -> tuple[list[float], str]:
+    if x not in _X_LABEL:
+        raise ValueError(f"x must be 'step' or 'examples', got {x!r}")
+    return log.column(x), _X_LABEL[x].format(unit=log.unit)
+
+
+def _positive_log_scale(ax: Any, *series: list[float]) -> None:
+    if any(v > 0 for s in series for v in s if math.isfinite(v)):
+        ax.set_yscale("log")
+
+
+def plot_b_simple(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "step") -> tuple[Any, Any]:
+    """``B_simple`` against steps or examples, with its 95% interval as a band."""
+    log = _run(run)
+    fig, ax = _axes(ax)
+    xs, xlabel = _xs(log, x)
+    b, lo, hi = log.column("b_simple"), log.column("b_simple_low"), log.column("b_simple_high")
+    finite_top = max([v for v in b + hi if math.isfinite(v)], default=1.0)
+    hi_drawn = [v if math.isfinite(v) else (finite_top * 10 if math.isfinite(l) else math.nan) for v, l in zip(hi, lo)]
+    ax.fill_between(xs, lo, hi_drawn, alpha=0.25, color="C0", linewidth=0, label="95% interval")
+    ax.plot(xs, b, color="C0", label="$B_{simple}$")
+    _positive_log_scale(ax, b)
+    if math.isfinite(finite_top) and finite_top > 0:
+        ax.set_ylim(top=finite_top * 1.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"$B_{{simple}}$ [{log.unit}]")
+    ax.set_title("Simple noise scale $tr(\\Sigma)/|G|^2$")
+    ax.legend(loc="best")
+    return fig, ax
+
+
+def plot_components(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "step") -> tuple[Any, Any]:
+    """The smoothed ``|G|^2`` and ``tr(Sigma)`` (log scale; non-positive values are not drawn)."""
+    log = _run(run)
+    fig, ax = _axes(ax)
+    xs, xlabel = _xs(log, x)
+    g2, ts = log.column("g2"), log.column("trace_sigma")
+    ax.plot(xs, [v if v > 0 else math.nan for v in g2], color="C1", label="$|G|^2$")
+    ax.plot(xs, [v if v > 0 else math.nan for v in ts], color="C2", label="$tr(\\Sigma)$")
+    _positive_log_scale(ax, g2, ts)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("squared gradient norm")
+    ax.legend(loc="best")
+    return fig, ax
+
+
+def plot_loss(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "step") -> tuple[Any, Any]:
+    """The training loss recorded with ``step(loss=...)``."""
+    log = _run(run)
+    fig, ax = _axes(ax)
+    xs, xlabel = _xs(log, x)
+    loss = log.column("loss")
+    if not any(math.isfinite(v) for v in loss):
+        raise ValueError("the run log has no loss values; pass loss= to GradientNoiseScale.step()")
+    ax.plot(xs, loss, color="C3", label="training loss")
+    _positive_log_scale(ax, loss)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss")
+    ax.legend(loc="best")
+    return fig, ax
+
+
+def plot_run(run: RunLog | str | os.PathLike, path: str | os.PathLike | None = None, *, x: str = "step"
+             ) -> Any:
+    """Three panels (``B_simple``; ``|G|^2`` and ``tr(Sigma)``; loss if logged). Saves a PNG if ``path``."""
+    log = _run(run)
+    has_loss = any(math.isfinite(v) for v in log.column("loss"))
+    plt = _plt()
+    n = 3 if has_loss else 2
+    fig, axes = plt.subplots(n, 1, figsize=(7, 3.2 * n), sharex=True)
+    plot_b_simple(log, axes[0], x=x)
+    plot_components(log, axes[1], x=x)
+    if has_loss:
+        plot_loss(log, axes[2], x=x)
+    for a in axes[:-1]:
+        a.set_xlabel("")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -1,0 +1,92 @@
+"""What every probe shares: the interface the tracker calls and small tensor helpers."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Protocol, Sequence
+
+import torch
+
+from ..estimators import Measurement
+
+__all__ = ["Probe", "StepContext", "sq_norm", "total_sq_norm", "infer_batch_size", "trainable_parameters"]
+
+
+class StepContext:
+    """What the tracker knows at ``step()`` time and hands to the probe.
+
+    ``sizes``: per-part sizes the user gave (``None``: infer). ``inv_scale2_small`` /
+    ``inv_scale2_big``: factors (``1/S^2`` under a GradScaler) that bring squared norms taken
+    from scaled gradients back to true units; 0-d tensors or floats.
+    """
+
+    __slots__ = ("sizes", "inv_scale2_small", "inv_scale2_big")
+
+    def __init__(self, sizes: Sequence[float] | None, inv_scale2_small: Any = 1.0,
+                 inv_scale2_big: Any = 1.0) -> None:
+        self.sizes = sizes
+        self.inv_scale2_small = inv_scale2_small
+        self.inv_scale2_big = inv_scale2_big
+
+
+class Probe(Protocol):
+    """A source of :class:`Measurement` records. One per tracker; owns its hooks."""
+
+    name: str
+
+    def collect(self, ctx: StepContext) -> tuple[Measurement | None, str | None, float | None]:
+        """End of an optimizer step: ``(measurement, reason_if_none, examples_in_step)``."""
+
+    def close(self) -> None:
+        """Remove every hook; idempotent."""
+
+
+def sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of a gradient as a 0-d tensor on its device.
+
+    Reduced in float32 (float64 for float64 tensors): squaring fp16/bf16 values in their own
+    dtype overflows or loses the small terms. Sparse gradients are coalesced first (repeated
+    indices must be summed before squaring).
+    """
+    if t.is_sparse:
+        t = t.coalesce().values()
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(t.detach(), 2, dtype=dtype).square()
+
+
+def total_sq_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """Sum of :func:`sq_norm` over tensors (moved to the first tensor's device); ``None`` if empty."""
+    terms = [sq_norm(g) for g in grads]
+    if not terms:
+        return None
+    device = terms[0].device
+    return torch.stack([x.to(device=device, dtype=torch.float64) for x in terms]).sum()
+
+
+def infer_batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Leading dimension of the first tensor in a forward call's inputs (depth first)."""
+    stack: list[Any] = list(args) + list(kwargs.values())
+    while stack:
+        x = stack.pop(0)
+        if isinstance(x, torch.Tensor):
+            if x.dim() >= 1:
+                return int(x.shape[0])
+        elif isinstance(x, (list, tuple)):
+            stack[0:0] = list(x)
+        elif isinstance(x, dict):
+            stack[0:0] = list(x.values())
+    return None
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Unique parameters with ``requires_grad`` (tied weights appear once), in module order."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        n = sum(1 for _ in model.parameters())
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters ({n} parameters, none with "
+            "requires_grad=True): there is no gradient to measure. Unfreeze the parameters you train "
+            "before attaching noisescale."
+        )
+    return params

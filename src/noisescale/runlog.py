@@ -1,0 +1,125 @@
+"""The JSON-lines run log: one header line, then one line per ``step()``.
+
+Strict JSON (no NaN/Infinity): an undefined or unbounded value is written as ``null``; the
+header says what every field means, so a log is self-describing::
+
+    {"type": "header", "format": "noisescale-run", "version": 1, "unit": "examples", ...}
+    {"type": "step", "step": 1, "examples": 64, "status": "measured", "b_simple": 812.3, ...}
+
+``status`` is ``"measured"``, ``"skipped"`` (a non-finite norm: not averaged) or
+``"unmeasurable"`` (nothing to compare on this step, see ``reason``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["RunLogError", "RunLogWriter", "RunLog", "read_run_log", "FORMAT", "VERSION"]
+
+FORMAT = "noisescale-run"
+VERSION = 1
+STEP_FIELDS = ("step", "examples", "status")
+
+
+class RunLogError(ValueError):
+    """A run log that cannot be read; the message names the file, line and problem."""
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+class RunLogWriter:
+    """Appends records to a JSON-lines file, flushing each line (a crash loses nothing written)."""
+
+    def __init__(self, path: str | os.PathLike, header: dict[str, Any], *, append: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        exists = append and self.path.exists() and self.path.stat().st_size > 0
+        self._f: IO[str] | None = open(self.path, "a" if append else "w", encoding="utf-8")
+        if not exists:
+            self.write({"type": "header", "format": FORMAT, "version": VERSION, **header})
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._f is None:
+            raise RuntimeError(f"run log {self.path} is closed")
+        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}, allow_nan=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+@dataclass
+class RunLog:
+    """A parsed run log: the header and the step records, in order."""
+
+    header: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def unit(self) -> str:
+        return str(self.header.get("unit", "examples"))
+
+    def column(self, name: str) -> list[float]:
+        """Values of ``name`` over step records (``nan`` where missing or null)."""
+        out = []
+        for r in self.records:
+            v = r.get(name)
+            out.append(float(v) if isinstance(v, (int, float)) else math.nan)
+        return out
+
+
+def read_run_log(path: str | os.PathLike) -> RunLog:
+    """Parse and validate a run log; raise :class:`RunLogError` naming the first bad line."""
+    p = Path(path)
+    if not p.exists():
+        raise RunLogError(f"{p}: no such file")
+    if p.is_dir():
+        raise RunLogError(f"{p}: is a directory, expected a .jsonl run log written by noisescale")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RunLogError(f"{p}: not a text file ({e.reason} at byte {e.start}); expected a JSON-lines run log") from None
+    lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
+    if not lines:
+        raise RunLogError(f"{p}: empty file; expected a header line and step records")
+    log: RunLog | None = None
+    for lineno, ln in lines:
+        try:
+            obj = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise RunLogError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise RunLogError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        if log is None:
+            if obj.get("type") != "header" or obj.get("format") != FORMAT:
+                raise RunLogError(f"{p}:{lineno}: first line is not a noisescale run-log header "
+                                  f"(expected type='header', format='{FORMAT}')")
+            if obj.get("version") != VERSION:
+                raise RunLogError(f"{p}:{lineno}: run-log version {obj.get('version')!r} is not supported "
+                                  f"(this noisescale reads version {VERSION})")
+            log = RunLog(header=obj)
+            continue
+        if obj.get("type") != "step":
+            continue  # forward compatible: ignore record types we do not know
+        missing = [k for k in STEP_FIELDS if k not in obj]
+        if missing:
+            raise RunLogError(f"{p}:{lineno}: step record lacks {missing}")
+        for k, v in obj.items():
+            if k in ("type", "status", "reason", "source"):
+                continue
+            if v is not None and not isinstance(v, (int, float)):
+                raise RunLogError(f"{p}:{lineno}: field {k!r} should be a number or null, got {v!r}")
+        log.records.append(obj)
+    assert log is not None
+    return log
