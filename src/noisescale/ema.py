@@ -122,6 +122,9 @@ class NoiseScaleEMA:
         """Why :attr:`b_simple` is ``None``, or ``None`` when it is defined."""
         if not self.state.count:
             return "no measurement has been averaged yet"
+        if self.state.g2 == 0 and self.state.trace_sigma == 0:
+            return ("every measured gradient was exactly zero (|G|^2 = tr(Sigma) = 0): the loss does not "
+                    "depend on the measured parameters; check that loss.backward() reaches them")
         if not self.state.g2 > 0:
             return (f"the averaged estimate of |G|^2 is {self.state.g2:.3g} <= 0: the gradient is not "
                     "yet resolved above its noise (B_simple is then beyond what these batch sizes can "

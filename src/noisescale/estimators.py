@@ -234,8 +234,10 @@ def optimal_batch_for_exchange_rate(r: float, b_noise: float) -> float:
 def t_quantile(p: float, df: float) -> float:
     """Quantile of Student's t with ``df`` (possibly fractional) degrees of freedom.
 
-    Cornish-Fisher expansion around the normal quantile (Abramowitz & Stegun 26.7.5), accurate
-    to better than 1e-3 for ``df >= 3``; falls back to the normal quantile for ``df = inf``.
+    Cornish-Fisher expansion around the normal quantile (Abramowitz & Stegun 26.7.5): at the
+    97.5% point the error is 4e-3 at ``df = 3``, 3e-4 at ``df = 5`` and below 1e-5 from
+    ``df = 10`` (intervals here use ``df = n_eff - 1``, usually far larger). ``df = inf`` gives
+    the normal quantile.
     Kept here so that the core needs no SciPy.
     """
     if not 0.0 < p < 1.0:

@@ -140,8 +140,8 @@ class GradientNoiseScale:
         self._probe = make_probe(self.method, model, self.params, reduction=reduction, unit=unit)
         self._pending: list[_Entry] = []
         self.steps = 0
-        self.measured = 0
-        self.skipped = 0
+        self._measured = 0  # read through the properties, which fold pending steps first
+        self._skipped = 0
         self.unmeasurable = 0
         self.examples = 0.0
         self._last_reason: str | None = None
@@ -176,7 +176,7 @@ class GradientNoiseScale:
         if m is None:
             self.unmeasurable += 1
             self._last_reason = reason
-            if self._explicit and self.measured == 0 and not any(e.measurement for e in self._pending):
+            if self._explicit and self._measured == 0 and not any(e.measurement for e in self._pending):
                 raise ValueError(f"method={self.method!r} cannot measure: {reason}")
             if reason not in self._warned:
                 self._warned.add(reason or "")
@@ -225,11 +225,11 @@ class GradientNoiseScale:
                 g2_t, ts_t = estimate(float(small), m.b_small, float(big), m.b_big)
                 if math.isfinite(g2_t) and math.isfinite(ts_t):
                     self._ema.update(g2_t, ts_t)
-                    self.measured += 1
+                    self._measured += 1
                     record.update(status="measured", g2_step=g2_t, trace_sigma_step=ts_t,
                                   b_small=m.b_small, b_big=m.b_big)
                 else:
-                    self.skipped += 1
+                    self._skipped += 1
                     self._last_reason = (f"step {e.step} had a non-finite squared gradient norm "
                                          f"(small={small}, big={big}): skipped, not averaged")
                     record.update(status="skipped", reason=self._last_reason)
@@ -261,6 +261,18 @@ class GradientNoiseScale:
         return self._ema.trace_sigma
 
     @property
+    def measured(self) -> int:
+        """Steps whose measurement was averaged in."""
+        self._flush()
+        return self._measured
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped because a squared norm was NaN or inf (overflow, NaN loss)."""
+        self._flush()
+        return self._skipped
+
+    @property
     def n_eff(self) -> float:
         """Effective number of measured steps in the average."""
         self._flush()
@@ -270,9 +282,9 @@ class GradientNoiseScale:
     def reason(self) -> str | None:
         """Why :attr:`b_simple` is ``None`` (``None`` when it is defined)."""
         self._flush()
-        if self.measured == 0:
-            if self.skipped or self.unmeasurable:
-                return (f"no step measured yet ({self.skipped} skipped as non-finite, {self.unmeasurable} "
+        if self._measured == 0:
+            if self._skipped or self.unmeasurable:
+                return (f"no step measured yet ({self._skipped} skipped as non-finite, {self.unmeasurable} "
                         f"unmeasurable); last: {self._last_reason}")
             return "no step() has been recorded yet"
         return self._ema.reason()
@@ -299,8 +311,8 @@ class GradientNoiseScale:
             "trace_sigma": self._ema.trace_sigma if self._ema.trace_sigma is not None else nan,
             "n_eff": self._ema.state.n_eff,
             "steps": float(self.steps),
-            "measured": float(self.measured),
-            "skipped": float(self.skipped),
+            "measured": float(self._measured),
+            "skipped": float(self._skipped),
             "unmeasurable": float(self.unmeasurable),
             "examples": float(self.examples),
         }
@@ -313,7 +325,7 @@ class GradientNoiseScale:
             return f"B_simple undefined: {self.reason}"
         iv = self.interval(level)
         ivs = f" [{level:.0%}: {iv[0]:.3g}, {iv[1]:.3g}]" if iv else ""
-        return f"B_simple = {b:.4g}{ivs} {self.unit} (n_eff={self.n_eff:.0f}, skipped={self.skipped})"
+        return f"B_simple = {b:.4g}{ivs} {self.unit} (n_eff={self.n_eff:.0f}, skipped={self._skipped})"
 
     # -- state -------------------------------------------------------------------------
 
@@ -323,7 +335,7 @@ class GradientNoiseScale:
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "method": self.method, "unit": self.unit,
             "reduction": self.reduction, "ema": self._ema.state_dict(),
-            "counters": {"steps": self.steps, "measured": self.measured, "skipped": self.skipped,
+            "counters": {"steps": self.steps, "measured": self._measured, "skipped": self._skipped,
                          "unmeasurable": self.unmeasurable, "examples": self.examples},
         }
 
@@ -340,7 +352,7 @@ class GradientNoiseScale:
         self._flush()
         self._ema.load_state_dict(sd["ema"])
         c = sd["counters"]
-        self.steps, self.measured, self.skipped = int(c["steps"]), int(c["measured"]), int(c["skipped"])
+        self.steps, self._measured, self._skipped = int(c["steps"]), int(c["measured"]), int(c["skipped"])
         self.unmeasurable, self.examples = int(c["unmeasurable"]), float(c["examples"])
 
     # -- lifetime ----------------------------------------------------------------------

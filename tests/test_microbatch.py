@@ -1,0 +1,442 @@
+"""Micro-batch probe and tracker: against explicit references, on real data (scikit-learn digits)."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import noisescale as ns
+from noisescale.data import digits_mlp, load_digits
+from noisescale.estimators import estimate, pool_parts
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y, _, _ = load_digits(seed=0)
+    return X, y
+
+
+def _flat_sq(grads):
+    return sum(float((g.double() ** 2).sum()) for g in grads if g is not None)
+
+
+def _reference_parts(model, parts, scale_fn):
+    """Explicit per-micro-batch gradients with torch.autograd.grad (the obviously-correct twin)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    vs = []
+    for j, (xb, yb) in enumerate(parts):
+        loss = scale_fn(j, xb, yb)
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        vs.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)])
+    total = [sum(v[i] for v in vs) for i in range(len(params))]
+    return [_flat_sq(v) for v in vs], _flat_sq(total)
+
+
+CONVENTIONS = {
+    # name: (loss of micro-batch j given its mean loss, sizes, reduction to declare)
+    "mean_div_k": (lambda loss_mean, b, k, B: loss_mean / k, "mean"),
+    "mean_not_divided": (lambda loss_mean, b, k, B: loss_mean, "mean"),
+    "sum": (lambda loss_mean, b, k, B: loss_mean * b, "sum"),
+    "sum_div_B": (lambda loss_mean, b, k, B: loss_mean * b / B, "sum"),
+}
+
+
+@pytest.mark.parametrize("convention", list(CONVENTIONS))
+@pytest.mark.parametrize("sizes", [[16, 16, 16, 16], [5, 20, 9, 30]])
+def test_measurement_matches_explicit_gradients(digits, convention, sizes):
+    X, y = digits
+    scale, reduction = CONVENTIONS[convention]
+    model = digits_mlp(hidden=32)
+    k, B = len(sizes), sum(sizes)
+    bounds = torch.tensor([0] + sizes).cumsum(0).tolist()
+    parts = [(X[bounds[j]:bounds[j + 1]], y[bounds[j]:bounds[j + 1]]) for j in range(k)]
+
+    def loss_j(j, xb, yb):
+        return scale(F.cross_entropy(model(xb), yb), len(yb), k, B)
+
+    ref_small, ref_big = _reference_parts(model, parts, loss_j)
+    probe = ns.probes.MicroBatchProbe(model, list(model.parameters()), reduction=reduction)
+    for j, (xb, yb) in enumerate(parts):
+        loss_j(j, xb, yb).backward()
+    m, reason, examples = probe.collect(ns.probes.StepContext(None))
+    probe.close()
+    assert reason is None and examples == B
+    ref = pool_parts(ref_small, sizes, ref_big, reduction=reduction)
+    assert m.b_small == pytest.approx(ref.b_small) and m.b_big == pytest.approx(ref.b_big)
+    assert float(m.sq_norm_small) == pytest.approx(ref.sq_norm_small, rel=1e-5)
+    assert float(m.sq_norm_big) == pytest.approx(ref.sq_norm_big, rel=1e-5)
+
+
+def _fixed_theta_b_simple(model, X, y, convention, steps=30, k=4, b=16, seed=0):
+    scale, reduction = CONVENTIONS[convention]
+    gen = torch.Generator().manual_seed(seed)
+    gns = ns.GradientNoiseScale(model, "microbatch", beta=1.0, reduction=reduction)
+    for _ in range(steps):
+        idx = torch.randint(len(y), (k * b,), generator=gen)
+        for xb, yb in zip(X[idx].chunk(k), y[idx].chunk(k)):
+            scale(F.cross_entropy(model(xb), yb), b, k, k * b).backward()
+        gns.step()
+        model.zero_grad()
+    out = gns.b_simple
+    gns.close()
+    return out
+
+
+def test_b_simple_does_not_depend_on_the_loss_convention(digits):
+    X, y = digits
+    model = digits_mlp(hidden=32)
+    values = {c: _fixed_theta_b_simple(model, X, y, c) for c in CONVENTIONS}
+    ref = values["mean_div_k"]
+    for c, v in values.items():
+        assert v == pytest.approx(ref, rel=1e-4), (c, values)
+
+
+def _exact_b_simple(model, X, y):
+    """Brute force: per-sample gradients of the whole dataset with torch.func (sampling with replacement)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_one(p, x, t):
+        return F.cross_entropy(functional_call(model, p, (x[None],)), t[None])
+
+    per = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, X, y)
+    flat = torch.cat([g.reshape(len(y), -1).double() for g in per.values()], dim=1)
+    G = flat.mean(0)
+    trace_sigma = ((flat - G) ** 2).sum(1).mean()  # population covariance: draws are with replacement
+    return float(trace_sigma / (G**2).sum())
+
+
+def test_b_simple_matches_brute_force_at_fixed_parameters(digits):
+    """measure() (micro-batch probe) is within 10% of tr(Sigma)/|G|^2 from all per-sample gradients."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = digits_mlp(hidden=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(100):  # move off initialisation a little so |G| is not trivially large
+        idx = torch.randint(len(y), (64,))
+        F.cross_entropy(model(X[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    exact = _exact_b_simple(model, X, y)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(X[i], y[i]) for i in torch.randint(len(y), (400, 64), generator=gen)]
+    r = ns.measure(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), batches, micro_batches=4)
+    assert r.n == 400 and r.skipped == 0
+    assert r.b_simple == pytest.approx(exact, rel=0.10), (r.b_simple, exact)
+    lo, hi = r.interval(0.95)
+    assert lo <= exact <= hi
+
+
+def test_measure_leaves_model_exactly_as_it_was(digits):
+    X, y = digits
+    model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 10))
+    model.train()
+    F.cross_entropy(model(X[:32]), y[:32]).backward()  # the user has gradients of their own
+    before = copy.deepcopy(model.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng_before = torch.get_rng_state()
+    r = ns.measure(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(X[i:i + 32], y[i:i + 32]) for i in range(0, 320, 32)])
+    assert r.b_simple is not None
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert not model._forward_pre_hooks and all(not p._backward_hooks for p in model.parameters())
+
+
+def _train(model, X, y, steps, gns=None, k=4, b=8, seed=0, scaler=None, nan_at=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    snapshots = []
+    for t in range(steps):
+        idx = torch.randint(len(y), (k * b,), generator=gen)
+        for xb, yb in zip(X[idx].chunk(k), y[idx].chunk(k)):
+            loss = F.cross_entropy(model(xb), yb) / k
+            if nan_at == t:
+                loss = loss * float("nan")
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        if gns is not None:
+            gns.step()
+        snapshots.append([p.grad.clone() for p in model.parameters()])
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        elif nan_at != t:
+            opt.step()
+        opt.zero_grad()
+    return snapshots
+
+
+def test_inert_bit_identical_gradients_and_parameters(digits):
+    X, y = digits
+    a, b = digits_mlp(hidden=32, seed=3), digits_mlp(hidden=32, seed=3)
+    gns = ns.GradientNoiseScale(b)
+    ga = _train(a, X, y, 25)
+    gb = _train(b, X, y, 25, gns=gns)
+    assert gns.b_simple is not None
+    for sa, sb in zip(ga, gb):
+        assert all(torch.equal(u, v) for u, v in zip(sa, sb))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    gns.close()
+
+
+def test_frozen_unused_and_tied_parameters(digits):
+    X, y = digits
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen = nn.Linear(64, 16)
+            self.frozen.requires_grad_(False)
+            self.shared = nn.Linear(16, 16)  # used twice: a tied weight
+            self.unused = nn.Linear(16, 16)  # never gets a gradient
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = torch.tanh(self.frozen(x))
+            h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Net()
+    parts = [(X[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    ref_small, ref_big = _reference_parts(model, parts, lambda j, xb, yb: F.cross_entropy(model(xb), yb) / 4)
+    gns = ns.GradientNoiseScale(model, beta=1.0)
+    assert len(gns.params) == 6  # frozen excluded; shared counted once
+    probe = gns._probe
+    for xb, yb in parts:
+        (F.cross_entropy(model(xb), yb) / 4).backward()
+    m, reason, _ = probe.collect(ns.probes.StepContext(None))
+    ref = pool_parts(ref_small, [8] * 4, ref_big)
+    assert float(m.sq_norm_small) == pytest.approx(ref.sq_norm_small, rel=1e-5)
+    assert float(m.sq_norm_big) == pytest.approx(ref.sq_norm_big, rel=1e-5)
+    gns.close()
+
+
+def test_gradscaler_same_b_simple_and_inf_step_skipped(digits):
+    X, y = digits
+    plain = digits_mlp(hidden=32, seed=1)
+    scaled = digits_mlp(hidden=32, seed=1)
+    g_plain = ns.GradientNoiseScale(plain, beta=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    g_scaled = ns.GradientNoiseScale(scaled, beta=1.0, scaler=scaler)
+    _train(plain, X, y, 12, gns=g_plain)
+    _train(scaled, X, y, 12, gns=g_scaled, scaler=scaler)
+    assert g_plain.b_simple is not None
+    # power-of-two loss scales are exact in fp32, so the unscaled measurement is the same number
+    assert g_scaled.b_simple == pytest.approx(g_plain.b_simple, rel=1e-6)
+    assert g_scaled.g2 == pytest.approx(g_plain.g2, rel=1e-6)
+
+    # an overflowing step: skipped by the scaler and by noisescale, counted, not averaged
+    before = g_scaled.state_dict()["ema"]
+    _train(scaled, X, y, 1, gns=g_scaled, scaler=scaler, nan_at=0, seed=99)
+    assert g_scaled.skipped == 1 and g_scaled.measured == 12
+    assert g_scaled.state_dict()["ema"] == before
+    assert scaler.get_scale() == 2.0**11  # the scaler saw it too and backed off
+    g_plain.close()
+    g_scaled.close()
+
+
+def test_gradscaler_with_bf16_autocast_close_to_fp32(digits):
+    X, y = digits
+    model = digits_mlp(hidden=32, seed=2)
+    batches = [torch.randint(len(y), (64,), generator=torch.Generator().manual_seed(s)) for s in range(40)]
+
+    def run(amp):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=amp)
+        gns = ns.GradientNoiseScale(model, beta=1.0, scaler=scaler)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # fixed parameters: compare like with like
+        for idx in batches:
+            for xb, yb in zip(X[idx].chunk(4), y[idx].chunk(4)):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    loss = F.cross_entropy(model(xb), yb) / 4
+                scaler.scale(loss).backward()
+            gns.step()  # before unscale_: the tracker divides the step norm by S^2 as well
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        out = gns.b_simple
+        gns.close()
+        return out
+
+    assert run(True) == pytest.approx(run(False), rel=0.05)
+
+
+def test_nan_loss_is_skipped_and_counted(digits):
+    X, y = digits
+    model = digits_mlp(hidden=32)
+    gns = ns.GradientNoiseScale(model, beta=1.0)
+    _train(model, X, y, 1, gns=gns, nan_at=0)
+    assert gns.b_simple is None and gns.skipped == 1
+    assert "non-finite" in gns.reason
+    _train(model, X, y, 5, gns=gns, seed=1)
+    assert gns.b_simple is not None and gns.measured == 5 and gns.skipped == 1
+    m = gns.metrics()
+    assert m["gns/skipped"] == 1.0 and m["gns/measured"] == 5.0 and math.isfinite(m["gns/b_simple"])
+    gns.close()
+
+
+def test_zero_gradients_give_none_with_reason(digits):
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model)
+    for _ in range(3):
+        for xb in X[:32].chunk(4):
+            (0.0 * model(xb).sum()).backward()
+        gns.step()
+        model.zero_grad()
+    assert gns.b_simple is None and "exactly zero" in gns.reason
+    gns.close()
+
+
+def test_single_micro_batch(digits):
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    explicit = ns.GradientNoiseScale(model, method="microbatch")
+    F.cross_entropy(model(X[:16]), y[:16]).backward()
+    with pytest.raises(ValueError, match="only one backward pass"):
+        explicit.step()
+    explicit.close()
+    model.zero_grad()
+    auto = ns.GradientNoiseScale(model)
+    F.cross_entropy(model(X[:16]), y[:16]).backward()
+    with pytest.warns(UserWarning, match="only one backward pass"):
+        auto.step()
+    assert auto.b_simple is None and "accumulate gradients" in auto.reason
+    assert auto.unmeasurable == 1
+    auto.close()
+
+
+def test_sizes_explicit_inferred_and_inconsistent(digits):
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, unit="tokens")
+    for xb, yb in zip(X[:30].split([10, 20]), y[:30].split([10, 20])):
+        F.cross_entropy(model(xb), yb).backward()
+    with pytest.raises(ValueError, match="could not infer the sizes"):
+        gns.step()  # tokens cannot be inferred from the inputs
+    for xb, yb in zip(X[:30].split([10, 20]), y[:30].split([10, 20])):
+        F.cross_entropy(model(xb), yb).backward()
+    with pytest.raises(ValueError, match="got 3 sizes"):
+        gns.step(sizes=[100, 200, 5])
+    with pytest.raises(TypeError, match="one size per micro-batch"):
+        gns.step(sizes=300)
+    gns.close()
+
+    model.zero_grad()
+    gns = ns.GradientNoiseScale(model, unit="tokens")
+    for xb, yb in zip(X[:30].split([10, 20]), y[:30].split([10, 20])):
+        F.cross_entropy(model(xb), yb).backward()
+    with pytest.raises(ValueError, match="finite and positive"):
+        gns.step(sizes=[100, 0])
+    for xb, yb in zip(X[:30].split([10, 20]), y[:30].split([10, 20])):
+        F.cross_entropy(model(xb), yb).backward()
+    gns.step(sizes=[100, 200])
+    assert gns.examples == 300.0 and gns.measured == 1
+    gns.close()
+
+    inferred = ns.GradientNoiseScale(model)
+    for xb, yb in zip(X[:30].split([10, 20]), y[:30].split([10, 20])):
+        F.cross_entropy(model(xb), yb).backward()
+    inferred.step()
+    assert inferred.examples == 30.0
+    with torch.no_grad():
+        model(X[:5])  # evaluation forwards do not count as micro-batches
+    for xb, yb in zip(X[:30].split([10, 20]), y[:30].split([10, 20])):
+        F.cross_entropy(model(xb), yb).backward()
+    inferred.step()
+    assert inferred.examples == 60.0
+    inferred.close()
+
+
+def test_no_trainable_parameters_and_bad_arguments():
+    frozen = nn.Linear(3, 3).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        ns.GradientNoiseScale(frozen)
+    model = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        ns.GradientNoiseScale(model, method="magic")
+    with pytest.raises(ValueError, match="beta must be in"):
+        ns.GradientNoiseScale(model, beta=0)
+    with pytest.raises(ValueError, match="unit must be"):
+        ns.GradientNoiseScale(model, unit="")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        ns.GradientNoiseScale("model")
+
+
+def test_state_dict_restored_tracker_is_identical(digits):
+    """A tracker restored from a state_dict continues exactly as the original (same measurements)."""
+    X, y = digits
+    model = digits_mlp(hidden=16, seed=6)
+    a = ns.GradientNoiseScale(model, beta=0.95)
+    _train(model, X, y, 8, gns=a, seed=3)
+    b = ns.GradientNoiseScale(model, beta=0.95)
+    b.load_state_dict(a.state_dict())
+    # both trackers are attached to the same model: each further step feeds both the same norms
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(8):
+        idx = torch.randint(len(y), (32,), generator=gen)
+        for xb, yb in zip(X[idx].chunk(4), y[idx].chunk(4)):
+            (F.cross_entropy(model(xb), yb) / 4).backward()
+        a.step()
+        b.step()
+        opt.step()
+        opt.zero_grad()
+    assert a.state_dict() == b.state_dict()
+    assert a.b_simple == b.b_simple and a.interval() == b.interval()
+    sd = a.state_dict()
+    a.close()
+    b.close()
+    with pytest.raises(ValueError, match="unit='examples'"):
+        ns.GradientNoiseScale(nn.Linear(2, 2), unit="tokens").load_state_dict(sd)
+    with pytest.raises(ValueError, match="not a GradientNoiseScale state_dict"):
+        ns.GradientNoiseScale(nn.Linear(2, 2)).load_state_dict({"ema": {}})
+
+
+def test_close_removes_every_hook_and_is_idempotent(digits):
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    with ns.GradientNoiseScale(model) as gns:
+        assert model._forward_pre_hooks
+    assert not model._forward_pre_hooks
+    assert all(not p._backward_hooks for p in model.parameters())
+    gns.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        gns.step()
+
+
+def test_run_log_and_metrics(digits, tmp_path):
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    path = tmp_path / "run.jsonl"
+    gns = ns.GradientNoiseScale(model, log=path)
+    _train(model, X, y, 6, gns=gns)
+    F.cross_entropy(model(X[:8]), y[:8]).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gns.step(loss=torch.tensor(0.5))  # an unmeasurable step still appears in the log
+    gns.close()
+    log = ns.read_run_log(path)
+    assert log.unit == "examples" and len(log.records) == 7
+    assert [r["status"] for r in log.records] == ["measured"] * 6 + ["unmeasurable"]
+    assert log.records[-1]["loss"] == 0.5 and log.records[-1]["examples"] == 6 * 32 + 8
+    assert log.records[5]["b_simple"] == pytest.approx(gns.b_simple)
+    assert set(gns.metrics()) >= {"gns/b_simple", "gns/b_simple_low", "gns/b_simple_high", "gns/g2",
+                                  "gns/trace_sigma", "gns/n_eff", "gns/steps", "gns/skipped"}
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, noisescale; bad = [m for m in ('matplotlib', 'lightning', 'transformers', 'accelerate', 'scipy', 'sklearn') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
