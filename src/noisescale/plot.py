@@ -57,13 +57,15 @@ def plot_b_simple(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "
     fig, ax = _axes(ax)
     xs, xlabel = _xs(log, x)
     b, lo, hi = log.column("b_simple"), log.column("b_simple_low"), log.column("b_simple_high")
-    finite_top = max([v for v in b + hi if math.isfinite(v)], default=1.0)
-    hi_drawn = [v if math.isfinite(v) else (finite_top * 10 if math.isfinite(l) else math.nan) for v, l in zip(hi, lo)]
+    # An unbounded upper end (|G|^2 not resolved) is drawn to the top of the axis, which is
+    # set from B_simple itself so that one wild interval does not flatten the curve.
+    finite_top = max([v for v in b if math.isfinite(v) and v > 0], default=1.0)
+    hi_drawn = [v if math.isfinite(v) else (finite_top * 100 if math.isfinite(l) else math.nan) for v, l in zip(hi, lo)]
     ax.fill_between(xs, lo, hi_drawn, alpha=0.25, color="C0", linewidth=0, label="95% interval")
     ax.plot(xs, b, color="C0", label="$B_{simple}$")
     _positive_log_scale(ax, b)
     if math.isfinite(finite_top) and finite_top > 0:
-        ax.set_ylim(top=finite_top * 1.5)
+        ax.set_ylim(top=finite_top * 10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"$B_{{simple}}$ [{log.unit}]")
     ax.set_title("Simple noise scale $tr(\\Sigma)/|G|^2$")

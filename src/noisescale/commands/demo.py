@@ -21,14 +21,14 @@ HELP = "train a small model on an embedded real dataset and show its noise scale
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: 3000)")
-    p.add_argument("--batch-size", type=int, default=128, help="examples per optimizer step (default: 128)")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
+    p.add_argument("--batch-size", type=int, default=512, help="examples per optimizer step (default: 512)")
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step (default: 4)")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
+    p.add_argument("--lr", type=float, default=0.02, help="SGD learning rate, momentum 0.9 (default: 0.02)")
     p.add_argument("--beta", type=float, default=0.995, help="EMA decay per step (default: 0.995)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("noisescale-demo"), help="output folder (default: noisescale-demo)")
-    p.add_argument("--print-every", type=int, default=300, help="print a line every N steps (default: 300)")
+    p.add_argument("--print-every", type=int, default=200, help="print a line every N steps (default: 200)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
 
@@ -52,7 +52,7 @@ def _check(args: argparse.Namespace) -> None:
 def _fmt(gns) -> str:  # type: ignore[no-untyped-def]
     b = gns.b_simple
     if b is None:
-        return "B_simple undefined yet"
+        return "B_simple not resolved yet (|G|^2 not above its noise: B_simple >> batch size)"
     iv = gns.interval(0.95)
     return f"B_simple {b:7.1f} [95%: {iv[0]:6.1f}, {iv[1]:7.1f}] {gns.unit}" if iv else f"B_simple {b:7.1f}"
 
