@@ -1,0 +1,17 @@
+"""The examples in examples/ run as a user would run them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("extra", [[], ["--amp"]])
+def test_quickstart_runs(tmp_path, extra):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--steps", "30", *extra],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "gns/b_simple" in out.stdout and (tmp_path / "quickstart.jsonl").exists()
