@@ -30,6 +30,8 @@ from .estimators import (
 from .measure import MeasureResult, measure
 from .runlog import RunLog, RunLogError, read_run_log
 from .tracker import GradientNoiseScale
+from .critical import CriticalBatchFit, RunRecord, fit_critical_batch, fit_sweep, frontier
+from .sweeps import local_critical_batch, lr_grid, sweep
 
 __version__ = "0.1.0"
 
@@ -55,5 +57,13 @@ __all__ = [
     "RunLog",
     "RunLogError",
     "read_run_log",
+    "sweep",
+    "lr_grid",
+    "local_critical_batch",
+    "fit_critical_batch",
+    "fit_sweep",
+    "frontier",
+    "RunRecord",
+    "CriticalBatchFit",
     "__version__",
 ]

@@ -18,6 +18,8 @@ __all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 COMMANDS = {
     "demo": "demo",
     "plot": "plot",
+    "fit": "fit",
+    "sweep": "sweep",
 }
 
 

@@ -1,0 +1,564 @@
+"""Measuring the critical batch size by training: a batch-size sweep and the branched local method.
+
+- :func:`sweep` runs a training function over a batch-size x learning-rate grid the way
+  McCandlish et al. 2018 measured ``b_crit`` (App. A.2): the learning rates at each batch size
+  are centred on ``eps_central(B) = eps* / (1 + B*/B)^alpha`` (``alpha = 1`` for SGD and
+  momentum, ``0.5..1`` for Adam), every run records the steps and examples it took to reach
+  each target, and :mod:`noisescale.critical` fits the fastest run per batch size
+  (``SweepResult.fit()``). Runs can go to worker processes, each finished run is appended to a
+  results file, and a resumed sweep skips the runs already in it.
+- :func:`local_critical_batch` is the branched method of Merrill et al. 2025 ("Critical Batch
+  Size Revisited", Sec. 3): from a checkpoint trained at batch ``B`` and learning rate ``eta``,
+  train branches at ``k B`` with learning rate ``f(k) eta`` (``f(k) = k`` for SGD, ``sqrt(k)``
+  for Adam) for the same number of examples, and take the largest ``k`` whose loss stays within
+  ``epsilon`` of every smaller ``k``: the local critical batch at that point of training.
+
+The training function is the user's; these functions only decide what to run and read what
+comes back. No SciPy is needed except to fit. (The module is ``sweeps`` so that
+``noisescale.sweep`` can be the function.)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from .critical import CriticalBatchFit, RunRecord, fit_sweep
+from .estimators import eps_central
+
+__all__ = [
+    "lr_grid",
+    "sweep",
+    "RunSpec",
+    "RunResult",
+    "SweepResult",
+    "read_results",
+    "RESULT_FIELDS",
+    "lr_scaling",
+    "local_critical_batch",
+    "BranchResult",
+]
+
+# Columns of the results file (one row per run and target). `noisescale fit` reads it directly.
+RESULT_FIELDS = ("batch_size", "lr", "seed", "target", "steps", "examples", "reached", "diverged",
+                 "final_loss", "wall_s", "metrics")
+
+
+# ---------------------------------------------------------------------------------------
+# The grid.
+
+
+def lr_grid(batch_sizes: Sequence[float], eps_star: float, b_star: float, *, alpha: float = 1.0,
+            factors: Sequence[float] = (0.5, 1.0, 2.0)) -> dict[float, list[float]]:
+    """Learning rates per batch size: ``eps_central(B) * factor`` for each factor (App. A.2).
+
+    ``eps_central(B) = eps* / (1 + B*/B)^alpha``: linear in ``B`` for ``B << B*`` and flat at
+    ``eps*`` for ``B >> B*``. ``alpha = 1`` for SGD and momentum, ``0.5 <= alpha <= 1`` for Adam
+    and RMSProp. A factor grid of powers of 2 around 1 is what the paper searched.
+    """
+    if not (eps_star > 0 and b_star > 0):
+        raise ValueError(f"eps_star and b_star must be positive, got eps_star={eps_star!r}, b_star={b_star!r}")
+    if not factors or any(not (f > 0) for f in factors):
+        raise ValueError(f"factors must be positive numbers, got {factors!r}")
+    return {b: [float(eps_central(float(b), eps_star, b_star, alpha)) * f for f in factors] for b in batch_sizes}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid: what :func:`sweep` passes to the training function."""
+
+    batch_size: int
+    lr: float
+    seed: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (_num(self.batch_size), _num(self.lr), str(int(self.seed)))
+
+
+def _num(x: float) -> str:
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else f"{x:.10g}"
+
+
+@dataclass
+class RunResult:
+    """What one run did: steps and examples at which it first reached each target.
+
+    ``steps[t]`` is ``None`` for a target not reached; ``budget_steps`` is then the number of
+    steps the run was allowed (for a run stopped by ``max_steps`` or whose training function
+    ended) — a censored observation ``S > budget_steps``. A run whose loss became non-finite is
+    ``diverged``; its budget is ``max_steps`` when one was set (it would never have arrived).
+    ``metrics``: the last value of every extra number the training function reported.
+    """
+
+    spec: RunSpec
+    targets: tuple[float, ...]
+    steps: dict[float, int | None]
+    examples: dict[float, float | None]
+    budget_steps: int
+    budget_examples: float
+    diverged: bool = False
+    final_loss: float = math.nan
+    wall_s: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One results-file row per target (a target not reached carries the budget in ``steps``)."""
+        out = []
+        for t in self.targets:
+            s = self.steps.get(t)
+            reached = s is not None
+            out.append({
+                "batch_size": _num(self.spec.batch_size), "lr": _num(self.spec.lr), "seed": int(self.spec.seed),
+                "target": _num(t), "steps": int(s) if reached else int(self.budget_steps),
+                "examples": _num(self.examples[t] if reached else self.budget_examples),  # type: ignore[arg-type]
+                "reached": int(reached), "diverged": int(self.diverged),
+                "final_loss": f"{self.final_loss:.6g}", "wall_s": f"{self.wall_s:.3f}",
+                "metrics": json.dumps({k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()},
+                                      sort_keys=True),
+            })
+        return out
+
+    def records(self) -> list[RunRecord]:
+        """The run as :class:`~noisescale.critical.RunRecord` s, one per target."""
+        out = []
+        for t in self.targets:
+            s = self.steps.get(t)
+            steps = s if s is not None else self.budget_steps
+            ex = self.examples[t] if s is not None else self.budget_examples
+            if steps is None or steps <= 0:
+                continue  # a run that diverged before its first step says nothing
+            out.append(RunRecord(self.spec.batch_size, steps, target=t, lr=self.spec.lr, examples=ex,
+                                 reached=s is not None, seed=self.spec.seed))
+        return out
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Mapping[str, str]]) -> "RunResult":
+        r0 = rows[0]
+        spec = RunSpec(int(float(r0["batch_size"])), float(r0["lr"]), int(float(r0["seed"])))
+        targets = tuple(float(r["target"]) for r in rows)
+        steps: dict[float, int | None] = {}
+        examples: dict[float, float | None] = {}
+        budget_s, budget_e = 0, 0.0
+        for t, r in zip(targets, rows):
+            if int(float(r["reached"])):
+                steps[t], examples[t] = int(float(r["steps"])), float(r["examples"])
+            else:
+                steps[t], examples[t] = None, None
+                budget_s, budget_e = int(float(r["steps"])), float(r["examples"])
+        metrics = json.loads(r0.get("metrics") or "{}")
+        return cls(spec, targets, steps, examples, budget_s, budget_e, bool(int(float(r0["diverged"]))),
+                   float(r0["final_loss"]), float(r0["wall_s"]),
+                   {k: (float(v) if v is not None else math.nan) for k, v in metrics.items()})
+
+
+# ---------------------------------------------------------------------------------------
+# Running one training function.
+
+
+def _observation(obs: Any, count: int) -> tuple[int, float, float | None, dict[str, float]]:
+    """``(step, loss, examples or None, extra metrics)`` from what the training function yielded."""
+    if isinstance(obs, Mapping):
+        if "loss" not in obs:
+            raise ValueError(f"a dict yielded by the training function needs a 'loss' key, got keys {sorted(obs)}")
+        step = int(obs.get("step", count))
+        ex = obs.get("examples")
+        extra = {k: float(v) for k, v in obs.items() if k not in ("loss", "step", "examples")
+                 and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return step, float(obs["loss"]), (float(ex) if ex is not None else None), extra
+    if isinstance(obs, tuple) and len(obs) == 2:
+        return int(obs[0]), float(obs[1]), None, {}
+    return count, float(obs), None, {}
+
+
+def run_one(train_fn: Callable[..., Iterable[Any]], spec: RunSpec, targets: Sequence[float], *,
+            max_steps: int | None = None, max_examples: float | None = None,
+            higher_is_better: bool = False) -> RunResult:
+    """Run ``train_fn(batch_size, lr, seed)`` until every target is reached or a budget is spent.
+
+    The training function returns an iterable (usually it is a generator that ``yield`` s). Each
+    item is one observation: a loss (one per optimizer step), a ``(step, loss)`` pair, or a dict
+    with ``"loss"`` and optionally ``"step"``, ``"examples"`` and other numbers to keep (the last
+    value of each is stored in ``metrics``). A target is reached at the first observation with
+    ``loss <= target`` (``>=`` with ``higher_is_better``). Evaluating the loss every few steps
+    is fine: the step recorded is the step of the observation.
+    """
+    targets = tuple(float(t) for t in targets)
+    steps: dict[float, int | None] = {t: None for t in targets}
+    examples: dict[float, float | None] = {t: None for t in targets}
+    metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    step, ex_seen, loss, diverged = 0, 0.0, math.nan, False
+    it = iter(train_fn(spec.batch_size, spec.lr, spec.seed))
+    try:
+        count = 0
+        for obs in it:
+            count += 1
+            step, loss, ex, extra = _observation(obs, count)
+            ex_seen = ex if ex is not None else float(step) * spec.batch_size
+            metrics.update(extra)
+            if not math.isfinite(loss):
+                diverged = True
+                break
+            for t in targets:
+                if steps[t] is None and (loss >= t if higher_is_better else loss <= t):
+                    steps[t], examples[t] = step, ex_seen
+            if all(v is not None for v in steps.values()):
+                break
+            if (max_steps is not None and step >= max_steps) or (max_examples is not None and ex_seen >= max_examples):
+                break
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    budget_s, budget_e = step, ex_seen
+    if diverged and max_steps is not None:
+        budget_s, budget_e = max_steps, float(max_steps) * spec.batch_size
+    return RunResult(spec, targets, steps, examples, budget_s, budget_e, diverged, loss,
+                     time.perf_counter() - t0, metrics)
+
+
+def _init_worker(threads: int) -> None:  # pragma: no cover - runs in worker processes
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# The results file.
+
+
+def read_results(path: str | os.PathLike) -> list[RunResult]:
+    """Finished runs in a results file written by :func:`sweep` (a torn last line is ignored)."""
+    p = Path(path)
+    if not p.exists() or p.stat().st_size == 0:
+        return []
+    text = p.read_text()
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]  # a crash in the middle of a write: that run is simply redone
+    reader = csv.DictReader(io.StringIO("".join(lines)))
+    missing = [f for f in RESULT_FIELDS if f not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{p}: not a noisescale sweep results file (missing columns {missing}); "
+                         "give another --out/results path")
+    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for row in reader:
+        try:
+            spec = RunSpec(int(float(row["batch_size"])), float(row["lr"]), int(float(row["seed"])))
+        except (TypeError, ValueError):
+            continue
+        groups.setdefault(spec.key, []).append(row)
+    return [RunResult.from_rows(rows) for rows in groups.values()]
+
+
+class _ResultsWriter:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not path.exists() or path.stat().st_size == 0
+        if not fresh:
+            with open(path, "rb+") as fh:  # finish a torn last line so the next row starts clean
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+        self.fh = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.fh, fieldnames=list(RESULT_FIELDS))
+        if fresh:
+            self.writer.writeheader()
+            self.fh.flush()
+
+    def write(self, result: RunResult) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(RESULT_FIELDS))
+        w.writerows(result.rows())
+        self.fh.write(buf.getvalue())  # all rows of a run in one write
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# ---------------------------------------------------------------------------------------
+# The sweep.
+
+
+@dataclass
+class SweepResult:
+    """All runs of a sweep (resumed ones included) and where they were written."""
+
+    runs: list[RunResult]
+    targets: tuple[float, ...]
+    path: Path | None = None
+    skipped: int = 0
+
+    def records(self) -> list[RunRecord]:
+        """Every run to every target, as :class:`~noisescale.critical.RunRecord` s."""
+        return [r for run in self.runs for r in run.records() if r.target in self.targets]
+
+    def fit(self, **kwargs: Any) -> dict[float, CriticalBatchFit]:
+        """:func:`~noisescale.critical.fit_sweep` on :meth:`records` (needs SciPy)."""
+        return fit_sweep(self.records(), **kwargs)
+
+    def fastest(self, target: float) -> dict[int, RunResult]:
+        """The fastest run reaching ``target`` at each batch size."""
+        best: dict[int, RunResult] = {}
+        for run in self.runs:
+            s = run.steps.get(target)
+            if s is None:
+                continue
+            b = run.spec.batch_size
+            if b not in best or s < best[b].steps[target]:  # type: ignore[operator]
+                best[b] = run
+        return dict(sorted(best.items()))
+
+
+def sweep(train_fn: Callable[..., Iterable[Any]], batch_sizes: Sequence[int], learning_rates:
+          Sequence[float] | Mapping[float, Sequence[float]] | Callable[[int], Sequence[float]] | None = None,
+          targets: Sequence[float] = (), *, eps_star: float | None = None, b_star: float | None = None,
+          alpha: float = 1.0, lr_factors: Sequence[float] = (0.5, 1.0, 2.0), seeds: Sequence[int] = (0,),
+          max_steps: int | None = None, max_examples: float | None = None, higher_is_better: bool = False,
+          results: str | os.PathLike | None = None, workers: int = 0, threads_per_worker: int = 1,
+          mp_context: str = "spawn", progress: bool = True) -> SweepResult:
+    """Train at every batch size x learning rate (x seed) and record steps and examples to each target.
+
+    Args:
+        train_fn: ``train_fn(batch_size, lr, seed)`` returning an iterable of observations (see
+            :func:`run_one`): write your training loop as a generator that ``yield`` s the
+            loss. With ``workers > 0`` it must be picklable (a module-level function).
+        batch_sizes: batch sizes to sweep (in examples, or tokens/frames consistently).
+        learning_rates: the same list for every batch size, a mapping batch size -> list, a
+            callable ``B -> list``, or ``None`` to centre a grid on the paper's rule
+            ``eps_central(B) = eps_star/(1 + b_star/B)^alpha`` times ``lr_factors`` (App. A.2;
+            ``alpha = 1`` for SGD, 0.5-1 for Adam).
+        targets: loss values (lower is better unless ``higher_is_better``).
+        seeds: one run per seed at every grid point.
+        max_steps, max_examples: budget of a run; a target not reached within it is recorded as
+            censored (``reached = 0``, ``steps`` = the budget). Give at least one.
+        results: CSV file; every finished run is appended (one row per target) and runs already
+            in it are skipped, so an interrupted sweep resumes where it stopped.
+        workers: ``0`` runs in this process; ``n > 0`` uses ``n`` worker processes
+            (``mp_context``, ``threads_per_worker`` torch threads each).
+        progress: show a progress bar (tqdm) on stderr.
+
+    Returns:
+        :class:`SweepResult`; ``.fit()`` gives ``S_min``, ``E_min`` and ``b_crit`` per target.
+    """
+    targets = tuple(sorted({float(t) for t in targets}, reverse=not higher_is_better))
+    if not targets:
+        raise ValueError("give at least one target (e.g. targets=[0.5, 0.2]): the loss a run must reach")
+    if any(not math.isfinite(t) for t in targets):
+        raise ValueError(f"targets must be finite numbers, got {targets!r}")
+    bs = [int(b) for b in batch_sizes]
+    if not bs or any(b < 1 for b in bs) or any(float(b) != float(b0) for b, b0 in zip(bs, batch_sizes)):
+        raise ValueError(f"batch_sizes must be positive integers, got {list(batch_sizes)!r}")
+    if max_steps is None and max_examples is None:
+        raise ValueError("give max_steps or max_examples: a run that never reaches a target must stop "
+                         "somewhere (it is then recorded as censored)")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be positive, got {max_steps!r}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers!r}")
+    if learning_rates is None:
+        if eps_star is None or b_star is None:
+            raise ValueError("give learning_rates, or eps_star and b_star to centre the grid on "
+                             "eps_central(B) = eps_star/(1 + b_star/B)^alpha (App. A.2)")
+        grid = lr_grid(bs, eps_star, b_star, alpha=alpha, factors=lr_factors)
+        lrs_for: Callable[[int], Sequence[float]] = lambda b: grid[b]
+    elif callable(learning_rates):
+        lrs_for = learning_rates
+    elif isinstance(learning_rates, Mapping):
+        lr_map = {int(k): v for k, v in learning_rates.items()}
+        missing = [b for b in bs if b not in lr_map]
+        if missing:
+            raise ValueError(f"learning_rates has no entry for batch sizes {missing}")
+        lrs_for = lambda b: lr_map[b]
+    else:
+        fixed = list(learning_rates)
+        lrs_for = lambda b: fixed
+    specs = [RunSpec(b, float(lr), int(s)) for b in bs for lr in lrs_for(b) for s in seeds]
+    for sp in specs:
+        if not (math.isfinite(sp.lr) and sp.lr > 0):
+            raise ValueError(f"learning rate {sp.lr!r} at batch size {sp.batch_size} is not a positive number")
+
+    done: dict[tuple[str, str, str], RunResult] = {}
+    path = Path(results) if results is not None else None
+    if path is not None:
+        for r in read_results(path):
+            if all(t in r.targets for t in targets):
+                done[r.spec.key] = r
+    todo = [sp for sp in specs if sp.key not in done]
+    runs = [done[sp.key] for sp in specs if sp.key in done]
+    skipped = len(runs)
+    writer = _ResultsWriter(path) if path is not None else None
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(specs), initial=skipped, desc="sweep", unit="run", file=sys.stderr,
+                       dynamic_ncols=True)
+        except ImportError:  # pragma: no cover
+            bar = None
+    kwargs = dict(max_steps=max_steps, max_examples=max_examples, higher_is_better=higher_is_better)
+
+    def finished(res: RunResult) -> None:
+        runs.append(res)
+        if writer is not None:
+            writer.write(res)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"B={res.spec.batch_size} lr={res.spec.lr:.3g}", refresh=False)
+
+    try:
+        if workers == 0:
+            for sp in todo:
+                finished(run_one(train_fn, sp, targets, **kwargs))  # type: ignore[arg-type]
+        elif todo:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            ctx = multiprocessing.get_context(mp_context)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(threads_per_worker,)) as pool:
+                futs = [pool.submit(run_one, train_fn, sp, targets, **kwargs) for sp in todo]  # type: ignore[arg-type]
+                try:
+                    for fut in as_completed(futs):
+                        finished(fut.result())
+                except BaseException:
+                    for f in futs:
+                        f.cancel()
+                    raise
+    finally:
+        if writer is not None:
+            writer.close()
+        if bar is not None:
+            bar.close()
+    order = {sp.key: i for i, sp in enumerate(specs)}
+    runs.sort(key=lambda r: order.get(r.spec.key, len(order)))
+    return SweepResult(runs, targets, path, skipped)
+
+
+# ---------------------------------------------------------------------------------------
+# Branched local critical batch (Merrill et al. 2025).
+
+
+def lr_scaling(optimizer: str) -> Callable[[float], float]:
+    """``f(k)``, the learning-rate multiplier for a ``k`` times larger batch.
+
+    ``"sgd"`` (and momentum): ``k`` (the linear scaling rule; McCandlish Eq. 2.6 for
+    ``B << b_noise``). ``"adam"`` (and RMSProp, AdamW): ``sqrt(k)`` (Malladi et al. 2022; used by
+    Merrill et al. 2025 Sec. 3).
+    """
+    name = optimizer.lower()
+    if name in ("sgd", "momentum"):
+        return lambda k: float(k)
+    if name in ("adam", "adamw", "rmsprop"):
+        return lambda k: math.sqrt(k)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam' (or pass lr_scale=callable), got {optimizer!r}")
+
+
+@dataclass
+class BranchResult:
+    """The branches and the local critical batch they give.
+
+    ``losses[i]`` is the loss of the branch at ``ks[i]`` after ``examples`` examples (mean over
+    seeds). ``passed[i]``: ``losses[i] <= min(losses[:i]) + epsilon``. ``k_star`` is the largest
+    ``k`` such that it and every smaller ``k`` passed; ``b_star = k_star * base_batch``.
+    ``b_star_geo`` is Merrill et al.'s report, the geometric mean of ``b_star`` and the next batch
+    tested; ``None`` when even the largest ``k`` passed (``at_limit``: then ``b_star`` is only a
+    lower bound).
+    """
+
+    base_batch: int
+    base_lr: float
+    examples: int
+    epsilon: float
+    ks: list[int]
+    batch_sizes: list[int]
+    lrs: list[float]
+    losses: list[float]
+    passed: list[bool]
+    k_star: int
+    b_star: int
+    b_star_geo: float | None
+    at_limit: bool
+
+    def summary(self) -> str:
+        geo = f", Merrill's geometric mean {self.b_star_geo:.4g}" if self.b_star_geo is not None else ""
+        lim = " (the largest k tested passed: a lower bound)" if self.at_limit else ""
+        return f"local critical batch {self.b_star} (k* = {self.k_star}{geo}){lim}"
+
+
+def local_critical_batch(branch_fn: Callable[[int, float, int, int], float], base_batch: int, base_lr: float,
+                         *, examples: int, epsilon: float, ks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+                         optimizer: str = "adam", lr_scale: Callable[[float], float] | None = None,
+                         seeds: Sequence[int] = (0,)) -> BranchResult:
+    """The local critical batch at a checkpoint by branched training (Merrill et al. 2025, Sec. 3).
+
+    For each ``k`` in ``ks`` calls ``branch_fn(batch_size=k*base_batch, lr=f(k)*base_lr,
+    steps=examples // (k*base_batch), seed)``, which must restore the checkpoint, train that
+    many steps and return the (smoothed) training loss at the end. Every branch sees the same
+    number of examples, so below the critical batch (perfect scaling, McCandlish Sec. 2.2) the
+    losses agree and above it they fall behind. ``k*`` is the largest ``k`` whose loss is within
+    ``epsilon`` of every smaller ``k`` (Merrill et al.: ``L_{k*} <= L_k + epsilon`` for all
+    ``k < k*``; here also every ``k`` below ``k*`` must pass, so one lucky branch past a failed
+    one does not count).
+
+    Args:
+        examples: examples per branch (Merrill et al.'s ``Delta``); a multiple of every
+            ``k * base_batch``.
+        epsilon: loss tolerance (Merrill et al. use 0.01 nats for language models).
+        ks: batch multipliers, increasing, starting at 1.
+        optimizer: ``"adam"`` (``f(k) = sqrt(k)``) or ``"sgd"`` (``f(k) = k``), see :func:`lr_scaling`.
+        lr_scale: a custom ``f(k)`` instead.
+        seeds: branches are repeated per seed and their losses averaged.
+    """
+    ks = [int(k) for k in ks]
+    if not ks or ks[0] != 1 or any(b <= a for a, b in zip(ks, ks[1:])):
+        raise ValueError(f"ks must be increasing integers starting at 1, got {ks!r}")
+    if not (isinstance(base_batch, int) and base_batch >= 1):
+        raise ValueError(f"base_batch must be a positive integer, got {base_batch!r}")
+    if not (base_lr > 0 and math.isfinite(base_lr)):
+        raise ValueError(f"base_lr must be positive, got {base_lr!r}")
+    if not (epsilon >= 0 and math.isfinite(epsilon)):
+        raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
+    bad = [k for k in ks if examples % (k * base_batch) != 0]
+    if examples < ks[-1] * base_batch or bad:
+        raise ValueError(f"examples={examples} must be a positive multiple of every k*base_batch "
+                         f"(largest {ks[-1] * base_batch}); not a multiple for k in {bad}")
+    if not seeds:
+        raise ValueError("give at least one seed")
+    f = lr_scale if lr_scale is not None else lr_scaling(optimizer)
+    batch_sizes = [k * base_batch for k in ks]
+    lrs = [float(f(k)) * base_lr for k in ks]
+    losses = []
+    for b, lr in zip(batch_sizes, lrs):
+        vals = [float(branch_fn(b, lr, examples // b, s)) for s in seeds]
+        losses.append(sum(vals) / len(vals) if all(math.isfinite(v) for v in vals) else math.inf)
+    passed = [True]
+    for i in range(1, len(ks)):
+        passed.append(math.isfinite(losses[i]) and losses[i] <= min(losses[:i]) + epsilon)
+    i_star = 0
+    while i_star + 1 < len(ks) and passed[i_star + 1]:
+        i_star += 1
+    at_limit = i_star == len(ks) - 1
+    geo = None if at_limit else math.sqrt(batch_sizes[i_star] * batch_sizes[i_star + 1])
+    if any(not math.isfinite(v) for v in losses[: i_star + 1]):  # pragma: no cover - excluded above
+        warnings.warn("a branch below k* diverged", stacklevel=2)
+    return BranchResult(base_batch, base_lr, examples, epsilon, ks, batch_sizes, lrs, losses, passed,
+                        ks[i_star], batch_sizes[i_star], geo, at_limit)
