@@ -177,7 +177,7 @@ def _train(model, X, y, steps, gns=None, k=4, b=8, seed=0, scaler=None, nan_at=N
 def test_inert_bit_identical_gradients_and_parameters(digits):
     X, y = digits
     a, b = digits_mlp(hidden=32, seed=3), digits_mlp(hidden=32, seed=3)
-    gns = ns.GradientNoiseScale(b)
+    gns = ns.GradientNoiseScale(b, "microbatch")
     ga = _train(a, X, y, 25)
     gb = _train(b, X, y, 25, gns=gns)
     assert gns.b_simple is not None
@@ -208,7 +208,7 @@ def test_frozen_unused_and_tied_parameters(digits):
     model = Net()
     parts = [(X[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
     ref_small, ref_big = _reference_parts(model, parts, lambda j, xb, yb: F.cross_entropy(model(xb), yb) / 4)
-    gns = ns.GradientNoiseScale(model, beta=1.0)
+    gns = ns.GradientNoiseScale(model, "microbatch", beta=1.0)
     assert len(gns.params) == 6  # frozen excluded; shared counted once
     probe = gns._probe
     for xb, yb in parts:
@@ -224,9 +224,9 @@ def test_gradscaler_same_b_simple_and_inf_step_skipped(digits):
     X, y = digits
     plain = digits_mlp(hidden=32, seed=1)
     scaled = digits_mlp(hidden=32, seed=1)
-    g_plain = ns.GradientNoiseScale(plain, beta=1.0)
+    g_plain = ns.GradientNoiseScale(plain, "microbatch", beta=1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    g_scaled = ns.GradientNoiseScale(scaled, beta=1.0, scaler=scaler)
+    g_scaled = ns.GradientNoiseScale(scaled, "microbatch", beta=1.0, scaler=scaler)
     _train(plain, X, y, 12, gns=g_plain)
     _train(scaled, X, y, 12, gns=g_scaled, scaler=scaler)
     assert g_plain.b_simple is not None
@@ -251,7 +251,7 @@ def test_gradscaler_with_bf16_autocast_close_to_fp32(digits):
 
     def run(amp):
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=amp)
-        gns = ns.GradientNoiseScale(model, beta=1.0, scaler=scaler)
+        gns = ns.GradientNoiseScale(model, "microbatch", beta=1.0, scaler=scaler)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # fixed parameters: compare like with like
         for idx in batches:
             for xb, yb in zip(X[idx].chunk(4), y[idx].chunk(4)):
@@ -272,7 +272,7 @@ def test_gradscaler_with_bf16_autocast_close_to_fp32(digits):
 def test_nan_loss_is_skipped_and_counted(digits):
     X, y = digits
     model = digits_mlp(hidden=32)
-    gns = ns.GradientNoiseScale(model, beta=1.0)
+    gns = ns.GradientNoiseScale(model, "microbatch", beta=1.0)
     _train(model, X, y, 1, gns=gns, nan_at=0)
     assert gns.b_simple is None and gns.skipped == 1
     assert "non-finite" in gns.reason
@@ -286,7 +286,7 @@ def test_nan_loss_is_skipped_and_counted(digits):
 def test_zero_gradients_give_none_with_reason(digits):
     X, y = digits
     model = digits_mlp(hidden=16)
-    gns = ns.GradientNoiseScale(model)
+    gns = ns.GradientNoiseScale(model, "microbatch")
     for _ in range(3):
         for xb in X[:32].chunk(4):
             (0.0 * model(xb).sum()).backward()
@@ -304,9 +304,19 @@ def test_single_micro_batch(digits):
     with pytest.raises(ValueError, match="only one backward pass"):
         explicit.step()
     explicit.close()
-    model.zero_grad()
-    auto = ns.GradientNoiseScale(model)
-    F.cross_entropy(model(X[:16]), y[:16]).backward()
+
+    class RawMatmul(nn.Module):  # a parameter outside any layer type the per-example probe covers
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(64, 10) * 0.1)
+
+        def forward(self, x):
+            return x @ self.w
+
+    raw = RawMatmul()
+    auto = ns.GradientNoiseScale(raw)
+    assert auto.method == "microbatch"  # auto falls back to the micro-batch probe
+    F.cross_entropy(raw(X[:16]), y[:16]).backward()
     with pytest.warns(UserWarning, match="only one backward pass"):
         auto.step()
     assert auto.b_simple is None and "accumulate gradients" in auto.reason
@@ -317,7 +327,7 @@ def test_single_micro_batch(digits):
 def test_sizes_explicit_inferred_and_inconsistent(digits):
     X, y = digits
     model = digits_mlp(hidden=16)
-    gns = ns.GradientNoiseScale(model, unit="tokens")
+    gns = ns.GradientNoiseScale(model, "microbatch", unit="tokens")
     for xb, yb in zip(X[:30].split([10, 20]), y[:30].split([10, 20])):
         F.cross_entropy(model(xb), yb).backward()
     with pytest.raises(ValueError, match="could not infer the sizes"):
@@ -331,7 +341,7 @@ def test_sizes_explicit_inferred_and_inconsistent(digits):
     gns.close()
 
     model.zero_grad()
-    gns = ns.GradientNoiseScale(model, unit="tokens")
+    gns = ns.GradientNoiseScale(model, "microbatch", unit="tokens")
     for xb, yb in zip(X[:30].split([10, 20]), y[:30].split([10, 20])):
         F.cross_entropy(model(xb), yb).backward()
     with pytest.raises(ValueError, match="finite and positive"):
@@ -342,7 +352,7 @@ def test_sizes_explicit_inferred_and_inconsistent(digits):
     assert gns.examples == 300.0 and gns.measured == 1
     gns.close()
 
-    inferred = ns.GradientNoiseScale(model)
+    inferred = ns.GradientNoiseScale(model, "microbatch")
     for xb, yb in zip(X[:30].split([10, 20]), y[:30].split([10, 20])):
         F.cross_entropy(model(xb), yb).backward()
     inferred.step()
@@ -375,9 +385,9 @@ def test_state_dict_restored_tracker_is_identical(digits):
     """A tracker restored from a state_dict continues exactly as the original (same measurements)."""
     X, y = digits
     model = digits_mlp(hidden=16, seed=6)
-    a = ns.GradientNoiseScale(model, beta=0.95)
+    a = ns.GradientNoiseScale(model, "microbatch", beta=0.95)
     _train(model, X, y, 8, gns=a, seed=3)
-    b = ns.GradientNoiseScale(model, beta=0.95)
+    b = ns.GradientNoiseScale(model, "microbatch", beta=0.95)
     b.load_state_dict(a.state_dict())
     # both trackers are attached to the same model: each further step feeds both the same norms
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -396,15 +406,15 @@ def test_state_dict_restored_tracker_is_identical(digits):
     a.close()
     b.close()
     with pytest.raises(ValueError, match="unit='examples'"):
-        ns.GradientNoiseScale(nn.Linear(2, 2), unit="tokens").load_state_dict(sd)
+        ns.GradientNoiseScale(nn.Linear(2, 2), "microbatch", unit="tokens").load_state_dict(sd)
     with pytest.raises(ValueError, match="not a GradientNoiseScale state_dict"):
-        ns.GradientNoiseScale(nn.Linear(2, 2)).load_state_dict({"ema": {}})
+        ns.GradientNoiseScale(nn.Linear(2, 2), "microbatch").load_state_dict({"ema": {}})
 
 
 def test_close_removes_every_hook_and_is_idempotent(digits):
     X, y = digits
     model = digits_mlp(hidden=16)
-    with ns.GradientNoiseScale(model) as gns:
+    with ns.GradientNoiseScale(model, "microbatch") as gns:
         assert model._forward_pre_hooks
     assert not model._forward_pre_hooks
     assert all(not p._backward_hooks for p in model.parameters())
@@ -417,7 +427,7 @@ def test_run_log_and_metrics(digits, tmp_path):
     X, y = digits
     model = digits_mlp(hidden=16)
     path = tmp_path / "run.jsonl"
-    gns = ns.GradientNoiseScale(model, log=path)
+    gns = ns.GradientNoiseScale(model, "microbatch", log=path)
     _train(model, X, y, 6, gns=gns)
     F.cross_entropy(model(X[:8]), y[:8]).backward()
     with warnings.catch_warnings():
