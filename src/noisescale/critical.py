@@ -361,8 +361,8 @@ def _fit_one(d: _Data, y: np.ndarray, ylow: np.ndarray, optimize: Any, special: 
     cgrid = np.linspace(*d.c_bounds, 801)
     ex = d.exact | d.interval
     if start is None:
-        # Start: least squares on the points with a value (a censored bound taken as a value).
-        c0, a0 = _profile_ls(np.where(ex, y, ylow)[None, :], d.logb, cgrid)
+        # Start: least squares on the points with a value (the censored ones left out).
+        c0, a0 = _profile_ls(y[ex][None, :], d.logb[ex], cgrid)
         start = (float(a0[0]), float(c0[0]))
     if not (d.cens.any() or d.interval.any()):
         c, a = _profile_ls(y[None, :], d.logb, cgrid)
@@ -378,10 +378,20 @@ def _fit_one(d: _Data, y: np.ndarray, ylow: np.ndarray, optimize: Any, special: 
         return a, c, sigma
     r0 = y[ex] - _mu(start[0], start[1], d.logb[ex])
     s0 = max(float(np.sqrt((r0 ** 2).mean())) if len(r0) else 0.1, 1e-3)
-    res = optimize.minimize(_nll, np.array([start[0], start[1], math.log(s0)]), args=(d, y, ylow, special),
-                            method="L-BFGS-B",
-                            bounds=[(None, None), d.c_bounds, (math.log(1e-6), math.log(10.0))])
-    a, c, ls = res.x
+    bounds = [(None, None), d.c_bounds, (math.log(1e-6), math.log(10.0))]
+    best = None
+    # Two starts: the least-squares one and the EM solution (the likelihood is not convex in c).
+    em_c, em_a = _em_censored(y[None, :], d.cens[None, :], ylow[None, :], d.logb, cgrid, special,
+                              start=(start[0], start[1], s0), iters=200) if not d.interval.any() else (None, None)
+    starts = [(start[0], start[1], math.log(s0))]
+    if em_c is not None and np.isfinite(em_c[0]):
+        starts.append((float(em_a[0]), float(em_c[0]), math.log(s0)))
+    for x0 in starts:
+        res = optimize.minimize(_nll, np.array(x0), args=(d, y, ylow, special), method="L-BFGS-B", bounds=bounds,
+                                options={"ftol": 1e-14, "gtol": 1e-10, "maxiter": 2000})
+        if best is None or res.fun < best.fun:
+            best = res
+    a, c, ls = best.x
     return float(a), float(c), float(math.exp(ls))
 
 
@@ -521,6 +531,10 @@ def fit_critical_batch(data: Iterable[RunRecord] | Sequence[FrontierPoint], *, l
         s_iv = (math.exp(s_lo), math.exp(s_hi))
         e_lo, e_hi = (a + c + k * (v - a - c) for v in _percentile(ab + cb, level))
         e_iv = (0.0 if cb_edge[0] else math.exp(e_lo), math.inf if cb_edge[1] else math.exp(e_hi))
+        if not at_edge and (b_iv[0] == 0.0 or b_iv[1] == math.inf):
+            at_edge = True
+            messages.append(f"the {level:.0%} interval of b_crit reaches {'0' if b_iv[0] == 0.0 else 'infinity'}: "
+                            f"the sweep ({span[0]:g}..{span[1]:g}) bounds it from one side only")
     elif n_boot > 0:
         messages.append("only two batch sizes: the fit passes through both points and has no interval; "
                         "sweep three or more batch sizes")

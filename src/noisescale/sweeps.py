@@ -257,6 +257,8 @@ def read_results(path: str | os.PathLike) -> list[RunResult]:
                          "give another --out/results path")
     groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
     for row in reader:
+        if None in row or any(row.get(f) is None for f in RESULT_FIELDS):
+            continue  # a malformed row
         try:
             spec = RunSpec(int(float(row["batch_size"])), float(row["lr"]), int(float(row["seed"])))
         except (TypeError, ValueError):
@@ -271,10 +273,10 @@ class _ResultsWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not path.exists() or path.stat().st_size == 0
         if not fresh:
-            with open(path, "rb+") as fh:  # finish a torn last line so the next row starts clean
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    fh.write(b"\n")
+            data = path.read_bytes()
+            if not data.endswith(b"\n"):  # a torn last row (crash mid-write): cut it, the run is redone
+                with open(path, "rb+") as fh:
+                    fh.truncate(data.rfind(b"\n") + 1)
         self.fh = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.fh, fieldnames=list(RESULT_FIELDS))
         if fresh:

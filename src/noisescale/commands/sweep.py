@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 import warnings
 from functools import lru_cache, partial
@@ -164,27 +163,34 @@ def _report(fits: dict[float, Any], res: Any, args: argparse.Namespace, settings
         all_d1 = [r.metrics.get(f"b_simple_d1@{t:g}", math.nan) for r in res.fastest(t).values()]
         all_d1 = sorted(v for v in all_d1 if math.isfinite(v))
         med = all_d1[len(all_d1) // 2] if all_d1 else math.nan
+        # every run that reached the target, fastest or not: B_simple depends on the temperature
+        # lr/B (App. C), so the slower, cooler runs measure larger values
+        every = sorted(v for r in res.runs if r.steps.get(t) is not None
+                       for v in [r.metrics.get(f"b_simple_d1@{t:g}", math.nan)] if math.isfinite(v))
+        rng = f"{every[0]:.0f}-{every[-1]:.0f}" if every else "-"
         lo, hi = f.b_crit_interval
         rows.append(f"| {t:g} | {f.b_crit:.0f} [{lo:.0f}, {hi:.0f}] | {f.s_min:.1f} | {f.e_min:.0f} | "
                     f"{run.spec.batch_size if run else '-'} (lr {run.spec.lr:.3g}) | {d1:.0f} | {avg:.0f} | "
-                    f"{med:.0f} | {d1 / f.b_crit:.2f} |")
+                    f"{med:.0f} | {rng} | {d1 / f.b_crit:.2f} |")
         d = f.to_dict()
         d.update(b_simple_run_batch=run.spec.batch_size if run else None, b_simple_run_lr=run.spec.lr if run else None,
                  b_simple_d1=d1 if math.isfinite(d1) else None, b_simple_avg=avg if math.isfinite(avg) else None,
                  b_simple_d1_median_over_frontier=med if math.isfinite(med) else None,
+                 b_simple_d1_range_all_runs=[every[0], every[-1]] if every else None,
                  ratio_b_simple_over_b_crit=d1 / f.b_crit if math.isfinite(d1) else None,
                  frontier=[{"batch_size": p.batch_size, "steps": p.steps, "examples": p.examples,
                             "status": p.status, "lr": p.lr} for p in f.points])
         js.append(d)
-    cmd = "noisescale sweep " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["sweep"] else "noisescale sweep ..."
+    cmd = _command(args)
     md = "\n".join([
         f"# Critical batch size on {args.task}: measured b_crit vs run-averaged B_simple",
         "",
         f"Command: `{cmd}` ({len(res.runs)} runs, {elapsed:.0f} s; settings {json.dumps(settings)})",
         "",
         "| target loss | b_crit [95%] | S_min | E_min | run for B_simple (fastest at B nearest b_crit) | "
-        "B_simple (D.1 avg) | B_simple (step avg) | B_simple D.1 median over frontier | B_simple/b_crit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "B_simple (D.1 avg) | B_simple (step avg) | D.1 median over frontier | D.1 range, all runs reaching it | "
+        "B_simple/b_crit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "b_crit, E_min and B_simple in examples; S_min in optimizer steps. B_simple is averaged over the run "
@@ -273,6 +279,25 @@ def run(args: argparse.Namespace) -> int:
     print(md)
     print(f"wrote {args.out / 'report.md'}, {args.out / 'report.json'}" + (f", {png}" if png else ""))
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this sweep (the options that differ from the defaults)."""
+    parts = ["noisescale", "sweep", "--task", args.task]
+    if args.quick:
+        parts.append("--quick")
+    for flag, val, default in (("--batch-sizes", args.batch_sizes, None), ("--targets", args.targets, None),
+                               ("--lr-factors", args.lr_factors, None)):
+        if val != default:
+            parts += [flag, ",".join(f"{v:g}" for v in val)]
+    for flag, val, default in (("--eps-star", args.eps_star, 1.0), ("--b-star", args.b_star, 256.0),
+                               ("--max-steps", args.max_steps, None), ("--seed", args.seed, 0),
+                               ("--n-boot", args.n_boot, 1000), ("--workers", args.workers, 0),
+                               ("--threads", args.threads, 1)):
+        if val != default:
+            parts += [flag, f"{val:g}" if isinstance(val, float) else str(val)]
+    parts += ["--out", str(args.out)]
+    return " ".join(parts)
 
 
 def _by_target(records: Sequence[Any]) -> dict[float, list[Any]]:
