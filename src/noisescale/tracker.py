@@ -55,8 +55,14 @@ def _distributed_wrapper(model: torch.nn.Module) -> str | None:
     return None
 
 
+_DISTRIBUTED_METHODS = ("ddp", "ddp_per_example", "fsdp")
+
+
 def _auto_method(model: torch.nn.Module) -> str:
     """The probe ``method="auto"`` picks for ``model``."""
+    wrapper = _distributed_wrapper(model)
+    if wrapper is not None:  # several ranks: local norms before the reduction, global after
+        return "ddp" if wrapper == "DistributedDataParallel" else "fsdp"
     return "microbatch"
 
 
@@ -112,12 +118,12 @@ class GradientNoiseScale:
         if not (isinstance(max_pending, int) and max_pending >= 1):
             raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
         wrapper = _distributed_wrapper(model)
-        if wrapper is not None:
-            raise NotImplementedError(
-                f"the model is wrapped in {wrapper} with several ranks: the micro-batch probe would "
+        if wrapper is not None and method not in ("auto",) + _DISTRIBUTED_METHODS:
+            raise ValueError(
+                f"the model is wrapped in {wrapper} with several ranks: method={method!r} would "
                 "compare this rank's local norms with the all-reduced gradient and report a wrong "
-                "noise scale. Distributed measurement is not available in this version; measure "
-                "the unwrapped model on one process instead."
+                "noise scale. Use method='auto' (or 'ddp' / 'fsdp'), which pools every rank's local "
+                "norms with the global one."
             )
         if params is None:
             self.params = trainable_parameters(model)

@@ -37,3 +37,9 @@ def _microbatch(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], *,
 
 
 register_probe("microbatch", _microbatch)
+
+# Data-parallel probes (DDP, FSDP1, FSDP2): "ddp", "fsdp", "ddp_per_example".
+if torch.distributed.is_available():
+    from .distributed import register as _register_distributed
+
+    _register_distributed(register_probe)

@@ -1,0 +1,360 @@
+"""Worker functions for the distributed tests (run in spawned gloo processes) and their single-process twins.
+
+Everything is deterministic from a seed: the model, and the data of step ``t``, rank ``r``,
+micro-batch ``j``. The parent process recomputes every quantity on one process from the same split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import traceback
+import warnings
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import noisescale as ns
+
+TIMEOUT = timedelta(seconds=60)
+
+
+# -- the problem -----------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    """A small MLP on 8x8 digits with an optional unused layer (for find_unused_parameters)."""
+
+    def __init__(self, hidden: int = 16, unused: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(64, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+        self.unused = nn.Linear(3, 3) if unused else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+_DATA: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    global _DATA
+    if _DATA is None:
+        cached = os.environ.get("NOISESCALE_TEST_DIGITS")
+        if cached and os.path.exists(cached):  # written by the parent: workers skip importing scikit-learn
+            X, y = torch.load(cached)
+        else:
+            from noisescale.data import load_digits
+
+            X, y, _, _ = load_digits(seed=0)
+        _DATA = (X, y)
+    return _DATA
+
+
+def batch(seed: int, step: int, rank: int, micro: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples drawn with replacement, deterministic in (seed, step, rank, micro)."""
+    X, y = data()
+    g = torch.Generator().manual_seed(1_000_003 * seed + 10_007 * step + 101 * rank + micro)
+    idx = torch.randint(0, len(y), (size,), generator=g)
+    return X[idx], y[idx]
+
+
+def micro_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str, k: int, n_local: int
+               ) -> torch.Tensor:
+    """The user's loss for one micro-batch: mean/k ("mean") or sum/n_local ("sum")."""
+    out = model(x)
+    if reduction == "mean":
+        return F.cross_entropy(out, y) / k
+    return F.cross_entropy(out, y, reduction="sum") / n_local
+
+
+def flat_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                      for p in model.parameters()])
+
+
+def reference(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Single-process twin: per step, every (rank, micro) local squared norm and the global one."""
+    model = Net(cfg.get("hidden", 16), seed=cfg["seed"])
+    world, sizes, red = cfg["world"], cfg["sizes"], cfg.get("reduction", "mean")
+    out = []
+    for t in range(cfg["steps"]):
+        rank_grads, parts, part_sizes, alphas = [], [], [], []
+        for r in range(world):
+            k = len(sizes[r])
+            acc = None
+            w = [1.0] * k if red == "mean" else [float(s) for s in sizes[r]]
+            for j, m in enumerate(sizes[r]):
+                model.zero_grad(set_to_none=True)
+                x, y = batch(cfg["seed"], t, r, j, m)
+                micro_loss(model, x, y, red, k, sum(sizes[r])).backward()
+                g = flat_grad(model).double()
+                parts.append(float(g.square().sum()))
+                part_sizes.append(float(m))
+                alphas.append(w[j] / sum(w))
+                acc = g if acc is None else acc + g
+            rank_grads.append(acc)
+        V = torch.stack(rank_grads).mean(0)
+        out.append({"parts": parts, "sizes": part_sizes, "alphas": alphas, "big": float(V.square().sum()),
+                    "rank_grads": rank_grads})
+    return out
+
+
+# -- process plumbing ------------------------------------------------------------------
+
+
+def entry(rank: int, world: int, init_file: str, out_dir: str, scenario: str, cfg: dict[str, Any]) -> None:
+    import faulthandler
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    faulthandler.dump_traceback_later(cfg.get("_dump_after", 55), exit=False)  # a hang leaves a trace
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=TIMEOUT)
+    try:
+        result = SCENARIOS[scenario](rank, world, cfg)
+    except BaseException:
+        # Save the error and leave at once: peers blocked in a collective see the closed
+        # connection instead of waiting for the timeout.
+        torch.save({"error": traceback.format_exc()}, os.path.join(out_dir, f"{scenario}.{rank}.pt"))
+        os._exit(3)
+    dist.barrier()
+    dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"{scenario}.{rank}.pt"))
+    faulthandler.cancel_dump_traceback_later()
+
+
+# -- scenarios -------------------------------------------------------------------------
+
+
+def _tracker_summary(gns: ns.GradientNoiseScale) -> dict[str, Any]:
+    return {"b_simple": gns.b_simple, "state": gns.state_dict(), "history": gns._probe.reduced_history(),
+            "method": gns.method, "measured": gns.measured, "skipped": gns.skipped, "g2": gns.g2,
+            "trace_sigma": gns.trace_sigma}
+
+
+def ddp_exact(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """DDP at fixed parameters, optionally with no_sync accumulation and unequal sizes."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = Net(cfg.get("hidden", 16), unused=cfg.get("unused", False), seed=cfg["seed"])
+    ddp = DDP(model, **cfg.get("ddp", {}))
+    red = cfg.get("reduction", "mean")
+    gns = ns.GradientNoiseScale(ddp, method=cfg.get("method", "auto"), beta=1.0, reduction=red,
+                                max_pending=cfg.get("max_pending", 64))
+    sizes = cfg["sizes"][rank]
+    k = len(sizes)
+    for t in range(cfg["steps"]):
+        for j, m in enumerate(sizes):
+            x, y = batch(cfg["seed"], t, rank, j, m)
+            if cfg.get("nan_at") == (t, rank):
+                x = x.clone()
+                x[0, 0] = float("nan")
+            ctx = ddp.no_sync() if j < k - 1 else _null()
+            with ctx:
+                micro_loss(ddp, x, y, red, k, sum(sizes)).backward()
+        gns.step()
+        ddp.zero_grad(set_to_none=True)
+    res = _tracker_summary(gns)
+    gns.close()
+    return res
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def ddp_brute(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Many i.i.d. steps at fixed parameters, plain DDP, per-rank batch m: b_simple vs the exact value."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = Net(cfg.get("hidden", 16), seed=cfg["seed"])
+    ddp = DDP(model)
+    gns = ns.GradientNoiseScale(ddp, beta=1.0)
+    for t in range(cfg["steps"]):
+        x, y = batch(cfg["seed"], t, rank, 0, cfg["m"])
+        F.cross_entropy(ddp(x), y).backward()
+        gns.step()
+        ddp.zero_grad(set_to_none=True)
+    out = {"b_simple": gns.b_simple, "interval": gns.interval(0.95), "measured": gns.measured}
+    gns.close()
+    return out
+
+
+def ddp_inert(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Training steps with and without the tracker: gradients and parameters must be bit-identical."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    runs = {}
+    for with_tracker in (False, True):
+        model = Net(cfg.get("hidden", 16), seed=cfg["seed"])
+        ddp = DDP(model, **cfg.get("ddp", {}))
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        gns = ns.GradientNoiseScale(ddp) if with_tracker else None
+        grads = []
+        k = cfg.get("k", 1)
+        for t in range(cfg["steps"]):
+            for j in range(k):
+                x, y = batch(cfg["seed"], t, rank, j, 8)
+                with (ddp.no_sync() if j < k - 1 else _null()):
+                    (F.cross_entropy(ddp(x), y) / k).backward()
+            if gns is not None:
+                gns.step()
+            grads.append([p.grad.clone() for p in ddp.parameters()])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs[with_tracker] = {"grads": grads, "params": [p.detach().clone() for p in ddp.parameters()],
+                              "b_simple": gns.b_simple if gns else None}
+        if gns is not None:
+            gns.close()
+    same = all(torch.equal(a, b) for ga, gb in zip(runs[False]["grads"], runs[True]["grads"]) for a, b in zip(ga, gb))
+    same_p = all(torch.equal(a, b) for a, b in zip(runs[False]["params"], runs[True]["params"]))
+    return {"grads_equal": same, "params_equal": same_p, "b_simple": runs[True]["b_simple"]}
+
+
+def _fsdp_model(kind: str, cfg: dict[str, Any], world: int) -> nn.Module:
+    model = Net(cfg.get("hidden", 16), seed=cfg["seed"])
+    if kind == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model.fc1, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return FSDP(model, device_id=torch.device("cpu"), use_orig_params=cfg.get("use_orig_params", True),
+                auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+
+
+def fsdp_exact(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """FSDP1/FSDP2 at fixed parameters; ``no_sync`` accumulation optional."""
+    kind = cfg["kind"]
+    model = _fsdp_model(kind, cfg, world)
+    gns = ns.GradientNoiseScale(model, beta=1.0)
+    sizes = cfg["sizes"][rank]
+    k = len(sizes)
+    for t in range(cfg["steps"]):
+        for j, m in enumerate(sizes):
+            x, y = batch(cfg["seed"], t, rank, j, m)
+            last = j == k - 1
+            if cfg.get("no_sync"):
+                if kind == "fsdp2":
+                    model.set_requires_gradient_sync(last)
+                    micro_loss(model, x, y, "mean", k, sum(sizes)).backward()
+                else:
+                    with (model.no_sync() if not last else _null()):
+                        micro_loss(model, x, y, "mean", k, sum(sizes)).backward()
+            else:
+                micro_loss(model, x, y, "mean", k, sum(sizes)).backward()
+        gns.step()
+        model.zero_grad(set_to_none=True)
+    res = _tracker_summary(gns)
+    gns.close()
+    return res
+
+
+def fsdp_inert(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    kind = cfg["kind"]
+    runs = {}
+    for with_tracker in (False, True):
+        model = _fsdp_model(kind, cfg, world)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        gns = ns.GradientNoiseScale(model) if with_tracker else None
+        grads = []
+        for t in range(cfg["steps"]):
+            x, y = batch(cfg["seed"], t, rank, 0, 8)
+            F.cross_entropy(model(x), y).backward()
+            if gns is not None:
+                gns.step()
+            grads.append([_local(p.grad).clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs[with_tracker] = {"grads": grads, "params": [_local(p.detach()).clone() for p in model.parameters()]}
+        if gns is not None:
+            gns.close()
+    same = all(torch.equal(a, b) for ga, gb in zip(runs[False]["grads"], runs[True]["grads"]) for a, b in zip(ga, gb))
+    same_p = all(torch.equal(a, b) for a, b in zip(runs[False]["params"], runs[True]["params"]))
+    return {"grads_equal": same, "params_equal": same_p}
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:  # FSDP1 with use_orig_params: a parameter with no elements in this rank's shard
+        return torch.empty(0)
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def ddp_bad(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """A rank that raises in step() (wrong sizes) does not hang the others; both go on consistently."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = Net(16, seed=cfg["seed"])
+    ddp = DDP(model)
+    gns = ns.GradientNoiseScale(ddp, beta=1.0)
+    errors = []
+    for t in range(4):
+        x, y = batch(cfg["seed"], t, rank, 0, 8)
+        F.cross_entropy(ddp(x), y).backward()
+        try:
+            if t == 1 and rank == 1:
+                gns.step(sizes=[4, 4])  # wrong: one backward pass on this rank
+            else:
+                gns.step()
+        except ValueError as e:
+            errors.append(str(e))
+        ddp.zero_grad(set_to_none=True)
+    out = {"errors": errors, "measured": gns.measured, "skipped": gns.skipped, "b_simple": gns.b_simple}
+    # An explicit non-distributed method on a DDP model is refused on every rank.
+    try:
+        ns.GradientNoiseScale(ddp, method="microbatch")
+        out["microbatch_error"] = None
+    except ValueError as e:
+        out["microbatch_error"] = str(e)
+    gns.close()
+    return out
+
+
+def ddp_join(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Uneven inputs: rank 1 has fewer steps; Join shadows the tracker's all-reduce."""
+    from torch.distributed.algorithms.join import Join
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from noisescale.probes.distributed import joinable
+
+    model = Net(16, seed=cfg["seed"])
+    ddp = DDP(model)
+    gns = ns.GradientNoiseScale(ddp, beta=1.0)
+    n_steps = cfg["steps"][rank]
+    with Join([ddp, joinable(gns)]):
+        for t in range(n_steps):
+            x, y = batch(cfg["seed"], t, rank, 0, 8)
+            F.cross_entropy(ddp(x), y).backward()
+            gns.step()
+            ddp.zero_grad(set_to_none=True)
+    res = _tracker_summary(gns)
+    gns.close()
+    return res
+
+
+def many(rank: int, world: int, cfg: dict[str, Any]) -> list[Any]:
+    """Run several scenarios in one process group (saves process start-ups)."""
+    out = []
+    for name, sub in cfg["items"]:
+        out.append(SCENARIOS[name](rank, world, sub))
+        dist.barrier()
+    return out
+
+
+SCENARIOS = {f.__name__: f for f in (ddp_exact, ddp_brute, ddp_inert, fsdp_exact, fsdp_inert, ddp_bad, ddp_join, many)}

@@ -1,0 +1,293 @@
+"""Distributed probe on real 2-process gloo groups (DDP, DDP + accumulation, FSDP2, FSDP1).
+
+Each test spawns processes (``torch.multiprocessing``, spawn start method) that run a scenario
+from ``dist_workers.py`` and save their results; the checks run here, against a single-process
+recomputation on the same data split. Every spawn has a deadline: a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import noisescale as ns
+from noisescale.ema import NoiseScaleEMA
+from noisescale.estimators import estimate, pool_parts
+
+sys.path.insert(0, os.path.dirname(__file__))
+import dist_workers as W  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+WORLD = 2
+SPAWN_TIMEOUT = 150.0
+
+
+def spawn(tmp_path, scenario: str, cfg: dict, world: int = WORLD, timeout: float = SPAWN_TIMEOUT) -> list:
+    """Run ``scenario`` on ``world`` gloo processes; return each rank's result (fails on error or hang)."""
+    out = tmp_path / scenario
+    out.mkdir(exist_ok=True)
+    digits = tmp_path / "digits.pt"
+    if not digits.exists():
+        torch.save(W.data(), digits)
+    os.environ["NOISESCALE_TEST_DIGITS"] = str(digits)
+    init = out / "init"
+    ctx = mp.start_processes(W.entry, args=(world, str(init), str(out), scenario, cfg), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    crash = None
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"distributed scenario {scenario!r} did not finish in {timeout:.0f} s (hang?)")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        crash = e
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    results = []
+    for r in range(world):
+        f = out / f"{scenario}.{r}.pt"
+        results.append(torch.load(f, weights_only=False) if f.exists() else {"error": f"no result ({crash})"})
+    for r, res in enumerate(results):
+        if isinstance(res, dict) and "error" in res:
+            pytest.fail(f"rank {r} of {scenario!r} raised:\n{res['error']}")
+    if crash is not None:
+        pytest.fail(f"{scenario!r}: {crash}")
+    return results
+
+
+def _items(results: list, i: int) -> list[dict]:
+    per_rank = [res[i] for res in results]
+    for r, res in enumerate(per_rank):
+        if "error" in res:
+            pytest.fail(f"rank {r} raised:\n{res['error']}")
+    return per_rank
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def replay_b_simple(history: list[dict]) -> float | None:
+    """The single-process estimator (estimate + EMA, beta=1) fed the numbers the probe measured."""
+    ema = NoiseScaleEMA(1.0)
+    for h in history:
+        g2, ts = estimate(h["sq_norm_small"], h["b_small"], h["sq_norm_big"], h["b_big"])
+        if math.isfinite(g2) and math.isfinite(ts):
+            ema.update(g2, ts)
+    return ema.b_simple
+
+
+def check_against_reference(per_rank: list[dict], cfg: dict) -> None:
+    ref = W.reference(cfg)
+    world = cfg["world"]
+    h0 = per_rank[0]["history"]
+    assert len(h0) == cfg["steps"]
+    for res in per_rank:
+        assert res["method"] in ("ddp", "fsdp")
+        assert res["history"] == h0, "ranks disagree on the reduced statistics"
+        assert res["b_simple"] == per_rank[0]["b_simple"], "ranks report different b_simple"
+        assert res["state"]["ema"] == per_rank[0]["state"]["ema"]
+        counters, counters0 = dict(res["state"]["counters"]), dict(per_rank[0]["state"]["counters"])
+        if len({sum(s) for s in cfg["sizes"]}) > 1:  # documented: examples = local x world (no extra sync)
+            counters.pop("examples"), counters0.pop("examples")
+        assert counters == counters0
+    for h, r in zip(h0, ref):
+        # local (sum over every rank and micro-batch) and global squared norms vs one process
+        assert rel(h["sum_sq_local"], sum(r["parts"])) < 1e-5
+        assert rel(h["sq_norm_big"], r["big"]) < 1e-5
+        assert h["parts"] == len(r["parts"]) and h["ranks"] == world
+        # effective sizes from the pooling weights (mean across ranks)
+        a2 = sum(a * a for a in r["alphas"])
+        a2b = sum(a * a / b for a, b in zip(r["alphas"], r["sizes"]))
+        assert rel(h["b_small"], a2 / a2b) < 1e-12
+        assert rel(h["b_big"], world * world / a2b) < 1e-12
+        assert rel(h["sq_norm_small"], sum(r["parts"]) / a2) < 1e-5
+        if cfg.get("reduction", "mean") == "mean" and len({len(s) for s in cfg["sizes"]}) == 1:
+            # equal weights per part: the generic pooled estimator applies directly
+            m = pool_parts([p / world**2 for p in r["parts"]], r["sizes"], r["big"], reduction="mean")
+            assert rel(h["b_small"], m.b_small) < 1e-9 and rel(h["b_big"], m.b_big) < 1e-9
+            assert rel(h["sq_norm_small"], m.sq_norm_small) < 1e-5
+    # b_simple is exactly the single-process estimator fed the same numbers
+    assert per_rank[0]["b_simple"] == replay_b_simple(h0)
+    # ... and close to the estimator fed the single-process numbers
+    ema = NoiseScaleEMA(1.0)
+    for r in ref:
+        a2 = sum(a * a for a in r["alphas"])
+        a2b = sum(a * a / b for a, b in zip(r["alphas"], r["sizes"]))
+        ema.update(*estimate(sum(r["parts"]) / a2, a2 / a2b, r["big"], world * world / a2b))
+    assert rel(per_rank[0]["b_simple"], ema.b_simple) < 1e-4
+
+
+DDP_CASES = {
+    "plain": dict(sizes=[[8], [8]]),
+    "accumulation": dict(sizes=[[4, 4, 4], [4, 4, 4]]),
+    "unequal_sizes": dict(sizes=[[6, 6], [10, 10]]),
+    "unequal_sum": dict(sizes=[[3, 5], [10, 6]], reduction="sum"),
+    "unequal_parts": dict(sizes=[[4, 4, 4], [12]], reduction="sum"),
+    "bucket_view": dict(sizes=[[4, 4], [4, 4]], ddp=dict(gradient_as_bucket_view=True)),
+    "find_unused": dict(sizes=[[8], [8]], unused=True, ddp=dict(find_unused_parameters=True)),
+    # static_graph + no_sync fails in plain DDP too (torch 2.13 reducer assert), so no accumulation here
+    "static_graph": dict(sizes=[[8], [8]], ddp=dict(static_graph=True)),
+    "explicit_method": dict(sizes=[[8], [8]], method="ddp", max_pending=2),
+}
+
+
+def _cfg(name: str, case: dict, seed: int) -> dict:
+    return dict(case, seed=seed, world=WORLD, steps=4)
+
+
+def test_ddp_norms_match_single_process(tmp_path):
+    """DDP with/without no_sync accumulation, unequal sizes, bucket views, unused params, static graph."""
+    cfgs = {name: _cfg(name, case, seed) for seed, (name, case) in enumerate(DDP_CASES.items())}
+    results = spawn(tmp_path, "many", {"items": [("ddp_exact", c) for c in cfgs.values()]})
+    for i, (name, cfg) in enumerate(cfgs.items()):
+        per_rank = _items(results, i)
+        try:
+            check_against_reference(per_rank, cfg)
+        except AssertionError as e:
+            raise AssertionError(f"case {name!r}: {e}") from e
+
+
+def test_fsdp_norms_match_single_process(tmp_path):
+    """FSDP2 (fully_shard) and FSDP1: local unsharded norm before the reduce-scatter, global from shards."""
+    cases = {
+        "fsdp2": dict(kind="fsdp2", sizes=[[8], [8]]),
+        "fsdp2_accumulation_sync_each": dict(kind="fsdp2", sizes=[[4, 4], [4, 4]]),
+        "fsdp2_unequal": dict(kind="fsdp2", sizes=[[6], [10]]),
+        "fsdp1": dict(kind="fsdp1", sizes=[[8], [8]]),
+        "fsdp1_flat_params": dict(kind="fsdp1", sizes=[[4, 4], [4, 4]], use_orig_params=False),
+    }
+    cfgs = {n: dict(c, seed=20 + i, world=WORLD, steps=3) for i, (n, c) in enumerate(cases.items())}
+    results = spawn(tmp_path, "many", {"items": [("fsdp_exact", c) for c in cfgs.values()]})
+    for i, (name, cfg) in enumerate(cfgs.items()):
+        per_rank = _items(results, i)
+        try:
+            check_against_reference(per_rank, cfg)
+        except AssertionError as e:
+            raise AssertionError(f"case {name!r}: {e}") from e
+
+
+def test_fsdp_no_sync_accumulation(tmp_path):
+    """Under no_sync / set_requires_gradient_sync(False) the local part is the rank's whole step."""
+    cases = [dict(kind="fsdp2", sizes=[[4, 4], [4, 4]], no_sync=True),
+             dict(kind="fsdp1", sizes=[[4, 4], [4, 4]], no_sync=True)]
+    cfgs = [dict(c, seed=40 + i, world=WORLD, steps=3) for i, c in enumerate(cases)]
+    results = spawn(tmp_path, "many", {"items": [("fsdp_exact", c) for c in cfgs]})
+    for i, cfg in enumerate(cfgs):
+        per_rank = _items(results, i)
+        ref = W.reference(cfg)
+        for h, r in zip(per_rank[0]["history"], ref):
+            local = [float(g.square().sum()) for g in r["rank_grads"]]  # accumulated per rank
+            assert h["parts"] == WORLD
+            assert rel(h["sum_sq_local"], sum(local)) < 1e-5, cfg["kind"]
+            assert rel(h["sq_norm_big"], r["big"]) < 1e-5
+            assert h["b_small"] == 8.0 and h["b_big"] == 16.0
+        assert per_rank[0]["b_simple"] == per_rank[1]["b_simple"] == replay_b_simple(per_rank[0]["history"])
+
+
+def _exact_b_simple(seed: int) -> float:
+    """Brute force: per-example gradients of the whole data set (torch.func), tr(Sigma)/|G|^2."""
+    from torch.func import functional_call, grad, vmap
+
+    model = W.Net(16, seed=seed)
+    X, y = W.data()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss1(p, x, t):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (x[None],)), t[None])
+
+    g = vmap(grad(loss1), in_dims=(None, 0, 0))(params, X, y)
+    flat = torch.cat([v.reshape(len(y), -1) for v in g.values()], 1).double()
+    G = flat.mean(0)
+    trace_sigma = float((flat - G).square().sum(1).mean())  # sampling with replacement: population cov
+    return trace_sigma / float(G.square().sum())
+
+
+def test_ddp_b_simple_close_to_exact(tmp_path):
+    """At fixed parameters, 2-process DDP b_simple is within 10% of the brute-force exact value."""
+    cfg = dict(seed=7, steps=400, m=16)
+    per_rank = spawn(tmp_path, "ddp_brute", cfg)
+    exact = _exact_b_simple(7)
+    b = per_rank[0]["b_simple"]
+    assert per_rank[1]["b_simple"] == b
+    assert per_rank[0]["measured"] == cfg["steps"]
+    assert rel(b, exact) < 0.10, (b, exact, per_rank[0]["interval"])
+
+
+def test_inert_ddp_and_fsdp2(tmp_path):
+    """Gradients and parameters bit-identical to plain DDP (also bucket views, accumulation) and FSDP2/FSDP1."""
+    items = [
+        ("ddp_inert", dict(seed=3, steps=4)),
+        ("ddp_inert", dict(seed=4, steps=3, k=2, ddp=dict(gradient_as_bucket_view=True))),
+        ("fsdp_inert", dict(seed=5, steps=3, kind="fsdp2")),
+        ("fsdp_inert", dict(seed=6, steps=3, kind="fsdp1")),
+    ]
+    results = spawn(tmp_path, "many", {"items": items})
+    for i, (name, cfg) in enumerate(items):
+        for r, res in enumerate(_items(results, i)):
+            assert res["grads_equal"], f"{name} {cfg}: rank {r} gradients differ with the tracker attached"
+            assert res["params_equal"], f"{name} {cfg}: rank {r} parameters differ with the tracker attached"
+
+
+def test_bad_inputs_consistent_on_all_ranks(tmp_path):
+    """Non-finite gradient on one rank; a rank raising in step(); a non-distributed method on DDP."""
+    nan_cfg = dict(seed=11, world=WORLD, steps=4, sizes=[[32], [32]], nan_at=(2, 1))
+    results = spawn(tmp_path, "many", {"items": [("ddp_exact", nan_cfg), ("ddp_bad", dict(seed=12)),
+                                                ("ddp_join", dict(seed=13, steps=[5, 3]))]})
+    nan_runs = _items(results, 0)
+    for res in nan_runs:  # the NaN on rank 1 reaches every rank through the all-reduce: all skip step 2
+        assert res["skipped"] == 1 and res["measured"] == 3
+        assert res["b_simple"] == nan_runs[0]["b_simple"] and res["state"] == nan_runs[0]["state"]
+    assert math.isnan(nan_runs[0]["history"][2]["sq_norm_small"])
+    bad = _items(results, 1)
+    assert len(bad[1]["errors"]) == 1 and "sizes" in bad[1]["errors"][0]
+    assert bad[0]["errors"] == []
+    # rank 1 raised (its step() is not recorded); rank 0 skipped the same step; no hang; same averages
+    assert bad[0]["skipped"] == 1 and bad[0]["measured"] == 3
+    assert bad[1]["skipped"] == 0 and bad[1]["measured"] == 3
+    for res in bad:
+        assert res["microbatch_error"] is not None and "method='auto'" in res["microbatch_error"]
+    assert bad[0]["b_simple"] == bad[1]["b_simple"]
+    join = _items(results, 2)
+    # rank 1 ran out after 3 steps; rank 0 measured its last 2 steps alone (1 rank, 1 part: skipped)
+    assert join[1]["measured"] == 3 and join[0]["measured"] == 3 and join[0]["skipped"] == 2
+    assert join[0]["history"][:3] == join[1]["history"][:3]
+
+
+def test_world_size_one_rejected(tmp_path):
+    """A DDP method on a 1-process group is refused with a clear message; auto falls back to microbatch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(W.Net(8))
+        with pytest.raises(ValueError, match="world size 1"):
+            ns.GradientNoiseScale(ddp, method="ddp")
+        with pytest.raises(ValueError, match="world size 1"):
+            ns.GradientNoiseScale(ddp, method="ddp_per_example") if "per_example" in _probes() else (
+                ns.GradientNoiseScale(ddp, method="ddp"))
+        gns = ns.GradientNoiseScale(ddp)
+        assert gns.method not in ("ddp", "ddp_per_example", "fsdp")  # one process: a single-process probe
+        gns.close()
+        with pytest.raises(TypeError, match="DistributedDataParallel"):
+            ns.GradientNoiseScale(W.Net(8), method="ddp")
+    finally:
+        dist.destroy_process_group()
+
+
+def _probes():
+    from noisescale.probes import PROBES
+
+    return PROBES
