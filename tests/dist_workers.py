@@ -95,10 +95,19 @@ def reference(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                 x, y = batch(cfg["seed"], t, r, j, m)
                 micro_loss(model, x, y, red, k, sum(sizes[r])).backward()
                 g = flat_grad(model).double()
+                acc = g if acc is None else acc + g
+                if cfg.get("method") == "ddp_per_example":  # parts are examples: v_i = example i's share
+                    for i in range(m):
+                        model.zero_grad(set_to_none=True)
+                        scale = (1.0 / (m * k)) if red == "mean" else 1.0 / sum(sizes[r])
+                        (F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]) * scale).backward()
+                        parts.append(float(flat_grad(model).double().square().sum()))
+                        part_sizes.append(1.0)
+                        alphas.append(scale)  # the scales of one rank sum to 1 in both conventions
+                    continue
                 parts.append(float(g.square().sum()))
                 part_sizes.append(float(m))
                 alphas.append(w[j] / sum(w))
-                acc = g if acc is None else acc + g
             rank_grads.append(acc)
         V = torch.stack(rank_grads).mean(0)
         out.append({"parts": parts, "sizes": part_sizes, "alphas": alphas, "big": float(V.square().sum()),

@@ -93,7 +93,7 @@ def check_against_reference(per_rank: list[dict], cfg: dict) -> None:
     h0 = per_rank[0]["history"]
     assert len(h0) == cfg["steps"]
     for res in per_rank:
-        assert res["method"] in ("ddp", "fsdp")
+        assert res["method"] in ("ddp", "fsdp", "ddp_per_example")
         assert res["history"] == h0, "ranks disagree on the reduced statistics"
         assert res["b_simple"] == per_rank[0]["b_simple"], "ranks report different b_simple"
         assert res["state"]["ema"] == per_rank[0]["state"]["ema"]
@@ -112,7 +112,8 @@ def check_against_reference(per_rank: list[dict], cfg: dict) -> None:
         assert rel(h["b_small"], a2 / a2b) < 1e-12
         assert rel(h["b_big"], world * world / a2b) < 1e-12
         assert rel(h["sq_norm_small"], sum(r["parts"]) / a2) < 1e-5
-        if cfg.get("reduction", "mean") == "mean" and len({len(s) for s in cfg["sizes"]}) == 1:
+        if (cfg.get("reduction", "mean") == "mean" and len({len(s) for s in cfg["sizes"]}) == 1
+                and cfg.get("method") != "ddp_per_example"):
             # equal weights per part: the generic pooled estimator applies directly
             m = pool_parts([p / world**2 for p in r["parts"]], r["sizes"], r["big"], reduction="mean")
             assert rel(h["b_small"], m.b_small) < 1e-9 and rel(h["b_big"], m.b_big) < 1e-9
@@ -125,7 +126,10 @@ def check_against_reference(per_rank: list[dict], cfg: dict) -> None:
         a2 = sum(a * a for a in r["alphas"])
         a2b = sum(a * a / b for a, b in zip(r["alphas"], r["sizes"]))
         ema.update(*estimate(sum(r["parts"]) / a2, a2 / a2b, r["big"], world * world / a2b))
-    assert rel(per_rank[0]["b_simple"], ema.b_simple) < 1e-4
+    assert math.isclose(per_rank[0]["trace_sigma"], ema.trace_sigma, rel_tol=1e-4)
+    assert math.isclose(per_rank[0]["g2"], ema.g2, rel_tol=1e-4, abs_tol=1e-5)
+    if ema.b_simple is not None and ema.b_simple > 0:
+        assert rel(per_rank[0]["b_simple"], ema.b_simple) < 1e-3
 
 
 DDP_CASES = {
@@ -152,6 +156,25 @@ def test_ddp_norms_match_single_process(tmp_path):
     results = spawn(tmp_path, "many", {"items": [("ddp_exact", c) for c in cfgs.values()]})
     for i, (name, cfg) in enumerate(cfgs.items()):
         per_rank = _items(results, i)
+        try:
+            check_against_reference(per_rank, cfg)
+        except AssertionError as e:
+            raise AssertionError(f"case {name!r}: {e}") from e
+
+
+def test_ddp_per_example_composition(tmp_path):
+    """method='ddp_per_example': every rank's per-example norms pooled with the global norm."""
+    if "per_example" not in _probes():
+        pytest.skip("the per-example probe is not available")
+    cases = {"per_example": dict(sizes=[[8], [8]]),
+             "per_example_accumulation_unequal": dict(sizes=[[4, 4], [6, 6]]),
+             "per_example_sum": dict(sizes=[[5, 3], [8]], reduction="sum")}
+    cfgs = {n: dict(c, seed=30 + i, world=WORLD, steps=3, method="ddp_per_example")
+            for i, (n, c) in enumerate(cases.items())}
+    results = spawn(tmp_path, "many", {"items": [("ddp_exact", c) for c in cfgs.values()]})
+    for i, (name, cfg) in enumerate(cfgs.items()):
+        per_rank = _items(results, i)
+        assert per_rank[0]["method"] == "ddp_per_example"
         try:
             check_against_reference(per_rank, cfg)
         except AssertionError as e:

@@ -433,7 +433,7 @@ class DistributedProbe(Joinable):
                                 ) -> float | None:
         m, reason, examples = self._local.collect(ctx)
         if m is None:
-            big = self._global_term()
+            big = self._global_term(getattr(self._local, "params", None))  # the local probe's (covered) params
             if big is not None:
                 tensors[_BIG] = big * ctx.inv_scale2_big
             self._warn_once(f"local probe could not measure this rank's step: {reason}")
@@ -443,14 +443,15 @@ class DistributedProbe(Joinable):
         a2 = m.b_small / m.b_big
         tensors[_S] = _as_tensor(m.sq_norm_small, self.device) * a2
         tensors[_BIG] = _as_tensor(m.sq_norm_big, self.device)  # the synchronized .grad: global
-        vec[_A2], vec[_A2B], vec[_K] = a2, a2b, 2.0
+        vec[_A2], vec[_A2B] = a2, a2b
+        vec[_K] = float(examples) if examples else 2.0  # parts = examples (informational)
         vec[_EX] = float(examples) if examples is not None else 0.0
         return examples
 
-    def _global_term(self) -> torch.Tensor | None:
+    def _global_term(self, params: Sequence[torch.nn.Parameter] | None = None) -> torch.Tensor | None:
         """DDP: ``|grad|^2`` of the synchronized gradient; FSDP: this rank's shard ``|grad|^2``."""
         terms = []
-        for p in self.params:
+        for p in self.params if params is None else params:
             g = p.grad
             if g is None:
                 continue
