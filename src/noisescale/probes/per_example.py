@@ -1,0 +1,647 @@
+"""Per-example probe: the noise scale from one batch, from exact per-example squared gradient norms.
+
+With per-example gradients ``G_i`` the App. A.1 estimator at ``b_small = 1`` is the Bessel-corrected
+sample variance of the per-example gradients (McCandlish et al. 2018; its variance is the lowest
+of all ``b_small``, Gray et al. 2024, arXiv:2411.00999). It needs ``sum_i |v_i|^2``, where ``v_i``
+is example ``i``'s contribution to the step's gradient, and the step gradient itself.
+
+How ``sum_i |v_i|^2`` is obtained: every supported layer's ``forward`` is swapped (on the module
+instance; the module object, its parameters, hooks and ``state_dict`` are untouched) for one that
+runs a custom :class:`torch.autograd.Function` (:mod:`.per_example_ops`). Its backward computes
+the layer's ordinary gradients with the same ATen ops as the stock layer (bit-identical) and adds
+the sum over examples of the per-example squared norms of the layer's covered parameters into a
+0-d float64 tensor. Nothing is materialised beyond one layer, no second backward pass, no host
+sync in the hooks, and the functions trace under ``torch.compile`` without graph breaks (register
+before compiling). Because the wrapped forward returns a fresh tensor, in-place ops after the
+layer (``ReLU(inplace=True)``) are fine; under non-reentrant activation checkpointing the backward
+runs once per forward, with recomputed inputs.
+
+Supported: ``nn.Linear`` (any leading dims: Goodfellow for one row per example, ghost norm or
+materialisation for sequences, chosen per layer by FLOPs), ``nn.Conv1d``/``nn.Conv2d`` (any padding
+mode, groups, dilation; ``padding='same'`` with even total padding), ``nn.Embedding`` (repeated
+tokens, ``padding_idx``), ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, with their biases.
+
+Per-example means *per row of the batch dimension* (dim 0 of every wrapped layer's input).
+Parameters shared between modules (tied weights), modules reused at several places, and
+parameters of unsupported layers are *not covered*: by default the noise scale is measured over
+the covered parameters only (``coverage`` in ``metrics()``); ``strict=True`` refuses that.
+
+Loss conventions (``reduction`` as for the micro-batch probe). Each micro-batch ``m`` of the step
+has ``B_m`` examples with sizes ``b_i`` in the tracker's unit (1 for examples; tokens per example
+for ``unit="tokens"``). ``G_i`` is example ``i``'s mean gradient per unit (for a token-mean
+language-model loss: the mean over its tokens), and ``v_i = c w_i G_i`` with
+``w_i = b_i / sum_{j in m} b_j`` for ``"mean"`` (each micro-batch's loss is a mean over its
+examples/tokens, micro-batches weighted equally) and ``w_i = b_i`` for ``"sum"``. The pooled
+estimator (derivation in :func:`noisescale.estimators.pool_parts`) then uses
+``a_i = w_i/sum w``: ``b_small = sum a^2 / sum(a^2/b)``, ``b_big = 1/sum(a^2/b)``,
+``|G_small|^2 = sum|v_i|^2 / sum a^2``. One micro-batch of ``B`` examples: ``b_small = 1``,
+``b_big = B``, ``|G_small|^2 = mean_i |G_i|^2``.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..estimators import Measurement
+from .base import StepContext, infer_batch_size, total_sq_norm
+from .per_example_ops import ConvFn, EmbeddingFn, GroupNormFn, LayerNormFn, LinearFn, ScaleFn
+
+__all__ = ["PerExampleProbe", "Coverage", "per_example_coverage", "auto_method", "LAYER_GROUPS"]
+
+# Layer groups accepted by ``layers=`` (Gray et al. 2024: normalisation layers alone predict the GNS).
+LAYER_GROUPS: dict[str, tuple[str, ...]] = {
+    "linear": ("linear",),
+    "conv": ("conv1d", "conv2d"),
+    "embedding": ("embedding",),
+    "norm": ("layernorm", "rmsnorm", "groupnorm"),
+    "layernorm": ("layernorm",),
+    "rmsnorm": ("rmsnorm",),
+    "groupnorm": ("groupnorm",),
+}
+_KIND_OF_CLASS = {
+    nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Embedding: "embedding",
+    nn.LayerNorm: "layernorm", nn.GroupNorm: "groupnorm",
+}
+if hasattr(nn, "RMSNorm"):
+    _KIND_OF_CLASS[nn.RMSNorm] = "rmsnorm"
+
+
+
+def _kind(module: nn.Module) -> str | None:
+    """The supported kind of ``module``, or None. Subclasses count only if they keep the stock forward."""
+    for cls, kind in _KIND_OF_CLASS.items():
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return kind
+    return None
+
+
+@dataclass
+class Coverage:
+    """Which trainable parameters the per-example probe measures.
+
+    ``fraction``: covered elements / tracked trainable elements. ``covered``: names of the wrapped
+    modules. ``uncovered``: parameter name -> why it is not covered. ``tied``: parameter names
+    shared by several modules (or inside a module used at several places).
+    """
+
+    fraction: float
+    covered: list[str] = field(default_factory=list)
+    uncovered: dict[str, str] = field(default_factory=dict)
+    tied: list[str] = field(default_factory=list)
+    batch_norm_training: list[str] = field(default_factory=list)
+
+    def describe(self, limit: int = 8) -> str:
+        items = list(self.uncovered.items())
+        shown = "; ".join(f"{k}: {v}" for k, v in items[:limit])
+        more = f"; ... and {len(items) - limit} more" if len(items) > limit else ""
+        return f"{self.fraction:.1%} of trainable parameter elements covered; not covered: {shown}{more}"
+
+
+@dataclass
+class _Plan:
+    coverage: Coverage
+    layers: list[tuple[str, nn.Module, str, bool, bool]]  # name, module, kind, w_on, b_on
+    covered_params: list[nn.Parameter]
+
+
+def _kinds_from_filter(layers: Any) -> Callable[[str, nn.Module, str], bool] | None:
+    if layers is None:
+        return None
+    if callable(layers) and not isinstance(layers, type):
+        return lambda name, mod, kind: bool(layers(name, mod))
+    items = [layers] if isinstance(layers, (str, type)) else list(layers)
+    kinds: set[str] = set()
+    classes: list[type] = []
+    for it in items:
+        if isinstance(it, str):
+            key = it.lower()
+            if key not in LAYER_GROUPS:
+                raise ValueError(f"layers= got unknown layer group {it!r}; use one of {sorted(LAYER_GROUPS)}, "
+                                 "module classes (e.g. nn.LayerNorm), or a callable(name, module) -> bool")
+            kinds.update(LAYER_GROUPS[key])
+        elif isinstance(it, type) and issubclass(it, nn.Module):
+            classes.append(it)
+        else:
+            raise TypeError(f"layers= items must be group names or nn.Module classes, got {it!r}")
+    return lambda name, mod, kind: kind in kinds or isinstance(mod, tuple(classes))
+
+
+def _plan(model: nn.Module, params: Sequence[nn.Parameter] | None, layers: Any) -> _Plan:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    tracked = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    tracked_ids = {id(p) for p in tracked}
+    keep = _kinds_from_filter(layers)
+
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    places: dict[int, list[str]] = {}
+    pname: dict[int, str] = {}
+    mha_inside: set[int] = set()
+    bn: list[str] = []
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(mod), []).append(mname or "<root>")
+        if isinstance(mod, nn.MultiheadAttention):
+            mha_inside.update(id(s) for s in mod.modules())
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training and mname not in bn:
+            bn.append(mname)
+        for n, p in mod._parameters.items():
+            if p is None:
+                continue
+            full = f"{mname}.{n}" if mname else n
+            pname.setdefault(id(p), full)
+            lst = owners.setdefault(id(p), [])
+            if all(m is not mod for _, m in lst):
+                lst.append((mname or "<root>", mod))
+    uncovered: dict[str, str] = {}
+    tied: list[str] = []
+    plan_layers: list[tuple[str, nn.Module, str, bool, bool]] = []
+    covered_params: list[nn.Parameter] = []
+    done_modules: set[int] = set()
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) in done_modules:
+            continue
+        done_modules.add(id(mod))
+        own = [(n, p) for n, p in mod._parameters.items() if p is not None and id(p) in tracked_ids]
+        if not own:
+            continue
+        kind = _kind(mod)
+        why = None
+        if id(mod) in mha_inside:
+            why = "inside nn.MultiheadAttention, which uses these weights functionally (not via forward)"
+        elif kind is None:
+            why = f"unsupported layer type {type(mod).__name__}"
+        elif len(places[id(mod)]) > 1:
+            why = f"module registered at {len(places[id(mod)])} places ({', '.join(places[id(mod)])}): reused"
+        elif keep is not None and not keep(mname, mod, kind):
+            why = "excluded by layers="
+        elif kind == "embedding" and (mod.max_norm is not None or mod.scale_grad_by_freq):
+            why = "Embedding with max_norm or scale_grad_by_freq (couples the examples of a batch)"
+        elif kind in ("conv1d", "conv2d") and _conv_padding(mod) is None:
+            why = f"Conv padding={mod.padding!r} needs asymmetric padding"
+        names = {n: pname[id(p)] for n, p in own}
+        w_on = b_on = False
+        for n, p in own:
+            shared = owners.get(id(p), [])
+            if len(shared) > 1 or (kind is not None and len(places[id(mod)]) > 1):
+                full = pname[id(p)]
+                if full not in tied:
+                    tied.append(full)
+            if why is not None:
+                uncovered[names[n]] = why
+            elif len(shared) > 1:
+                uncovered[names[n]] = ("tied: shared by " + ", ".join(m for m, _ in shared) +
+                                       "; the per-example gradient is the sum over uses (cross terms), "
+                                       "which is not computed")
+            elif n == "weight":
+                w_on = True
+                covered_params.append(p)
+            elif n == "bias":
+                b_on = True
+                covered_params.append(p)
+            else:  # pragma: no cover - supported layers only have weight/bias
+                uncovered[names[n]] = f"parameter {n!r} of {type(mod).__name__} is not handled"
+        if w_on or b_on:
+            plan_layers.append((mname or "<root>", mod, kind, w_on, b_on))  # type: ignore[arg-type]
+    # parameters not owned by any submodule's _parameters (should not happen) are uncovered too
+    covered_ids = {id(p) for p in covered_params}
+    for p in tracked:
+        if id(p) not in covered_ids and pname.get(id(p), None) not in uncovered:
+            uncovered[pname.get(id(p), f"<parameter {tuple(p.shape)}>")] = "not owned by a supported module"
+    total = sum(p.numel() for p in tracked)
+    frac = sum(p.numel() for p in covered_params) / total if total else 0.0
+    cov = Coverage(frac, [n for n, *_ in plan_layers], uncovered, tied, bn)
+    return _Plan(cov, plan_layers, covered_params)
+
+
+def per_example_coverage(model: nn.Module, params: Sequence[nn.Parameter] | None = None,
+                         layers: Any = None) -> Coverage:
+    """What ``method="per_example"`` would measure on ``model`` (nothing is wrapped)."""
+    return _plan(model, params, layers).coverage
+
+
+def auto_method(model: nn.Module, params: Sequence[nn.Parameter] | None = None,
+                min_coverage: float = 0.9) -> str:
+    """``"per_example"`` when it covers at least ``min_coverage`` of the trainable elements and no
+    batch norm is in training mode (it couples the examples of a batch); else ``"microbatch"``."""
+    try:
+        cov = per_example_coverage(model, params)
+    except Exception:  # pragma: no cover - analysis must never break the default path
+        return "microbatch"
+    if cov.batch_norm_training or cov.fraction < min_coverage:
+        return "microbatch"
+    return "per_example"
+
+
+def _conv_padding(mod: nn.Module) -> tuple[int, ...] | None:
+    pad = mod.padding
+    nd = len(mod.kernel_size)
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0,) * nd
+        totals = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size)]
+        if any(t % 2 for t in totals):
+            return None
+        return tuple(t // 2 for t in totals)
+    return tuple(pad)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if t is None or not t.is_floating_point() or t.dtype == dtype or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+class _Forward:
+    """The instrumented ``forward`` set on a module instance.
+
+    A deep copy of the module (e.g. an EMA copy of the model) gets the stock forward bound to the
+    copy: the copy is not instrumented, and never computes with the original's parameters.
+    """
+
+    __slots__ = ("module", "fn")
+
+    def __init__(self, module: nn.Module, fn: Callable[..., torch.Tensor]) -> None:
+        self.module, self.fn = module, fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        new = memo.get(id(self.module))
+        if new is None:
+            return self
+        return types.MethodType(type(self.module).forward, new)
+
+
+class _Layer:
+    __slots__ = ("name", "module", "kind", "w_on", "b_on", "acc", "calls", "had_forward", "old_forward", "excluded")
+
+    def __init__(self, name: str, module: nn.Module, kind: str, w_on: bool, b_on: bool) -> None:
+        self.name, self.module, self.kind, self.w_on, self.b_on = name, module, kind, w_on, b_on
+        p = module.weight if module.weight is not None else getattr(module, "bias", None)
+        self.acc = torch.zeros((), dtype=torch.float64, device=p.device)
+        self.calls = 0
+        self.excluded = False
+        self.had_forward = "forward" in module.__dict__
+        self.old_forward = module.__dict__.get("forward")
+
+
+class PerExampleProbe:
+    """Exact per-example squared gradient norms, pooled into one :class:`Measurement` per step.
+
+    Args:
+        model: the module; its supported layers are instrumented until :meth:`close`.
+        params: the tracked parameters (default: all trainable); only covered ones are measured.
+        reduction: ``"mean"`` or ``"sum"`` (see the module docstring).
+        unit: ``"examples"`` (sizes inferred) or another unit such as ``"tokens"`` (then
+            ``step(sizes=...)`` gives, per micro-batch, its size, split equally over its examples,
+            or a sequence with one size per example).
+        strict: refuse (``ValueError``) unless every tracked trainable parameter is covered.
+        layers: measure only these layer types: group names (``"norm"``, ``"linear"``,
+            ``"conv"``, ``"embedding"``, ``"layernorm"``, ...), ``nn.Module`` classes, or a
+            ``callable(name, module) -> bool``.
+        fused: form the weight gradients of sequence Linear layers and of convolutions by summing
+            the per-example gradients that are materialised anyway (Gray et al. 2024,
+            "simultaneous"), instead of a separate GEMM. Much cheaper for long sequences and
+            convolutions, but the gradients then equal the stock ones only up to float rounding
+            (not bit-identical). Default ``False``: bit-identical gradients.
+    """
+
+    name = "per_example"
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter] | None = None, *,
+                 reduction: str = "mean", unit: str = "examples", strict: bool = False,
+                 layers: Any = None, fused: bool = False) -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        plan = _plan(model, params, layers)
+        cov = plan.coverage
+        if not plan.layers:
+            raise ValueError(
+                f"method='per_example' covers none of the {len(params) if params is not None else 'trainable'} "
+                f"tracked parameters of {type(model).__name__} (supported: Linear, Conv1d, Conv2d, Embedding, "
+                f"LayerNorm, RMSNorm, GroupNorm{'; layers=' + repr(layers) if layers is not None else ''}). "
+                f"{cov.describe()}. Use method='microbatch' with gradient accumulation instead."
+            )
+        if strict and cov.uncovered:
+            raise ValueError(
+                f"strict=True: method='per_example' does not cover every trainable parameter: {cov.describe()}. "
+                "Pass strict=False to measure over the covered parameters only (reported as coverage in "
+                "metrics()), exclude the others with params=, or use method='microbatch'."
+            )
+        for name, mod, *_ in plan.layers:
+            if isinstance(mod.__dict__.get("forward"), _Forward):
+                raise ValueError(f"layer {name} is already instrumented by another per-example probe; "
+                                 "close() it first (one per-example probe per model)")
+        if cov.tied:
+            warnings.warn(f"noisescale: tied or reused parameters are not measured by the per-example probe: "
+                          f"{', '.join(cov.tied)} (their per-example gradients have cross terms)", stacklevel=3)
+        self._bn_warned = False
+        self._warn_batch_norm(cov.batch_norm_training)
+        self.model = model
+        self.coverage = cov
+        self.reduction = reduction
+        self.unit = unit
+        self.params = plan.covered_params
+        self.strict = strict
+        self.fused = bool(fused)
+        self._tracked_numel = sum(p.numel() for p in (params if params is not None else
+                                                      [q for q in model.parameters() if q.requires_grad]))
+        self._layers = [_Layer(*t) for t in plan.layers]
+        self._bn_modules = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._seen: list[int | None] = []
+        self._batch: int | None = None
+        self._not_called_warned: set[str] = set()
+        self._handles: list[Any] = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
+        for L in self._layers:
+            L.module.forward = _Forward(L.module, self._make_forward(L))
+
+    # -- instrumentation ---------------------------------------------------------------
+
+    def _warn_batch_norm(self, names: list[str]) -> None:
+        if names and not self._bn_warned:
+            self._bn_warned = True
+            warnings.warn(
+                f"noisescale: batch norm in training mode ({', '.join(names)}) normalises each example with "
+                "statistics of the whole batch, so examples are not independent and per-example gradients "
+                "do not estimate the noise scale correctly; use method='microbatch' (micro-batches are "
+                "normalised separately) or GroupNorm/LayerNorm", stacklevel=4)
+
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not torch.is_grad_enabled():
+            return
+        # (not during a backward pass: recomputation under activation checkpointing)
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+            b = infer_batch_size(args, kwargs)
+            self._seen.append(b)
+            self._batch = b
+
+    def _check(self, L: _Layer, x: torch.Tensor, min_dim: int) -> None:
+        """Bookkeeping on the layer's input: call counts (reuse) and the batch dimension.
+
+        An input whose dim 0 is not the model's batch is either not batch-first (the batch sits
+        on another dim: an error) or shared by all examples (e.g. position ids ``arange(T)``:
+        the layer's output is broadcast over the batch, so its gradient is already summed over
+        examples). A shared layer is excluded from the measurement with a warning (an error
+        with ``strict=True`` or while compiling, where the exclusion cannot be made).
+        """
+        b = self._batch
+        if torch.compiler.is_compiling():
+            if b is not None and (x.dim() < min_dim or x.shape[0] != b):
+                raise ValueError(self._batch_message(L, x, b) + " Exclude this layer before compiling "
+                                 "(layers= or params=), or run one eager step first.")
+            return
+        if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+            return  # no gradient, or recomputation in backward (activation checkpointing)
+        L.calls += 1
+        if x.dim() < min_dim:
+            raise ValueError(
+                f"per-example norms: layer {L.name} ({type(L.module).__name__}) got an input of shape "
+                f"{tuple(x.shape)} with no batch dimension (expected >= {min_dim} dims, batch first)")
+        if L.excluded or b is None or x.shape[0] == b:
+            return
+        if self.strict or (x.dim() >= 2 and b in tuple(x.shape[1:])):
+            raise ValueError(self._batch_message(L, x, b))
+        L.excluded = True
+        self._refresh_coverage()
+        warnings.warn(f"noisescale: layer {L.name} ({type(L.module).__name__}) gets inputs of shape {tuple(x.shape)} "
+                      f"without the batch ({b} examples) on dim 0: they are shared by all examples (e.g. position "
+                      f"ids), so its per-example gradients are not available; its parameters are excluded from "
+                      f"the measurement (coverage now {self.coverage.fraction:.1%})", stacklevel=4)
+
+    @staticmethod
+    def _batch_message(L: _Layer, x: torch.Tensor, b: int) -> str:
+        return (f"per-example norms need batch-first inputs: layer {L.name} ({type(L.module).__name__}) got an "
+                f"input of shape {tuple(x.shape)} whose dim 0 is not the batch size {b} of the model's input. "
+                "Make every layer see the batch on dim 0 (e.g. batch_first=True), exclude the layer (layers= or "
+                "params=), or use method='microbatch'.")
+
+    def _refresh_coverage(self) -> None:
+        live = [L for L in self._layers if not L.excluded]
+        self.params = [p for L in live for p, on in ((L.module.weight, L.w_on), (getattr(L.module, "bias", None), L.b_on)) if on]
+        for L in self._layers:
+            if L.excluded:
+                for n, on in (("weight", L.w_on), ("bias", L.b_on)):
+                    if on:
+                        self.coverage.uncovered[f"{L.name}.{n}"] = "input has no batch dimension (shared by all examples)"
+        self.coverage.covered = [L.name for L in live]
+        covered = sum(p.numel() for p in self.params)
+        self.coverage.fraction = covered / self._tracked_numel if self._tracked_numel else 0.0
+        if not live:
+            raise ValueError("per-example norms: every covered layer was excluded (no batch dimension on dim 0); "
+                             "use method='microbatch'")
+
+    def _make_forward(self, L: _Layer) -> Callable[..., torch.Tensor]:
+        m = L.module
+        check = self._check
+        kind = L.kind
+        fused = self.fused
+
+        if kind == "linear":
+            def forward(input: torch.Tensor) -> torch.Tensor:
+                check(L, input, 2)
+                x, w, b = input, m.weight, m.bias
+                dev = x.device.type
+                if torch.is_autocast_enabled(dev):  # autocast runs linear in the low-precision dtype
+                    dt = torch.get_autocast_dtype(dev)
+                    x, w, b = _cast(x, dt), _cast(w, dt), _cast(b, dt)
+                    with torch.autocast(dev, enabled=False):
+                        return LinearFn.apply(x, w, b, L.acc, L.w_on, L.b_on, fused)
+                return LinearFn.apply(x, w, b, L.acc, L.w_on, L.b_on, fused)
+        elif kind in ("conv1d", "conv2d"):
+            nd = 1 if kind == "conv1d" else 2
+            padding = _conv_padding(m)
+            zero = (0,) * nd
+
+            def forward(input: torch.Tensor) -> torch.Tensor:
+                check(L, input, nd + 2)
+                x, w, b = input, m.weight, m.bias
+                pad = padding
+                if m.padding_mode != "zeros":
+                    x = torch.nn.functional.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+                    pad = zero
+                dev = x.device.type
+                if torch.is_autocast_enabled(dev):
+                    dt = torch.get_autocast_dtype(dev)
+                    x, w, b = _cast(x, dt), _cast(w, dt), _cast(b, dt)
+                    with torch.autocast(dev, enabled=False):
+                        return ConvFn.apply(x, w, b, L.acc, m.stride, pad, m.dilation, m.groups, L.w_on, L.b_on, fused)
+                return ConvFn.apply(x, w, b, L.acc, m.stride, pad, m.dilation, m.groups, L.w_on, L.b_on, fused)
+        elif kind == "embedding":
+            pidx = -1 if m.padding_idx is None else m.padding_idx
+
+            def forward(input: torch.Tensor) -> torch.Tensor:
+                check(L, input, 1)
+                return EmbeddingFn.apply(input, m.weight, L.acc, pidx, m.sparse)
+        elif kind == "layernorm":
+            shape = tuple(m.normalized_shape)
+
+            def forward(input: torch.Tensor) -> torch.Tensor:
+                check(L, input, len(shape) + 1)
+                x, w, b = input, m.weight, m.bias
+                dev = x.device.type
+                if dev != "cpu" and torch.is_autocast_enabled(dev):  # fp32 op under CUDA-style autocast
+                    x, w, b = _cast(x, torch.float32), _cast(w, torch.float32), _cast(b, torch.float32)
+                    with torch.autocast(dev, enabled=False):
+                        return LayerNormFn.apply(x, w, b, L.acc, shape, m.eps, L.w_on, L.b_on)[0]
+                return LayerNormFn.apply(x, w, b, L.acc, shape, m.eps, L.w_on, L.b_on)[0]
+        elif kind == "groupnorm":
+            def forward(input: torch.Tensor) -> torch.Tensor:
+                check(L, input, 2)
+                x, w, b = input, m.weight, m.bias
+                cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+                w = w.contiguous() if w is not None else None
+                b = b.contiguous() if b is not None else None
+                dev = x.device.type
+                if dev != "cpu" and torch.is_autocast_enabled(dev):
+                    x, w, b = _cast(x, torch.float32), _cast(w, torch.float32), _cast(b, torch.float32)
+                    with torch.autocast(dev, enabled=False):
+                        return GroupNormFn.apply(x, w, b, L.acc, m.num_groups, m.eps, L.w_on, L.b_on)[0]
+                return GroupNormFn.apply(x, w, b, L.acc, m.num_groups, m.eps, L.w_on, L.b_on)[0]
+        elif kind == "rmsnorm":
+            shape = tuple(m.normalized_shape)
+
+            def forward(input: torch.Tensor) -> torch.Tensor:
+                check(L, input, len(shape) + 1)
+                xhat = torch.nn.functional.rms_norm(input, shape, None, m.eps)  # stock autograd
+                return ScaleFn.apply(xhat, m.weight, L.acc)
+        else:  # pragma: no cover
+            raise AssertionError(kind)
+        return forward
+
+    # -- step --------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        return {"coverage": float(self.coverage.fraction)}
+
+    def pending_parts(self) -> int:
+        return len(self._seen)
+
+    def _example_sizes(self, given: Sequence[Any] | None, seen: list[int | None]
+                       ) -> list[tuple[int, list[float] | float]]:
+        """Per micro-batch ``(B_m, sizes)``: ``sizes`` a float (every example the same) or a list."""
+        k = len(seen)
+        if any(s is None for s in seen):
+            raise ValueError(f"could not infer the number of examples of the {k} forward passes of this step "
+                             f"(saw {seen}): give the model a tensor input with the batch on dim 0")
+        counts = [int(s) for s in seen]  # type: ignore[arg-type]
+        if given is None:
+            if self.unit != "examples":
+                raise ValueError(f"unit={self.unit!r}: pass step(sizes=[...]) with each micro-batch's size in "
+                                 f"{self.unit} ({k} micro-batches this step)")
+            return [(c, 1.0) for c in counts]
+        if len(given) != k:
+            raise ValueError(f"step(sizes=...) got {len(given)} sizes but this step had {k} forward passes "
+                             f"(micro-batches) with gradients; give one per micro-batch, in order")
+        out: list[tuple[int, list[float] | float]] = []
+        for c, s in zip(counts, given):
+            if isinstance(s, torch.Tensor):
+                s = s.tolist() if s.dim() else float(s)
+            if isinstance(s, (list, tuple)):
+                v = [float(x) for x in s]
+                if len(v) != c or not all(x > 0 and math.isfinite(x) for x in v):
+                    raise ValueError(f"per-example sizes {list(s)[:8]}... must be {c} finite positive numbers")
+                out.append((c, v))
+            else:
+                s = float(s)
+                if not (s > 0 and math.isfinite(s)):
+                    raise ValueError(f"micro-batch sizes must be finite and positive, got {list(given)}")
+                if self.unit == "examples" and s != c:
+                    raise ValueError(f"step(sizes=...) says a micro-batch has {s:g} examples but its input had {c}")
+                out.append((c, s / c))
+        return out
+
+    def _pooled_sizes(self, groups: list[tuple[int, list[float] | float]]) -> tuple[float, float, float, float]:
+        """``(sum a^2, b_small, b_big, total size)`` for per-example weights (module docstring)."""
+        w_sum = sa2 = sa2b = total = 0.0
+        terms = []
+        for c, s in groups:
+            sizes = s if isinstance(s, list) else None
+            size_m = sum(sizes) if sizes is not None else c * s  # type: ignore[operator]
+            total += size_m
+            if sizes is None:
+                w = s / size_m if self.reduction == "mean" else s  # type: ignore[operator]
+                terms.append((c, w, s))
+                w_sum += c * w
+            else:
+                for b in sizes:
+                    w = b / size_m if self.reduction == "mean" else b
+                    terms.append((1, w, b))
+                    w_sum += w
+        for c, w, b in terms:
+            a = w / w_sum
+            sa2 += c * a * a
+            sa2b += c * a * a / b  # type: ignore[operator]
+        return sa2, sa2 / sa2b, 1.0 / sa2b, total
+
+    def collect(self, ctx: StepContext) -> tuple[Measurement | None, str | None, float | None]:
+        if not self._layers:
+            raise RuntimeError("this per-example probe is closed")
+        seen, self._seen = self._seen, []
+        calls = [L.calls for L in self._layers]
+        for L in self._layers:
+            L.calls = 0
+        live = [L for L in self._layers if not L.excluded]
+        dev = live[0].acc.device
+        raw = torch.stack([L.acc.to(dev) for L in live]).sum()
+        for L in self._layers:
+            L.acc.zero_()
+        k = len(seen)
+        if self._bn_modules and not self._bn_warned:
+            self._warn_batch_norm([type(m).__name__ for m in self._bn_modules if m.training])
+        if k == 0:
+            return None, ("no forward pass with gradients enabled since the last step(); call step() once per "
+                          "optimizer step, after the backward passes"), None
+        for L, n in zip(self._layers, calls):
+            if n > k:
+                raise ValueError(
+                    f"per-example norms: layer {L.name} ({type(L.module).__name__}) was called {n} times in {k} "
+                    f"forward passes of the model: its weights are reused within an example, so the per-example "
+                    f"gradient is a sum over uses with cross terms that are not computed. Exclude it "
+                    f"(params= or layers=), or use method='microbatch'.")
+        if any(calls):
+            for L, n in zip(self._layers, calls):
+                if n == 0 and L.name not in self._not_called_warned and any(
+                        p is not None and p.grad is not None for p in (L.module.weight, getattr(L.module, "bias", None))):
+                    self._not_called_warned.add(L.name)
+                    warnings.warn(
+                        f"noisescale: layer {L.name} has gradients but its forward was not called this step "
+                        "(are its weights used functionally?): its per-example norms are missing", stacklevel=3)
+        groups = self._example_sizes(ctx.sizes, seen)
+        n_examples = sum(c for c, _ in groups)
+        sa2, b_small, b_big, total = self._pooled_sizes(groups)
+        if n_examples < 2:
+            return None, (f"only {n_examples} example this step: per-example norms need >= 2 examples"), total
+        grads = [p.grad for p in self.params if p.grad is not None]
+        big = total_sq_norm(grads)
+        if big is None:
+            return None, "no covered parameter has a .grad at step(): call step() before optimizer.zero_grad()", total
+        small = raw.to(device=big.device) * ctx.inv_scale2_small / sa2
+        return Measurement(small, b_small, big * ctx.inv_scale2_big, b_big, source=self.name), None, total
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for L in self._layers:
+            mod = L.module
+            if L.had_forward:
+                mod.forward = L.old_forward
+            elif "forward" in mod.__dict__:
+                del mod.__dict__["forward"]
+        self._layers = []
+        self._seen = []
+
+
+def _factory(model: nn.Module, params: Sequence[nn.Parameter], *, reduction: str = "mean",
+             unit: str = "examples", strict: bool = False, layers: Any = None,
+             fused: bool = False) -> PerExampleProbe:
+    return PerExampleProbe(model, params, reduction=reduction, unit=unit, strict=strict, layers=layers, fused=fused)
