@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 HELP = "measure b_crit by a batch-size sweep on a built-in task and compare it with B_simple"
 
 FULL = dict(batch_sizes=(8, 16, 32, 64, 128, 256, 512, 1024, 2048), targets=(0.2, 0.1, 0.05),
-            lr_factors=(0.5, 1.0, 2.0, 4.0), max_steps=4000)
+            lr_factors=(0.25, 0.5, 1.0, 2.0), max_steps=4000)
 QUICK = dict(batch_sizes=(8, 32, 128, 512), targets=(0.3, 0.15), lr_factors=(1.0, 2.0), max_steps=1500)
 
 
@@ -155,8 +155,17 @@ def _nearest_frontier_run(fit: Any, res: Any, target: float) -> Any:
 
 def _report(fits: dict[float, Any], res: Any, args: argparse.Namespace, settings: dict[str, Any],
             elapsed: float, png: Path | None) -> tuple[str, dict[str, Any]]:
-    rows, js = [], []
+    rows, js, edges = [], [], []
+    grid: dict[int, list[float]] = {}
+    for r in res.runs:
+        grid.setdefault(r.spec.batch_size, []).append(r.spec.lr)
     for t, f in fits.items():
+        # a fastest run at the edge of its lr grid may not be the fastest possible: S is an upper bound
+        edge = [int(p.batch_size) for p in f.points if p.lr is not None
+                and p.lr in (min(grid[int(p.batch_size)]), max(grid[int(p.batch_size)]))]
+        if edge:
+            edges.append(f"target {t:g}: the fastest learning rate is at the edge of the grid at B = "
+                         f"{', '.join(map(str, edge))} (steps there are upper bounds; widen --lr-factors)")
         run = _nearest_frontier_run(f, res, t)
         avg = run.metrics.get(f"b_simple_avg@{t:g}", math.nan) if run else math.nan
         d1 = run.metrics.get(f"b_simple_d1@{t:g}", math.nan) if run else math.nan
@@ -178,14 +187,17 @@ def _report(fits: dict[float, Any], res: Any, args: argparse.Namespace, settings
                  b_simple_d1_median_over_frontier=med if math.isfinite(med) else None,
                  b_simple_d1_range_all_runs=[every[0], every[-1]] if every else None,
                  ratio_b_simple_over_b_crit=d1 / f.b_crit if math.isfinite(d1) else None,
+                 lr_at_grid_edge=edge,
                  frontier=[{"batch_size": p.batch_size, "steps": p.steps, "examples": p.examples,
                             "status": p.status, "lr": p.lr} for p in f.points])
         js.append(d)
     cmd = _command(args)
+    train_s = sum(r.wall_s for r in res.runs)
     md = "\n".join([
         f"# Critical batch size on {args.task}: measured b_crit vs run-averaged B_simple",
         "",
-        f"Command: `{cmd}` ({len(res.runs)} runs, {elapsed:.0f} s; settings {json.dumps(settings)})",
+        f"Command: `{cmd}` ({len(res.runs)} runs, {train_s:.0f} s of training on one thread, "
+        f"{elapsed:.0f} s in this call; settings {json.dumps(settings)})",
         "",
         "| target loss | b_crit [95%] | S_min | E_min | run for B_simple (fastest at B nearest b_crit) | "
         "B_simple (D.1 avg) | B_simple (step avg) | D.1 median over frontier | D.1 range, all runs reaching it | "
@@ -196,10 +208,12 @@ def _report(fits: dict[float, Any], res: Any, args: argparse.Namespace, settings
         "b_crit, E_min and B_simple in examples; S_min in optimizer steps. B_simple is averaged over the run "
         "up to the target; 'D.1 avg' weights it by progress ds = dS/(1 + B_simple/B) (App. D.1).",
         "Paper (Table 1): B_simple/b_crit = 4.5 (MNIST), 8 (SVHN), 2.2 (CIFAR10), 2 (ImageNet), 0.05 (generative).",
+        *([""] + [f"- {e}" for e in edges] if edges else []),
         *([f"", f"![frontier]({png.name})"] if png else []),
         "",
     ])
-    return md, {"task": args.task, "settings": settings, "elapsed_s": elapsed, "n_runs": len(res.runs), "targets": js}
+    return md, {"task": args.task, "command": cmd, "settings": settings, "elapsed_s": elapsed, "train_s": train_s,
+                "n_runs": len(res.runs), "targets": js}
 
 
 def run(args: argparse.Namespace) -> int:
