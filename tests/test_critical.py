@@ -176,6 +176,19 @@ def test_censored_point_above_the_model_pulls_b_crit_up_not_dropped():
     assert as_exact.b_crit > base.b_crit
 
 
+def test_interval_point_is_fitted():
+    """A batch size whose fastest finisher took 1.2x the model but where another run was stopped
+    early (below the model) without arriving: the point is interval-censored, lower < S* <= steps."""
+    recs = [r for r in synthetic_sweep(2, budget=1e9) if r.batch_size != 64]
+    s64 = S_MIN * (1 + B_CRIT / 64)
+    recs += [RunRecord(64, round(1.2 * s64)), RunRecord(64, round(0.5 * s64), reached=False)]
+    fit = fit_critical_batch(recs, n_boot=200)
+    p64 = [p for p in fit.points if p.batch_size == 64][0]
+    assert p64.status == "interval"
+    assert abs(fit.b_crit / B_CRIT - 1) < 0.10
+    assert fit.b_crit_interval[0] < B_CRIT < fit.b_crit_interval[1]
+
+
 def test_em_bootstrap_solver_matches_direct_mle():
     """Reference twin: the vectorised EM used for censored bootstrap replicates reaches the same
     Tobit MLE as the direct L-BFGS fit of the data."""

@@ -511,7 +511,9 @@ def fit_critical_batch(data: Iterable[RunRecord] | Sequence[FrontierPoint], *, l
             cb, ab = _profile_ls(ystar, d.logb, cgrid)
         else:
             # A censored point's draw stays censored at the same budget if it lies above it
-            # (the run would again not have finished), and is observed if it lies below.
+            # (the run would again not have finished), and is observed if it lies below. An
+            # interval point is treated the same way at its lower bound (its upper bound is
+            # dropped in the replicates: conservative, the interval can only widen).
             cap = np.where(d.cens | d.interval, d.ylow, np.inf)
             miss = ystar > cap[None, :]
             cb, ab = _em_censored(ystar, miss, np.broadcast_to(cap, ystar.shape), d.logb, cgrid, special,
@@ -568,14 +570,13 @@ def plot_fit(fits: CriticalBatchFit | Sequence[CriticalBatchFit], path: Any = No
     Returns ``(fig, axes)``; writes a PNG when ``path`` is given. Needs matplotlib.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg") if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg") else None
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:  # pragma: no cover
         raise ImportError("plotting needs matplotlib: pip install 'noisescale[plot]'") from None
     fits = [fits] if isinstance(fits, CriticalBatchFit) else list(fits)
-    fig, (ax, axr) = plt.subplots(1, 2, figsize=(11, 4.3), gridspec_kw={"width_ratios": [1.6, 1]})
+    # A bare Figure (no pyplot): no backend is switched or opened; it still shows in notebooks.
+    fig = Figure(figsize=(11, 4.3))
+    ax, axr = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
     for i, f in enumerate(fits):
         col = f"C{i % 10}"
         lab = "" if f.target is None else f"target {f.target}: "
