@@ -73,15 +73,18 @@ def measure(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], to
         batches: independent batches (e.g. a shuffled ``DataLoader``); one draw per batch. The
             more draws, the tighter the interval.
         method: ``"microbatch"``: each batch is split into ``micro_batches`` equal parts whose
-            gradients are the small batches and whose sum is the big batch.
+            gradients are the small batches and whose sum is the big batch. ``"per_example"``:
+            one backward pass per batch; its exact per-example gradient norms are the small
+            batches (``b_small = 1``, the lowest-variance choice) and the batch gradient the big one.
         micro_batches: parts per batch (>= 2).
         sizes: optional ``sizes(micro_batch) -> size`` for units other than examples
             (e.g. the number of non-padding tokens).
         unit: the unit of batch sizes, carried into the result.
         params: measure only these parameters (default: all trainable).
     """
-    if method not in ("microbatch", "auto"):
-        raise ValueError(f"measure() supports method='microbatch' in this version, got {method!r}")
+    if method not in ("microbatch", "auto", "per_example"):
+        raise ValueError(f"measure() supports method='microbatch' or 'per_example', got {method!r}")
+    per_example = method == "per_example"
     if not (isinstance(micro_batches, int) and micro_batches >= 2):
         raise ValueError(f"micro_batches must be an integer >= 2 (small batches to compare with the "
                          f"whole batch), got {micro_batches!r}")
@@ -91,19 +94,20 @@ def measure(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], to
     saved_grads = [p.grad for p in tracked]
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index for p in tracked if p.device.type == "cuda" and p.device.index is not None})
-    gns = GradientNoiseScale(model, "microbatch", beta=1.0, unit=unit, params=params)
+    gns = GradientNoiseScale(model, "per_example" if per_example else "microbatch", beta=1.0, unit=unit,
+                             params=params)
     try:
         with torch.random.fork_rng(devices=devices):
             for p in tracked:
                 p.grad = None
             for batch in batches:
-                parts = split_batch(batch, micro_batches)
+                parts = [batch] if per_example else split_batch(batch, micro_batches)
                 for part in parts:
                     loss = loss_fn(model, part)
                     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                         raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
                                         f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}")
-                    (loss / micro_batches).backward()
+                    (loss / len(parts)).backward()
                 gns.step([float(sizes(p)) for p in parts] if sizes is not None else None)
                 for p in tracked:
                     p.grad = None
@@ -111,7 +115,7 @@ def measure(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], to
             raise ValueError("batches was empty: measure() needs at least 3 batches (draws)")
         sd = gns.state_dict()
         return MeasureResult(b_simple=gns.b_simple, g2=gns.g2, trace_sigma=gns.trace_sigma,
-                             n=gns.measured, skipped=gns.skipped, unit=unit, method="microbatch",
+                             n=gns.measured, skipped=gns.skipped, unit=unit, method=gns.method,
                              reason=gns.reason, _tracker_state=sd)
     finally:
         gns.close()

@@ -43,3 +43,8 @@ if torch.distributed.is_available():
     from .distributed import register as _register_distributed
 
     _register_distributed(register_probe)
+
+# Exact per-example squared norms from one batch: "per_example".
+from .per_example import PerExampleProbe, _factory as _per_example_factory  # noqa: E402
+
+register_probe("per_example", _per_example_factory)

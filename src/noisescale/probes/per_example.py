@@ -511,8 +511,14 @@ class PerExampleProbe:
 
             def forward(input: torch.Tensor) -> torch.Tensor:
                 check(L, input, len(shape) + 1)
-                xhat = torch.nn.functional.rms_norm(input, shape, None, m.eps)  # stock autograd
-                return ScaleFn.apply(xhat, m.weight, L.acc)
+                # F.rms_norm's composite on CPU, op for op: half inputs are upcast to float32
+                # (eps defaults to float32's), normalised, scaled by the weight, cast back.
+                # (A fused CUDA kernel, where one is used, is not reproduced bit for bit.)
+                lowp = input.dtype in (torch.float16, torch.bfloat16)
+                x = input.float() if lowp else input
+                xhat = torch.nn.functional.rms_norm(x, shape, None, m.eps)  # stock autograd
+                out = ScaleFn.apply(xhat, m.weight, L.acc)
+                return out.to(input.dtype) if lowp else out
         else:  # pragma: no cover
             raise AssertionError(kind)
         return forward
