@@ -92,6 +92,11 @@ def test_run_one_budget_and_divergence_are_censored():
     assert res.budget_steps == 100 and res.budget_examples == 800
 
 
+def test_run_one_refuses_a_silent_training_function():
+    with pytest.raises(ValueError, match="yielded nothing"):
+        run_one(lambda b, lr, s: iter([]), RunSpec(8, 0.1), [0.5], max_steps=10)
+
+
 def test_higher_is_better_targets():
     res = run_one(lambda b, lr, s: iter([0.1, 0.5, 0.9]), RunSpec(8, 0.1), [0.8, 0.4], max_steps=10,
                   higher_is_better=True)

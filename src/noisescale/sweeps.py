@@ -200,8 +200,8 @@ def run_one(train_fn: Callable[..., Iterable[Any]], spec: RunSpec, targets: Sequ
     t0 = time.perf_counter()
     step, ex_seen, loss, diverged = 0, 0.0, math.nan, False
     it = iter(train_fn(spec.batch_size, spec.lr, spec.seed))
+    count = 0
     try:
-        count = 0
         for obs in it:
             count += 1
             step, loss, ex, extra = _observation(obs, count)
@@ -221,6 +221,9 @@ def run_one(train_fn: Callable[..., Iterable[Any]], spec: RunSpec, targets: Sequ
         close = getattr(it, "close", None)
         if close is not None:
             close()
+    if count == 0:
+        raise ValueError(f"the training function yielded nothing for batch_size={spec.batch_size}, lr={spec.lr:g}; "
+                         "it must yield the loss as training goes (a generator with `yield loss`)")
     budget_s, budget_e = step, ex_seen
     if diverged and max_steps is not None:
         budget_s, budget_e = max_steps, float(max_steps) * spec.batch_size

@@ -196,7 +196,7 @@ def _report(fits: dict[float, Any], res: Any, args: argparse.Namespace, settings
     md = "\n".join([
         f"# Critical batch size on {args.task}: measured b_crit vs run-averaged B_simple",
         "",
-        f"Command: `{cmd}` ({len(res.runs)} runs, {train_s:.0f} s of training on one thread, "
+        f"Command: `{cmd}` ({len(res.runs)} runs, {train_s:.0f} s of training summed over runs, one thread each; "
         f"{elapsed:.0f} s in this call; settings {json.dumps(settings)})",
         "",
         "| target loss | b_crit [95%] | S_min | E_min | run for B_simple (fastest at B nearest b_crit) | "
