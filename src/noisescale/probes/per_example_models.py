@@ -90,7 +90,7 @@ class CharTransformer(nn.Module):
         B, T = ids.shape
         # position ids with the batch dimension (HF-style ``position_ids [B, T]``): every layer
         # sees the batch on dim 0, so the position embedding's per-example gradients exist too
-        pos = torch.arange(T, device=ids.device).expand(B, T)
+        pos = torch.arange(T, device=ids.device).repeat(B, 1)
         x = self.tok(ids) + self.pos(pos)
         for blk in self.blocks:
             x = blk(x)

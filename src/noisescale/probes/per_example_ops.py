@@ -36,8 +36,8 @@ __all__ = ["LinearFn", "ConvFn", "EmbeddingFn", "LayerNormFn", "GroupNormFn", "S
 aten = torch.ops.aten
 
 # Largest transient tensor (elements) a per-example computation may create: larger batches are
-# processed in chunks of examples (64 MiB in float32).
-CHUNK_ELEMS = 1 << 24
+# processed in chunks of examples (8 MiB in float32; keeps the peak-memory overhead small).
+CHUNK_ELEMS = 1 << 21
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -81,7 +81,15 @@ class LinearFn(torch.autograd.Function):
     """``F.linear`` with per-example squared norms of (weight, bias) added into ``acc``."""
 
     @staticmethod
-    def forward(x, w, b, acc, w_on, b_on, fused):  # type: ignore[override]
+    def forward(ctx, x, w, b, acc, w_on, b_on, fused):  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.acc, ctx.w_on, ctx.b_on, ctx.has_b = acc, w_on, b_on, b is not None
+        # fused: form the weight gradient of a sequence layer from the per-example gradients
+        # (Gray et al. 2024 "simultaneous"): no extra GEMM, equal to the stock gradient up to
+        # rounding. Only where they are materialised anyway: where the ghost norm is cheaper
+        # (short sequences) a batched GEMM over examples is also slower than the one plain GEMM.
+        d, p = w.shape[1], w.shape[0]
+        ctx.fused = bool(fused and w_on and x.dim() > 2 and (x[0].numel() // d) * (d + p) > d * p)
         if x.dim() > 2 and b is not None and x.is_contiguous():
             # What at::linear does here (addmm on the flattened input, then a view), written into a
             # fresh base tensor: a view output would forbid in-place ops after the layer.
@@ -89,17 +97,6 @@ class LinearFn(torch.autograd.Function):
             torch.addmm(b, x.view(-1, x.shape[-1]), w.t(), out=out.view(-1, w.shape[0]))
             return out
         return torch.nn.functional.linear(x, w, b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, b, acc, w_on, b_on, fused = inputs
-        ctx.save_for_backward(x, w)
-        ctx.acc, ctx.w_on, ctx.b_on, ctx.has_b = acc, w_on, b_on, b is not None
-        # fused: form the weight gradient of a sequence layer from the per-example gradients
-        # (Gray et al. 2024 "simultaneous"): no extra GEMM, equal to the stock gradient up to
-        # rounding. Only where they would be materialised anyway (ghost norm is cheaper otherwise).
-        T = x[0].numel() // x.shape[-1] if x.dim() > 2 else 1
-        ctx.fused = bool(fused and w_on and x.dim() > 2 and T * (x.shape[-1] + w.shape[0]) > x.shape[-1] * w.shape[0])
 
     @staticmethod
     def backward(ctx, g):
@@ -158,17 +155,13 @@ class ConvFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, w, b, acc, stride, padding, dilation, groups, w_on, b_on, fused):  # type: ignore[override]
-        nd = x.dim() - 2
-        return aten.convolution(x, w, b, list(stride), list(padding), list(dilation), False, [0] * nd, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, b, acc, stride, padding, dilation, groups, w_on, b_on, fused = inputs
+    def forward(ctx, x, w, b, acc, stride, padding, dilation, groups, w_on, b_on, fused):  # type: ignore[override]
         ctx.save_for_backward(x, w)
         ctx.acc, ctx.w_on, ctx.b_on, ctx.fused = acc, w_on, b_on, fused and w_on
         ctx.bias_sizes = None if b is None else list(b.shape)
         ctx.stride, ctx.padding, ctx.dilation, ctx.groups = list(stride), list(padding), list(dilation), groups
+        nd = x.dim() - 2
+        return aten.convolution(x, w, b, list(stride), list(padding), list(dilation), False, [0] * nd, groups)
 
     @staticmethod
     def backward(ctx, g):
@@ -251,19 +244,15 @@ class EmbeddingFn(torch.autograd.Function):
     """``torch.embedding`` with per-example squared norms of the weight gradient into ``acc``."""
 
     @staticmethod
-    def forward(ids, w, acc, padding_idx, sparse):  # type: ignore[override]
+    def forward(ctx, ids, w, acc, padding_idx, sparse):  # type: ignore[override]
+        ctx.save_for_backward(ids)
+        ctx.acc, ctx.padding_idx, ctx.sparse, ctx.num_weights = acc, padding_idx, sparse, w.shape[0]
         if ids.dim() == 1:
             return w.index_select(0, ids)
         # what torch.embedding does (index_select, then a view), into a fresh base tensor
         out = w.new_empty(ids.shape + (w.shape[1],))
         torch.index_select(w, 0, ids.reshape(-1), out=out.view(-1, w.shape[1]))
         return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ids, w, acc, padding_idx, sparse = inputs
-        ctx.save_for_backward(ids)
-        ctx.acc, ctx.padding_idx, ctx.sparse, ctx.num_weights = acc, padding_idx, sparse, w.shape[0]
 
     @staticmethod
     def backward(ctx, g):
@@ -310,17 +299,12 @@ class LayerNormFn(torch.autograd.Function):
     """``aten.native_layer_norm`` (what ``F.layer_norm`` runs) with per-example norms of (weight, bias)."""
 
     @staticmethod
-    def forward(x, w, b, acc, normalized_shape, eps, w_on, b_on):  # type: ignore[override]
+    def forward(ctx, x, w, b, acc, normalized_shape, eps, w_on, b_on):  # type: ignore[override]
         out, mean, rstd = aten.native_layer_norm(x, list(normalized_shape), w, b, eps)
-        return out, mean, rstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, b, acc, normalized_shape, eps, w_on, b_on = inputs
-        _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.acc, ctx.w_on, ctx.b_on, ctx.shape = acc, w_on, b_on, list(normalized_shape)
+        return out, mean, rstd
 
     @staticmethod
     def backward(ctx, g, _gm, _gr):
@@ -346,19 +330,14 @@ class GroupNormFn(torch.autograd.Function):
     """``aten.native_group_norm`` (what ``F.group_norm`` runs) with per-example norms of (weight, bias)."""
 
     @staticmethod
-    def forward(x, w, b, acc, groups, eps, w_on, b_on):  # type: ignore[override]
+    def forward(ctx, x, w, b, acc, groups, eps, w_on, b_on):  # type: ignore[override]
         N, C = x.shape[0], x.shape[1]
         HxW = x[0, 0].numel()
         out, mean, rstd = aten.native_group_norm(x, w, b, N, C, HxW, groups, eps)
-        return out, mean, rstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, b, acc, groups, eps, w_on, b_on = inputs
-        _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, w, mean, rstd)
         ctx.acc, ctx.w_on, ctx.b_on, ctx.groups, ctx.has_b = acc, w_on, b_on, groups, b is not None
+        return out, mean, rstd
 
     @staticmethod
     def backward(ctx, g, _gm, _gr):
@@ -388,14 +367,10 @@ class ScaleFn(torch.autograd.Function):
     per-example squared norms of ``w``'s gradient. ``w`` covers the last ``w.dim()`` dims."""
 
     @staticmethod
-    def forward(xhat, w, acc):  # type: ignore[override]
-        return xhat * w
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        xhat, w, acc = inputs
+    def forward(ctx, xhat, w, acc):  # type: ignore[override]
         ctx.save_for_backward(xhat, w)
         ctx.acc = acc
+        return xhat * w
 
     @staticmethod
     def backward(ctx, g):
