@@ -43,7 +43,7 @@ def main():
     model = digits_mlp(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=LR0, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
-    gns = ns.GradientNoiseScale(model, beta=0.99)
+    gns = ns.GradientNoiseScale(model, method="microbatch", beta=0.99)
     step = 0
     print(f"base run: B0={B0}, lr0={LR0:.4f}, SGD momentum 0.9; branches for {EXAMPLES} examples, "
           f"epsilon = {REL_EPS:.0%} of the checkpoint loss")

@@ -110,7 +110,8 @@ def digits_train(batch_size: int, lr: float, seed: int, *, targets: Sequence[flo
             return float(F.cross_entropy(model(X), y))
 
     L0 = full_loss()
-    with GradientNoiseScale(model, beta=beta) as gns:
+    # method pinned (not "auto"): the documented numbers come from the two-micro-batch estimator
+    with GradientNoiseScale(model, method="microbatch", beta=beta) as gns:
         step = 0
         while True:
             step += 1
