@@ -56,24 +56,34 @@ def _chunks(n: int, per_example: int):
         yield start, min(n, start + step)
 
 
-def _ghost_or_materialise(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``sum_i |g_i^T a_i|_F^2`` for ``a: [B, T, d]``, ``g: [B, T, p]`` (float32/64), as a 0-d tensor.
+def _ghost_or_materialise(a: torch.Tensor, g: torch.Tensor, w_on: bool, b_on: bool) -> torch.Tensor:
+    """``sum_i (|g_i^T a_i|_F^2 [w_on] + |sum_t g_{i,t}|^2 [b_on])`` for ``a: [B, T, d]``,
+    ``g: [B, T, p]`` (float32/64), as a 0-d tensor.
 
     Ghost norm when ``T (d + p) <= d p`` (fewer FLOPs: ``B T^2 (d+p)`` vs ``B T d p``), else
-    materialisation; both chunked over examples to bound the transient memory.
+    materialisation; both chunked over examples to bound the transient memory. In the ghost
+    branch the bias term is the sum of the gradient Gram matrix, so it costs nothing extra.
     """
     B, T, d = a.shape
     p = g.shape[-1]
-    total = a.new_zeros(())
-    if T * (d + p) <= d * p:
+    total = None
+    if w_on and T * (d + p) <= d * p:
         for s, e in _chunks(B, 2 * T * T):
             aa = torch.bmm(a[s:e], a[s:e].transpose(1, 2))  # [b, T, T]
             gg = torch.bmm(g[s:e], g[s:e].transpose(1, 2))  # [b, T, T]
-            total = total + (aa * gg).sum()
-    else:
+            if b_on:
+                aa.add_(1.0)
+            part = torch.dot(aa.view(-1), gg.view(-1))
+            total = part if total is None else total + part
+        return total
+    if w_on:
         for s, e in _chunks(B, d * p):
             pe = torch.bmm(g[s:e].transpose(1, 2), a[s:e])  # [b, p, d] per-example gradients
-            total = total + _sqsum(pe)
+            part = _sqsum(pe)
+            total = part if total is None else total + part
+    if b_on:
+        part = _sqsum(g.sum(1))
+        total = part if total is None else total + part
     return total
 
 
@@ -133,18 +143,12 @@ class LinearFn(torch.autograd.Function):
                     gw = part if gw is None else gw + part
                     s = s + _sqsum(pe)
                 if ctx.b_on:
-                    s = s + g3.to(dt).sum(1).pow(2).sum()
+                    s = s + _sqsum(g3.sum(1))
                 if not ctx.needs_input_grad[1]:
                     gw = None
             else:
-                a3 = x.reshape(B, -1, d).to(dt)
-                g3 = g.reshape(B, -1, p).to(dt)
-                s = a3.new_zeros(())
-                if ctx.w_on:
-                    s = s + _ghost_or_materialise(a3, g3)
-                if ctx.b_on:
-                    s = s + g3.sum(1).pow(2).sum()
-            ctx.acc.add_(s.to(ctx.acc.dtype))
+                s = _ghost_or_materialise(x.reshape(B, -1, d).to(dt), g.reshape(B, -1, p).to(dt), ctx.w_on, ctx.b_on)
+            ctx.acc.add_(s)
         return gx, gw, gb, None, None, None, None
 
 
