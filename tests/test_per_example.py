@@ -590,3 +590,12 @@ def test_deepcopy_of_an_instrumented_model_is_a_plain_copy():
     assert torch.equal(twin(x), ref(x))  # the copy uses its own parameters
     assert not isinstance(twin[0].__dict__.get("forward"), type(model[0].__dict__["forward"]))
     probe.close()
+
+
+def test_strict_with_layers_filter_checks_only_the_selected_layers():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Bilinear(4, 4, 2))
+    probe = PerExampleProbe(model, layers="norm", strict=True)  # the Bilinear is not selected
+    assert covered_names(model, probe) == ["1.weight", "1.bias"]
+    probe.close()
+    with pytest.raises(ValueError, match="strict=True.*2.weight: unsupported layer type Bilinear"):
+        PerExampleProbe(model, layers=["norm", nn.Bilinear], strict=True)

@@ -65,6 +65,7 @@ LAYER_GROUPS: dict[str, tuple[str, ...]] = {
     "rmsnorm": ("rmsnorm",),
     "groupnorm": ("groupnorm",),
 }
+EXCLUDED = "excluded by layers="
 _KIND_OF_CLASS = {
     nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Embedding: "embedding",
     nn.LayerNorm: "layernorm", nn.GroupNorm: "groupnorm",
@@ -173,14 +174,14 @@ def _plan(model: nn.Module, params: Sequence[nn.Parameter] | None, layers: Any) 
             continue
         kind = _kind(mod)
         why = None
-        if id(mod) in mha_inside:
+        if keep is not None and not keep(mname, mod, kind):
+            why = EXCLUDED
+        elif id(mod) in mha_inside:
             why = "inside nn.MultiheadAttention, which uses these weights functionally (not via forward)"
         elif kind is None:
             why = f"unsupported layer type {type(mod).__name__}"
         elif len(places[id(mod)]) > 1:
             why = f"module registered at {len(places[id(mod)])} places ({', '.join(places[id(mod)])}): reused"
-        elif keep is not None and not keep(mname, mod, kind):
-            why = "excluded by layers="
         elif kind == "embedding" and (mod.max_norm is not None or mod.scale_grad_by_freq):
             why = "Embedding with max_norm or scale_grad_by_freq (couples the examples of a batch)"
         elif kind in ("conv1d", "conv2d") and _conv_padding(mod) is None:
@@ -303,7 +304,8 @@ class PerExampleProbe:
         unit: ``"examples"`` (sizes inferred) or another unit such as ``"tokens"`` (then
             ``step(sizes=...)`` gives, per micro-batch, its size, split equally over its examples,
             or a sequence with one size per example).
-        strict: refuse (``ValueError``) unless every tracked trainable parameter is covered.
+        strict: refuse (``ValueError``) unless every tracked trainable parameter is covered
+            (with ``layers=``: every parameter of the selected layers).
         layers: measure only these layer types: group names (``"norm"``, ``"linear"``,
             ``"conv"``, ``"embedding"``, ``"layernorm"``, ...), ``nn.Module`` classes, or a
             ``callable(name, module) -> bool``.
@@ -330,7 +332,7 @@ class PerExampleProbe:
                 f"LayerNorm, RMSNorm, GroupNorm{'; layers=' + repr(layers) if layers is not None else ''}). "
                 f"{cov.describe()}. Use method='microbatch' with gradient accumulation instead."
             )
-        if strict and cov.uncovered:
+        if strict and any(v != EXCLUDED for v in cov.uncovered.values()):
             raise ValueError(
                 f"strict=True: method='per_example' does not cover every trainable parameter: {cov.describe()}. "
                 "Pass strict=False to measure over the covered parameters only (reported as coverage in "
