@@ -162,10 +162,10 @@ class _DeferredMeasurement(Measurement):
 
 
 class _StepRecord:
-    __slots__ = ("vec", "work", "result", "raw", "divisor")
+    __slots__ = ("vec", "work", "result", "raw")
 
-    def __init__(self, vec: torch.Tensor, work: Any, divisor: float | None) -> None:
-        self.vec, self.work, self.divisor = vec, work, divisor
+    def __init__(self, vec: torch.Tensor, work: Any) -> None:
+        self.vec, self.work = vec, work
         self.result: tuple[float, float, float, float] | None = None
         self.raw: list[float] | None = None
 
@@ -182,7 +182,7 @@ class _TapReduceScatter:
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
                  async_op: bool = False) -> Any:
         if self.probe._active:
-            term = sq_norm(input_tensor)
+            term = _sq_norm_fast(input_tensor)
             pre = self._predivide_factor(input_tensor, group)
             if pre is not None and pre != 1:
                 term = term * float(pre) ** 2  # FSDP divided the input before this call
@@ -208,7 +208,7 @@ def _fsdp1_tap_hook(state: "_FSDP1HookState", grad: torch.Tensor, output: torch.
     from torch.distributed.algorithms._comm_hooks import default_hooks
 
     if state.probe._active:
-        state.probe._add(sq_norm(grad))
+        state.probe._add(_sq_norm_fast(grad))
     default_hooks.reduce_scatter_hook(state.default, grad, output)
 
 
@@ -256,7 +256,7 @@ class DistributedProbe(Joinable):
             raise NotImplementedError("composition with a local probe (per-example) is available under DDP only")
         self._lock = threading.Lock()
         self._active = True
-        self._current: torch.Tensor | None = None
+        self._current: list[torch.Tensor] = []  # squared norms of the open part's gradients
         self._pending_sizes: list[int | None] = []
         self._parts: list[tuple[torch.Tensor, list[int | None]]] = []
         self._records: list[_StepRecord] = []
@@ -269,6 +269,7 @@ class DistributedProbe(Joinable):
             ignore = getattr(model, "parameters_to_ignore", set()) or set()
             ignored = {id(p) for n, p in model.module.named_parameters() if n in ignore}
             self.params = [p for p in params if id(p) not in ignored]
+            self._global_share = _share(self.params, dist.get_rank(self.group), self.world_size)
             if local is None:
                 self._handles += [p.register_hook(self._grad_hook) for p in self.params]
         else:
@@ -278,6 +279,7 @@ class DistributedProbe(Joinable):
                 raise ValueError("under FSDP the gradient is reduced as flat buffers: measure all trainable "
                                  "parameters (do not pass params=)")
             self.params = list(params)
+            self._global_share = self.params  # shards: every rank adds its own
             if found == "fsdp2":
                 self._install_fsdp2(model)
             else:
@@ -353,26 +355,27 @@ class DistributedProbe(Joinable):
             self._pending_sizes.append(infer_batch_size(args, kwargs))
 
     def _grad_hook(self, grad: torch.Tensor) -> None:
-        self._add(sq_norm(grad))
+        self._add(_sq_norm_fast(grad))
 
     def _add(self, term: torch.Tensor) -> None:
+        # One kernel per gradient here (the norm); summed when the part closes. A list append is
+        # atomic, the lock only orders it against _close_part_locked.
         with self._lock:
-            if self._current is None:
-                self._current = term
-            else:
-                self._current = self._current + term.to(self._current.device)
+            self._current.append(term)
 
     def _close_part_locked(self) -> None:
-        if self._current is not None:
-            self._parts.append((self._current, self._pending_sizes))
-            self._current = None
+        if self._current:
+            dev = self._current[0].device
+            total = torch.stack([t.to(device=dev, dtype=torch.float64) for t in self._current]).sum()
+            self._parts.append((total, self._pending_sizes))
+            self._current = []
             self._pending_sizes = []
 
     # -- step --------------------------------------------------------------------------
 
     def pending_parts(self) -> int:
         """Closed local parts (micro-batches that reached the reduction) since the last step."""
-        return len(self._parts) + (self._current is not None)
+        return len(self._parts) + bool(self._current)
 
     def collect(self, ctx: StepContext) -> tuple[Measurement | None, str | None, float | None]:
         error: BaseException | None = None
@@ -392,10 +395,7 @@ class DistributedProbe(Joinable):
                                 torch.stack([t.to(device=self.device, dtype=torch.float64).reshape(())
                                              for t in tensors.values()]))
         work = dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-        divisor = None
-        if self.kind == "ddp" and getattr(self.model, "_divide_by_initial_world_size", True):
-            divisor = float(self.world_size)
-        rec = _StepRecord(vec, work, divisor)
+        rec = _StepRecord(vec, work)
         self._records.append(rec)
         if error is not None:
             raise error
@@ -413,9 +413,7 @@ class DistributedProbe(Joinable):
             self._pending_sizes = []
         k = len(parts)
         sizes = self._resolve_sizes(ctx.sizes, [s for _, s in parts], k)
-        big = self._global_term()
-        if big is not None:
-            tensors[_BIG] = big * ctx.inv_scale2_big
+        tensors[_BIG] = self._global_term() * ctx.inv_scale2_big
         if k == 0:
             return 0.0 if sizes is not None else None
         w = [1.0] * k if self.reduction == "mean" else list(sizes)
@@ -433,39 +431,46 @@ class DistributedProbe(Joinable):
                                 ) -> float | None:
         m, reason, examples = self._local.collect(ctx)
         if m is None:
-            big = self._global_term(getattr(self._local, "params", None))  # the local probe's (covered) params
-            if big is not None:
-                tensors[_BIG] = big * ctx.inv_scale2_big
+            big = self._global_term(getattr(self._local, "params", self.params))  # same params as the probe's
+            tensors[_BIG] = big * ctx.inv_scale2_big / self.world_size
             self._warn_once(f"local probe could not measure this rank's step: {reason}")
             return examples
         # Undo the local pooling: pool_parts gave sq_small = S/A2, b_small = A2/A2b, b_big = 1/A2b.
         a2b = 1.0 / m.b_big
         a2 = m.b_small / m.b_big
         tensors[_S] = _as_tensor(m.sq_norm_small, self.device) * a2
-        tensors[_BIG] = _as_tensor(m.sq_norm_big, self.device)  # the synchronized .grad: global
+        # the local probe's big norm is the full synchronized .grad on every rank: each adds 1/n of it
+        tensors[_BIG] = _as_tensor(m.sq_norm_big, self.device) / self.world_size
         vec[_A2], vec[_A2B] = a2, a2b
         vec[_K] = float(examples) if examples else 2.0  # parts = examples (informational)
         vec[_EX] = float(examples) if examples is not None else 0.0
         return examples
 
     def _global_term(self, params: Sequence[torch.nn.Parameter] | None = None) -> torch.Tensor | None:
-        """DDP: ``|grad|^2`` of the synchronized gradient; FSDP: this rank's shard ``|grad|^2``."""
+        """This rank's term of the global squared norm (the ranks' terms are summed by the all-reduce).
+
+        DDP: ``.grad`` is the same synchronized gradient on every rank, so each rank takes the norm
+        of its own share of the parameters (balanced by size): 1/world of a pass over the gradients.
+        FSDP: the rank's gradient shards. With a local probe (``params`` given): that probe's params.
+        """
+        if params is None:
+            params = self._global_share
         terms = []
-        for p in self.params if params is None else params:
+        for p in params:
             g = p.grad
             if g is None:
                 continue
             if hasattr(g, "to_local"):
                 g = g.to_local()
             if g.numel():
-                terms.append(g)
+                terms.append(g.detach())
         if not terms:
-            return torch.zeros((), dtype=torch.float64, device=self.device) if self.kind != "ddp" else None
-        # One fused pass over the gradients (foreach norm), reduced in fp32/fp64.
-        dtype = torch.float64 if all(t.dtype == torch.float64 for t in terms) else torch.float32
-        norms = torch._foreach_norm([t.detach() for t in terms], 2, dtype=dtype) if not any(
-            t.is_sparse for t in terms) else [torch.sqrt(sq_norm(t)) for t in terms]
-        return torch.stack([n.to(torch.float64) for n in norms]).square().sum()
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        if any(t.is_sparse for t in terms) or len({(t.device, t.dtype) for t in terms}) > 1:
+            return torch.stack([_sq_norm_fast(t).to(device=self.device, dtype=torch.float64) for t in terms]).sum()
+        dtype = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
+        norms = torch._foreach_norm(terms, 2, dtype=dtype)  # one fused pass, fp32/fp64 accumulation
+        return torch.stack(norms).to(torch.float64).square().sum()
 
     def _resolve_sizes(self, given: Sequence[float] | None, seen: list[list[int | None]], k: int) -> list[float]:
         if given is not None:
@@ -500,28 +505,28 @@ class DistributedProbe(Joinable):
         values = torch.stack([r.vec for r in records]).tolist()  # one host sync for all of them
         for r, v in zip(records, values):
             r.raw = v
-            r.result = self._finish(v, r.divisor)
+            r.result = self._finish(v)
             self.history.append(dict(zip(_NAMES, v), sq_norm_small=r.result[0], b_small=r.result[1],
                                      sq_norm_big=r.result[2], b_big=r.result[3]))
 
-    def _finish(self, v: list[float], divisor: float | None) -> tuple[float, float, float, float]:
+    def _finish(self, v: list[float]) -> tuple[float, float, float, float]:
         nan = math.nan
         n = v[_N]
         if v[_ERR] > 0:
             self._warn_once("a rank failed to compute its statistics for a step (it raised an error); "
                             "the step is skipped on every rank")
             return nan, 1.0, nan, 2.0
+        if n < self.world_size:
+            # Some ranks have joined (uneven inputs): their share of the global norm is missing.
+            self._warn_once("steps where some ranks had already run out of data (Join) are skipped: the "
+                            "global norm is computed in shares across all ranks")
+            return nan, 1.0, nan, 2.0
         if n <= 0 or v[_A2B] <= 0 or not v[_A2] < n * n * (1 - 1e-12):
             self._warn_once(
                 f"a step had fewer than 2 gradient parts over all ranks ({v[_K]:.0f} micro-batches on "
                 f"{n:.0f} active ranks): no smaller batch to compare with; the step is skipped")
             return nan, 1.0, nan, 2.0
-        if self.kind == "ddp":
-            big = v[_BIG] / n  # every active rank added the same synchronized norm
-            if divisor is not None and divisor != n:  # join(): DDP divided by the initial world size
-                big *= (divisor / n) ** 2
-        else:
-            big = v[_BIG]  # sum of the shards' squared norms
+        big = v[_BIG]  # DDP: sum of the ranks' shares; FSDP: sum of the shards' squared norms
         sq_small = v[_S] / v[_A2]
         b_small = v[_A2] / v[_A2B]
         b_big = n * n / v[_A2B]
@@ -576,7 +581,27 @@ class DistributedProbe(Joinable):
             self._local.close()
         self._parts = []
         self._pending_sizes = []
-        self._current = None
+        self._current = []
+
+
+def _sq_norm_fast(t: torch.Tensor) -> torch.Tensor:
+    """``|t|^2`` as a 0-d tensor in one kernel: ``dot`` for dense fp32/fp64, else fp32-accumulated norm."""
+    if t.dtype in (torch.float32, torch.float64) and t.layout == torch.strided and t.is_contiguous():
+        flat = t.detach().view(-1)
+        return torch.dot(flat, flat)
+    return sq_norm(t)
+
+
+def _share(params: Sequence[torch.nn.Parameter], rank: int, world: int) -> list[torch.nn.Parameter]:
+    """This rank's parameters for the global norm: greedy balance by size, the same on every rank."""
+    load = [0] * world
+    owner: dict[int, int] = {}
+    order = sorted(range(len(params)), key=lambda i: (-params[i].numel(), i))
+    for i in order:
+        r = min(range(world), key=lambda q: (load[q], q))
+        owner[i] = r
+        load[r] += params[i].numel()
+    return [p for i, p in enumerate(params) if owner[i] == rank]
 
 
 def _as_tensor(x: Any, device: torch.device) -> torch.Tensor:
