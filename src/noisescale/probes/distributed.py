@@ -23,12 +23,14 @@ What is measured, per optimizer step:
     ``|grad|^2`` of the unsharded local gradient and then runs FSDP's default reduce-scatter
     (same pre-/post-division, same collective).
 
-- **global**: the squared norm of the synchronized gradient: under DDP ``|p.grad|^2`` (the same on
-  every rank), under FSDP the sum over ranks of the local shard norms ``|p.grad.to_local()|^2``.
+- **global**: the squared norm of the synchronized gradient. Under DDP ``.grad`` is the same on
+  every rank, so each rank takes the norm of its own size-balanced share of the parameters (1/world
+  of a pass); under FSDP each rank takes its gradient shards (``p.grad.to_local()``). The shares
+  are summed by the all-reduce below.
 
 At ``step()`` every rank contributes a vector of 8 numbers (sum of its parts' squared norms, the
-two weight sums the pooling needs, its examples, its part count, 1 for "active", its global-norm
-term, an error flag) to **one asynchronous all-reduce (SUM)** on the data-parallel group. The
+two weight sums the pooling needs, its examples, its part count, 1 for "active", its share of the
+global norm, an error flag) to **one asynchronous all-reduce (SUM)** on the data-parallel group. The
 tracker reads the result lazily (on the next value read, or every ``max_pending`` steps), so the
 host does not wait for it in the step. Every rank then forms the same :class:`Measurement` from
 the same reduced numbers: all ranks report the same ``b_simple`` and skip the same steps.
