@@ -286,8 +286,7 @@ class _Layer:
 
     def __init__(self, name: str, module: nn.Module, kind: str, w_on: bool, b_on: bool) -> None:
         self.name, self.module, self.kind, self.w_on, self.b_on = name, module, kind, w_on, b_on
-        p = module.weight if module.weight is not None else getattr(module, "bias", None)
-        self.acc = torch.zeros((), dtype=torch.float64, device=p.device)
+        self.acc: torch.Tensor | None = None  # the probe's accumulator for this layer's device
         self.calls = 0
         self.excluded = False
         self.had_forward = "forward" in module.__dict__
@@ -357,6 +356,12 @@ class PerExampleProbe:
         self._tracked_numel = sum(p.numel() for p in (params if params is not None else
                                                       [q for q in model.parameters() if q.requires_grad]))
         self._layers = [_Layer(*t) for t in plan.layers]
+        # One 0-d float64 accumulator per device, shared by the layers on it (fewer reads at
+        # step()); a layer excluded at run time gets a private one that is never read.
+        self._accs: dict[torch.device, torch.Tensor] = {}
+        for L in self._layers:
+            p = L.module.weight if L.module.weight is not None else L.module.bias
+            L.acc = self._accs.setdefault(p.device, torch.zeros((), dtype=torch.float64, device=p.device))
         self._bn_modules = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._seen: list[int | None] = []
         self._batch: int | None = None
@@ -412,6 +417,7 @@ class PerExampleProbe:
         if self.strict or (x.dim() >= 2 and b in tuple(x.shape[1:])):
             raise ValueError(self._batch_message(L, x, b))
         L.excluded = True
+        L.acc = torch.zeros_like(L.acc)  # its contributions go nowhere from now on
         self._refresh_coverage()
         warnings.warn(f"noisescale: layer {L.name} ({type(L.module).__name__}) gets inputs of shape {tuple(x.shape)} "
                       f"without the batch ({b} examples) on dim 0: they are shared by all examples (e.g. position "
@@ -597,11 +603,10 @@ class PerExampleProbe:
         calls = [L.calls for L in self._layers]
         for L in self._layers:
             L.calls = 0
-        live = [L for L in self._layers if not L.excluded]
-        dev = live[0].acc.device
-        raw = torch.stack([L.acc.to(dev) for L in live]).sum()
-        for L in self._layers:
-            L.acc.zero_()
+        accs = list(self._accs.values())
+        raw = accs[0].clone() if len(accs) == 1 else torch.stack([a.to(accs[0].device) for a in accs]).sum()
+        for a in accs:
+            a.zero_()
         k = len(seen)
         if self._bn_modules and not self._bn_warned:
             self._warn_batch_norm([type(m).__name__ for m in self._bn_modules if m.training])
@@ -629,7 +634,7 @@ class PerExampleProbe:
         if n_examples < 2:
             return None, (f"only {n_examples} example this step: per-example norms need >= 2 examples"), total
         grads = [p.grad for p in self.params if p.grad is not None]
-        big = total_sq_norm(grads)
+        big = _total_sq_norm(grads)
         if big is None:
             return None, "no covered parameter has a .grad at step(): call step() before optimizer.zero_grad()", total
         small = raw.to(device=big.device) * ctx.inv_scale2_small / sa2
@@ -647,6 +652,13 @@ class PerExampleProbe:
                 del mod.__dict__["forward"]
         self._layers = []
         self._seen = []
+
+
+def _total_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """``sum |g|^2`` as a 0-d float64 tensor: one foreach kernel for dense same-device fp32 grads."""
+    if grads and all(g.dtype == torch.float32 and not g.is_sparse and g.device == grads[0].device for g in grads):
+        return torch.stack(torch._foreach_norm(grads)).double().square().sum()
+    return total_sq_norm(grads)
 
 
 def _factory(model: nn.Module, params: Sequence[nn.Parameter], *, reduction: str = "mean",
