@@ -16,7 +16,8 @@ squared gradient norms (or, for gns-pytorch, its noise-scale estimate):
 - ``gns-pytorch 0.1.5``: ``compute_gns`` (default settings: a random 1% of the parameter tensors,
   at least 10, and 25% of the batch, one ``autograd.grad`` per example), then the ordinary backward.
 
-Timing: all methods run in rounds, interleaved, on their own copy of the model; the table gives
+Timing: all methods run in rounds, interleaved in a shuffled order, each on its own copy of the
+model; the table gives
 the median over rounds of each method's time divided by ``plain``'s time in the same round, and
 the ratio of the fastest rounds (best of N, the least disturbed by other load on a shared machine).
 Memory: the peak of live CPU tensor bytes allocated during one step (PyTorch profiler memory
@@ -37,6 +38,7 @@ import argparse
 import copy
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -249,10 +251,13 @@ def run_case(case: dict[str, Any], rounds: int, warmup: int) -> dict[str, dict[s
             msg = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
             res[name] = {"error": msg[:160]}
     times: dict[str, list[float]] = {n: [] for n in steps}
+    order = list(steps)
+    rng = random.Random(0)
     for _ in range(rounds):
-        for n, st in steps.items():
+        rng.shuffle(order)  # no method always runs right after another (cache, allocator effects)
+        for n in order:
             t = time.perf_counter()
-            st()
+            steps[n]()
             times[n].append(time.perf_counter() - t)
     base_t = times["plain"]
     for n in steps:

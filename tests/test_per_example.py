@@ -599,3 +599,33 @@ def test_strict_with_layers_filter_checks_only_the_selected_layers():
     probe.close()
     with pytest.raises(ValueError, match="strict=True.*2.weight: unsupported layer type Bilinear"):
         PerExampleProbe(model, layers=["norm", nn.Bilinear], strict=True)
+
+
+def test_each_examples_norm_individually(shakespeare_path):
+    """Not only their sum: with the loss of example i alone, the probe's accumulated norm is
+    |grad l_i|^2 (explicit-loop reference), example by example, for every layer type at once."""
+    from test_per_example_robust import _Mixed
+
+    data, vocab = char_data(shakespeare_path)
+    (x, y), = char_batches(data, 4, 12, 1, seed=4)
+    ids = torch.randint(1, 11, (4, 6), generator=torch.Generator().manual_seed(5))
+    cases = [
+        (CharTransformer(len(vocab), d=16, heads=2, layers=1, block=12), x,
+         lambda o: F.cross_entropy(o.transpose(1, 2), y, reduction="none").mean(1)),
+        (_Mixed(), ids, lambda o: o.pow(2).sum(1)),
+    ]
+    for model, inp, per_loss in cases:
+        B = inp.shape[0]
+        want = []
+        for i in range(B):
+            ref = copy.deepcopy(model)
+            per_loss(ref(inp))[i].backward()
+            want.append(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()))
+        probe = PerExampleProbe(model)
+        for i in range(B):
+            model.zero_grad(set_to_none=True)
+            per_loss(model(inp))[i].backward()
+            m, _, _ = probe.collect(StepContext(None))
+            # one micro-batch of B examples: |G_small|^2 = B * sum_i |v_i|^2, here v_i = grad l_i alone
+            assert float(m.sq_norm_small) / B == pytest.approx(want[i], rel=RTOL), i
+        probe.close()

@@ -46,7 +46,9 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _sqsum(t: torch.Tensor) -> torch.Tensor:
     """``sum(t**2)`` in float32/64 as one BLAS dot (no squared temporary)."""
-    f = t.to(_acc_dtype(t)).reshape(-1)
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    f = t.reshape(-1)
     return torch.dot(f, f)
 
 
@@ -110,45 +112,47 @@ class LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        # (the engine runs backward with gradients disabled: no no_grad() needed)
         x, w = ctx.saved_tensors
         p, d = w.shape
-        g2 = g.reshape(-1, p)
-        x2 = x.reshape(-1, d)
+        flat = x.dim() == 2
+        g2 = g if flat else g.reshape(-1, p)
         gx = gw = gb = None
         # The derivative of addmm(b, x, w.t()) exactly as autograd computes it (mm_mat1_backward /
         # mm_mat2_backward with a column-major mat2, sum_to for the bias): bit-identical grads.
         if ctx.needs_input_grad[0]:
-            gx = g2.mm(w).view(x.shape)
+            gx = g2.mm(w) if flat else g2.mm(w).view(x.shape)
         if ctx.needs_input_grad[1] and not ctx.fused:
-            gw = g2.t().mm(x2)
+            gw = g2.t().mm(x if flat else x.reshape(-1, d))
         if ctx.has_b and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
-        with torch.no_grad():
-            dt = _acc_dtype(g)
-            B = x.shape[0]
-            if x.dim() == 2:
-                gn = torch.linalg.vector_norm(g, dim=1, dtype=dt).square()  # [B]
-                s = x.new_zeros((), dtype=dt)
-                if ctx.w_on:
-                    s = s + torch.dot(torch.linalg.vector_norm(x, dim=1, dtype=dt).square(), gn)
+        dt = _acc_dtype(g)
+        if flat:  # Goodfellow: sum_i (|x_i|^2 [w_on] + [b_on]) |g_i|^2, in as few kernels as possible
+            if ctx.w_on:
+                xn = torch.linalg.vector_norm(x, dim=1, dtype=dt).square_()
                 if ctx.b_on:
-                    s = s + gn.sum()
-            elif ctx.fused:
-                a3 = x.reshape(B, -1, d)
-                g3 = g.reshape(B, -1, p)
-                s = x.new_zeros((), dtype=dt)
-                for st, e in _chunks(B, d * p):
-                    pe = torch.bmm(g3[st:e].transpose(1, 2), a3[st:e])  # [b, p, d] per-example gradients
-                    part = pe.sum(0)
-                    gw = part if gw is None else gw + part
-                    s = s + _sqsum(pe)
-                if ctx.b_on:
-                    s = s + _sqsum(g3.sum(1))
-                if not ctx.needs_input_grad[1]:
-                    gw = None
+                    xn.add_(1.0)
+                s = torch.dot(xn, torch.linalg.vector_norm(g, dim=1, dtype=dt).square_())
             else:
-                s = _ghost_or_materialise(x.reshape(B, -1, d).to(dt), g.reshape(B, -1, p).to(dt), ctx.w_on, ctx.b_on)
-            ctx.acc.add_(s)
+                s = _sqsum(g)
+        elif ctx.fused:
+            B = x.shape[0]
+            a3 = x.reshape(B, -1, d)
+            g3 = g.reshape(B, -1, p)
+            s = None
+            for st, e in _chunks(B, d * p):
+                pe = torch.bmm(g3[st:e].transpose(1, 2), a3[st:e])  # [b, p, d] per-example gradients
+                part = pe.sum(0)
+                gw = part if gw is None else gw + part
+                s = _sqsum(pe) if s is None else s + _sqsum(pe)
+            if ctx.b_on:
+                s = s + _sqsum(g3.sum(1))
+            if not ctx.needs_input_grad[1]:
+                gw = None
+        else:
+            B = x.shape[0]
+            s = _ghost_or_materialise(x.reshape(B, -1, d).to(dt), g.reshape(B, -1, p).to(dt), ctx.w_on, ctx.b_on)
+        ctx.acc.add_(s)
         return gx, gw, gb, None, None, None, None
 
 
