@@ -75,9 +75,9 @@ __all__ = [
 DISTRIBUTED_METHODS = ("ddp", "ddp_per_example", "fsdp")
 
 # Layout of the per-rank vector that is all-reduced (SUM) once per step.
-_S, _A2, _A2B, _EX, _K, _N, _BIG, _ERR = range(8)
+_A2, _A2B, _EX, _K, _N, _ERR, _S, _BIG = range(8)  # host-known fields first, then the two tensors
 _VEC_LEN = 8
-_NAMES = ("sum_sq_local", "sum_alpha2", "sum_alpha2_over_b", "examples", "parts", "ranks", "big_term", "errors")
+_NAMES = ("sum_alpha2", "sum_alpha2_over_b", "examples", "parts", "ranks", "errors", "sum_sq_local", "big_term")
 
 
 def distributed_kind(model: torch.nn.Module) -> str | None:
@@ -367,8 +367,11 @@ class DistributedProbe(Joinable):
 
     def _close_part_locked(self) -> None:
         if self._current:
-            dev = self._current[0].device
-            total = torch.stack([t.to(device=dev, dtype=torch.float64) for t in self._current]).sum()
+            terms = self._current
+            if len({(t.device, t.dtype) for t in terms}) == 1:
+                total = torch.stack(terms).sum(dtype=torch.float64)
+            else:
+                total = torch.stack([t.to(device=terms[0].device, dtype=torch.float64) for t in terms]).sum()
             self._parts.append((total, self._pending_sizes))
             self._current = []
             self._pending_sizes = []
@@ -391,11 +394,10 @@ class DistributedProbe(Joinable):
             vec_host = [0.0] * _VEC_LEN
             tensors = {}
             vec_host[_ERR] = 1.0
-        vec = torch.tensor(vec_host, dtype=torch.float64, device=self.device)
-        if tensors:
-            vec = vec.index_put((torch.tensor(list(tensors), device=self.device),),
-                                torch.stack([t.to(device=self.device, dtype=torch.float64).reshape(())
-                                             for t in tensors.values()]))
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        dev_part = torch.stack([tensors.get(i, zero).to(device=self.device, dtype=torch.float64).reshape(())
+                                for i in (_S, _BIG)])
+        vec = torch.cat([torch.tensor(vec_host[:_S], dtype=torch.float64, device=self.device), dev_part])
         work = dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         rec = _StepRecord(vec, work)
         self._records.append(rec)
@@ -468,7 +470,8 @@ class DistributedProbe(Joinable):
                 terms.append(g.detach())
         if not terms:
             return torch.zeros((), dtype=torch.float64, device=self.device)
-        if any(t.is_sparse for t in terms) or len({(t.device, t.dtype) for t in terms}) > 1:
+        if (any(t.is_sparse for t in terms) or len({(t.device, t.dtype) for t in terms}) > 1
+                or terms[0].device.type == "cpu"):  # on CPU one BLAS dot per tensor beats _foreach_norm
             return torch.stack([_sq_norm_fast(t).to(device=self.device, dtype=torch.float64) for t in terms]).sum()
         dtype = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
         norms = torch._foreach_norm(terms, 2, dtype=dtype)  # one fused pass, fp32/fp64 accumulation
