@@ -357,6 +357,38 @@ def ddp_join(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def ddp_scaler(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """GradScaler: local norms from scaled hooks, global after unscale_; same numbers as without a scaler."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for use_scaler in (False, True):
+        model = Net(16, seed=cfg["seed"])
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.0)  # lr 0: fixed parameters, real optimizer calls
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if use_scaler else None
+        gns = ns.GradientNoiseScale(ddp, beta=1.0, scaler=scaler)
+        k = 2
+        for t in range(cfg["steps"]):
+            for j in range(k):
+                x, y = batch(cfg["seed"], t, rank, j, 8)
+                loss = F.cross_entropy(ddp(x), y) / k
+                with (ddp.no_sync() if j < k - 1 else _null()):
+                    (scaler.scale(loss) if scaler else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)
+            gns.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[use_scaler] = _tracker_summary(gns)
+        gns.close()
+    return out
+
+
 def many(rank: int, world: int, cfg: dict[str, Any]) -> list[Any]:
     """Run several scenarios in one process group (saves process start-ups)."""
     out = []
@@ -366,4 +398,4 @@ def many(rank: int, world: int, cfg: dict[str, Any]) -> list[Any]:
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (ddp_exact, ddp_brute, ddp_inert, fsdp_exact, fsdp_inert, ddp_bad, ddp_join, many)}
+SCENARIOS = {f.__name__: f for f in (ddp_scaler, ddp_exact, ddp_brute, ddp_inert, fsdp_exact, fsdp_inert, ddp_bad, ddp_join, many)}

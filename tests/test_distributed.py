@@ -287,6 +287,20 @@ def test_bad_inputs_consistent_on_all_ranks(tmp_path):
     assert join[0]["history"][:3] == join[1]["history"][:3]
 
 
+def test_ddp_grad_scaler_units(tmp_path):
+    """Under a GradScaler the hook norms (scaled by S) and the global norm (after unscale_) are brought to
+    the same units: the measurements equal those of the same run without a scaler."""
+    per_rank = spawn(tmp_path, "ddp_scaler", dict(seed=17, steps=4))
+    for res in per_rank:
+        plain, scaled = res[False], res[True]
+        assert len(scaled["history"]) == 4 and scaled["skipped"] == 0
+        for a, b in zip(plain["history"], scaled["history"]):
+            for key in ("sq_norm_small", "sq_norm_big", "b_small", "b_big"):
+                assert rel(b[key], a[key]) < 1e-6, (key, a[key], b[key])
+        assert rel(scaled["trace_sigma"], plain["trace_sigma"]) < 1e-5
+    assert per_rank[0][True]["b_simple"] == per_rank[1][True]["b_simple"]
+
+
 def test_world_size_one_rejected(tmp_path):
     """A DDP method on a 1-process group is refused with a clear message; auto falls back to microbatch."""
     from torch.nn.parallel import DistributedDataParallel as DDP
