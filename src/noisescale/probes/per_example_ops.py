@@ -361,8 +361,8 @@ class GroupNormFn(torch.autograd.Function):
             s = gf.new_zeros(())
             if ctx.w_on:
                 G = ctx.groups
-                xc = (x.reshape(N, G, -1).to(dt) - mean.reshape(N, G, 1).to(dt)).reshape(N * C, 1, HxW)
-                sxg = torch.bmm(xc, gf.reshape(N * C, HxW, 1)).reshape(N, G, C // G)  # sum_hw (x - mean) g
+                xc = (x.reshape(N, G, -1).to(dt) - mean.reshape(N, G, 1).to(dt)).reshape(N, C, HxW)
+                sxg = torch.linalg.vecdot(xc, gf).reshape(N, G, C // G)  # sum_hw (x - mean) g
                 s = s + _sqsum(sxg * rstd.reshape(N, G, 1).to(dt))
             if ctx.b_on:
                 s = s + gf.sum(2).pow(2).sum()
