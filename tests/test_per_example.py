@@ -629,3 +629,40 @@ def test_each_examples_norm_individually(shakespeare_path):
             # one micro-batch of B examples: |G_small|^2 = B * sum_i |v_i|^2, here v_i = grad l_i alone
             assert float(m.sq_norm_small) / B == pytest.approx(want[i], rel=RTOL), i
         probe.close()
+
+
+def test_auto_is_lenient_with_layers_that_do_not_fit():
+    """method="auto" never breaks a training loop: a non-batch-first layer or a layer reused within
+    an example is excluded with a warning (explicit method="per_example" raises, tested above)."""
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 4)
+            self.seq_first = nn.Linear(4, 4)
+            self.twice = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):  # [B, T, 4]
+            h = self.inp(x)
+            h = self.seq_first(h.transpose(0, 1)).transpose(0, 1)
+            return self.head(self.twice(torch.tanh(self.twice(h))))
+
+    torch.manual_seed(0)
+    model = Odd()
+    gns = ns.GradientNoiseScale(model)
+    assert gns.method == "per_example"
+    with pytest.warns(UserWarning):
+        for step in range(4):
+            model(torch.randn(3, 5, 4)).pow(2).mean().backward()
+            gns.step()
+            model.zero_grad()
+    assert set(gns._probe.coverage.covered) == {"inp", "head"}
+    assert gns.measured == 3 and gns.unmeasurable == 1  # step 1: reuse found at step(), not measured
+    x = torch.randn(3, 5, 4)
+    model(x).pow(2).mean().backward()
+    m, _, _ = gns._probe.collect(StepContext(None))
+    gns.close()
+    want = reference(model, lambda o: o.pow(2).mean(), (x,), names=["inp.weight", "inp.bias", "head.weight", "head.bias"])
+    assert float(m.sq_norm_small) == pytest.approx(want[0], rel=RTOL)
+    assert float(m.sq_norm_big) == pytest.approx(want[1], rel=RTOL)

@@ -150,6 +150,9 @@ class GradientNoiseScale:
         self.scaler = scaler
         self.max_pending = max_pending
         self._ema = NoiseScaleEMA(beta)
+        if method == "auto" and self.method == "per_example":
+            # chosen for the user: exclude layers that turn out not to fit (with a warning) rather than raise
+            probe_options = {"lenient": True, **probe_options}
         self._probe = make_probe(self.method, model, self.params, reduction=reduction, unit=unit, **probe_options)
         self._pending: list[_Entry] = []
         self.steps = 0

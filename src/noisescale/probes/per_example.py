@@ -313,13 +313,16 @@ class PerExampleProbe:
             "simultaneous"), instead of a separate GEMM. Much cheaper for long sequences and
             convolutions, but the gradients then equal the stock ones only up to float rounding
             (not bit-identical). Default ``False``: bit-identical gradients.
+        lenient: exclude (with a warning) layers found at run time to get non-batch-first inputs
+            or to be reused within an example, instead of raising; ``method="auto"`` sets it so
+            that attaching by default never breaks a training loop.
     """
 
     name = "per_example"
 
     def __init__(self, model: nn.Module, params: Sequence[nn.Parameter] | None = None, *,
                  reduction: str = "mean", unit: str = "examples", strict: bool = False,
-                 layers: Any = None, fused: bool = False) -> None:
+                 layers: Any = None, fused: bool = False, lenient: bool = False) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         plan = _plan(model, params, layers)
@@ -353,6 +356,7 @@ class PerExampleProbe:
         self.params = plan.covered_params
         self.strict = strict
         self.fused = bool(fused)
+        self.lenient = bool(lenient) and not strict
         self._tracked_numel = sum(p.numel() for p in (params if params is not None else
                                                       [q for q in model.parameters() if q.requires_grad]))
         self._layers = [_Layer(*t) for t in plan.layers]
@@ -414,15 +418,21 @@ class PerExampleProbe:
                 f"{tuple(x.shape)} with no batch dimension (expected >= {min_dim} dims, batch first)")
         if L.excluded or b is None or x.shape[0] == b:
             return
-        if self.strict or (x.dim() >= 2 and b in tuple(x.shape[1:])):
+        not_batch_first = x.dim() >= 2 and b in tuple(x.shape[1:])
+        if self.strict or (not_batch_first and not self.lenient):
             raise ValueError(self._batch_message(L, x, b))
+        self._exclude(L, "not batch-first" if not_batch_first else "input has no batch dimension (shared by all examples)")
+        what = ("the batch is not on dim 0" if not_batch_first else
+                "they are shared by all examples (e.g. position ids)")
+        warnings.warn(f"noisescale: layer {L.name} ({type(L.module).__name__}) gets inputs of shape {tuple(x.shape)} "
+                      f"without the batch ({b} examples) on dim 0: {what}, so its per-example gradients are not "
+                      f"available; its parameters are excluded from the measurement (coverage now "
+                      f"{self.coverage.fraction:.1%})", stacklevel=4)
+
+    def _exclude(self, L: _Layer, why: str) -> None:
         L.excluded = True
         L.acc = torch.zeros_like(L.acc)  # its contributions go nowhere from now on
-        self._refresh_coverage()
-        warnings.warn(f"noisescale: layer {L.name} ({type(L.module).__name__}) gets inputs of shape {tuple(x.shape)} "
-                      f"without the batch ({b} examples) on dim 0: they are shared by all examples (e.g. position "
-                      f"ids), so its per-example gradients are not available; its parameters are excluded from "
-                      f"the measurement (coverage now {self.coverage.fraction:.1%})", stacklevel=4)
+        self._refresh_coverage(why)
 
     @staticmethod
     def _batch_message(L: _Layer, x: torch.Tensor, b: int) -> str:
@@ -431,18 +441,18 @@ class PerExampleProbe:
                 "Make every layer see the batch on dim 0 (e.g. batch_first=True), exclude the layer (layers= or "
                 "params=), or use method='microbatch'.")
 
-    def _refresh_coverage(self) -> None:
+    def _refresh_coverage(self, why: str) -> None:
         live = [L for L in self._layers if not L.excluded]
         self.params = [p for L in live for p, on in ((L.module.weight, L.w_on), (getattr(L.module, "bias", None), L.b_on)) if on]
         for L in self._layers:
             if L.excluded:
                 for n, on in (("weight", L.w_on), ("bias", L.b_on)):
                     if on:
-                        self.coverage.uncovered[f"{L.name}.{n}"] = "input has no batch dimension (shared by all examples)"
+                        self.coverage.uncovered.setdefault(f"{L.name}.{n}", why)
         self.coverage.covered = [L.name for L in live]
         covered = sum(p.numel() for p in self.params)
         self.coverage.fraction = covered / self._tracked_numel if self._tracked_numel else 0.0
-        if not live:
+        if not live and not self.lenient:
             raise ValueError("per-example norms: every covered layer was excluded (no batch dimension on dim 0); "
                              "use method='microbatch'")
 
@@ -613,8 +623,17 @@ class PerExampleProbe:
         if k == 0:
             return None, ("no forward pass with gradients enabled since the last step(); call step() once per "
                           "optimizer step, after the backward passes"), None
+        if not any(not L.excluded for L in self._layers):
+            return None, ("every layer the per-example probe covers was excluded (inputs without the batch on "
+                          "dim 0): use method='microbatch'"), None
         for L, n in zip(self._layers, calls):
-            if n > k:
+            if n > k and self.lenient and not L.excluded:
+                self._exclude(L, "called several times per forward pass (weights reused within an example)")
+                warnings.warn(f"noisescale: layer {L.name} was called {n} times in {k} forward passes: its weights "
+                              "are reused within an example; excluded from the measurement from the next step on, "
+                              "this step is not measured", stacklevel=3)
+                return None, f"layer {L.name} is reused within an example (excluded from the next step on)", None
+            if n > k and not L.excluded:
                 raise ValueError(
                     f"per-example norms: layer {L.name} ({type(L.module).__name__}) was called {n} times in {k} "
                     f"forward passes of the model: its weights are reused within an example, so the per-example "
@@ -663,5 +682,6 @@ def _total_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
 
 def _factory(model: nn.Module, params: Sequence[nn.Parameter], *, reduction: str = "mean",
              unit: str = "examples", strict: bool = False, layers: Any = None,
-             fused: bool = False) -> PerExampleProbe:
-    return PerExampleProbe(model, params, reduction=reduction, unit=unit, strict=strict, layers=layers, fused=fused)
+             fused: bool = False, lenient: bool = False) -> PerExampleProbe:
+    return PerExampleProbe(model, params, reduction=reduction, unit=unit, strict=strict, layers=layers, fused=fused,
+                           lenient=lenient)
