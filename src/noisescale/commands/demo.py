@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     checkpoints: list[tuple[int, float, float | None, tuple[float, float] | None]] = []
     running_loss = float("nan")
-    with GradientNoiseScale(model, beta=args.beta, log=log_path) as gns:
+    with GradientNoiseScale(model, "microbatch", beta=args.beta, log=log_path) as gns:
         for step in range(1, args.steps + 1):
             idx = torch.randint(len(y), (args.batch_size,), generator=gen)  # with replacement: i.i.d. draws
             total = 0.0
