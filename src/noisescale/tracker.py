@@ -30,29 +30,20 @@ STATE_FORMAT = "noisescale-tracker"
 STATE_VERSION = 1
 
 
+_WRAPPER_NAMES = {"ddp": "DistributedDataParallel", "fsdp1": "FullyShardedDataParallel",
+                  "fsdp2": "fully_shard (FSDP2)"}
+
+
 def _distributed_wrapper(model: torch.nn.Module) -> str | None:
     """Name of the data-parallel wrapper around ``model`` when more than one rank is running."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return "DistributedDataParallel"
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    from .probes.distributed import distributed_kind
 
-        if isinstance(model, FullyShardedDataParallel):
-            return "FullyShardedDataParallel"
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
-
-        if any(isinstance(m, FSDPModule) for m in model.modules()):
-            return "fully_shard (FSDP2)"
-    except ImportError:  # pragma: no cover
-        pass
-    return None
+    kind = distributed_kind(model)
+    return _WRAPPER_NAMES[kind] if kind is not None else None
 
 
 _DISTRIBUTED_METHODS = ("ddp", "ddp_per_example", "fsdp")
