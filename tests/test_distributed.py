@@ -150,16 +150,23 @@ def _cfg(name: str, case: dict, seed: int) -> dict:
     return dict(case, seed=seed, world=WORLD, steps=4)
 
 
+def _check_cases(results, cfgs, method=None):
+    """Each case's per-rank results against the single-process reference, naming the failing case."""
+    for i, (name, cfg) in enumerate(cfgs.items()):
+        per_rank = _items(results, i)
+        try:
+            if method is not None:
+                assert per_rank[0]["method"] == method, per_rank[0]["method"]
+            check_against_reference(per_rank, cfg)
+        except AssertionError as e:
+            raise AssertionError(f"case {name!r}: {e}") from e
+
+
 def test_ddp_norms_match_single_process(tmp_path):
     """DDP with/without no_sync accumulation, unequal sizes, bucket views, unused params, static graph."""
     cfgs = {name: _cfg(name, case, seed) for seed, (name, case) in enumerate(DDP_CASES.items())}
     results = spawn(tmp_path, "many", {"items": [("ddp_exact", c) for c in cfgs.values()]})
-    for i, (name, cfg) in enumerate(cfgs.items()):
-        per_rank = _items(results, i)
-        try:
-            check_against_reference(per_rank, cfg)
-        except AssertionError as e:
-            raise AssertionError(f"case {name!r}: {e}") from e
+    _check_cases(results, cfgs)
 
 
 def test_ddp_per_example_composition(tmp_path):
@@ -172,13 +179,7 @@ def test_ddp_per_example_composition(tmp_path):
     cfgs = {n: dict(c, seed=30 + i, world=WORLD, steps=3, method="ddp_per_example")
             for i, (n, c) in enumerate(cases.items())}
     results = spawn(tmp_path, "many", {"items": [("ddp_exact", c) for c in cfgs.values()]})
-    for i, (name, cfg) in enumerate(cfgs.items()):
-        per_rank = _items(results, i)
-        assert per_rank[0]["method"] == "ddp_per_example"
-        try:
-            check_against_reference(per_rank, cfg)
-        except AssertionError as e:
-            raise AssertionError(f"case {name!r}: {e}") from e
+    _check_cases(results, cfgs, method="ddp_per_example")
 
 
 def test_fsdp_norms_match_single_process(tmp_path):
@@ -192,12 +193,7 @@ def test_fsdp_norms_match_single_process(tmp_path):
     }
     cfgs = {n: dict(c, seed=20 + i, world=WORLD, steps=3) for i, (n, c) in enumerate(cases.items())}
     results = spawn(tmp_path, "many", {"items": [("fsdp_exact", c) for c in cfgs.values()]})
-    for i, (name, cfg) in enumerate(cfgs.items()):
-        per_rank = _items(results, i)
-        try:
-            check_against_reference(per_rank, cfg)
-        except AssertionError as e:
-            raise AssertionError(f"case {name!r}: {e}") from e
+    _check_cases(results, cfgs)
 
 
 def test_fsdp_no_sync_accumulation(tmp_path):
