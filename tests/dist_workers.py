@@ -324,7 +324,8 @@ def ddp_bad(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         except ValueError as e:
             errors.append(str(e))
         ddp.zero_grad(set_to_none=True)
-    out = {"errors": errors, "measured": gns.measured, "skipped": gns.skipped, "b_simple": gns.b_simple}
+    out = {"errors": errors, "measured": gns.measured, "skipped": gns.skipped, "b_simple": gns.b_simple,
+           "last_reason": gns._last_reason}
     # An explicit non-distributed method on a DDP model is refused on every rank.
     try:
         ns.GradientNoiseScale(ddp, method="microbatch")

@@ -273,6 +273,7 @@ def test_bad_inputs_consistent_on_all_ranks(tmp_path):
     assert bad[0]["errors"] == []
     # rank 1 raised (its step() is not recorded); rank 0 skipped the same step; no hang; same averages
     assert bad[0]["skipped"] == 1 and bad[0]["measured"] == 3
+    assert "raised an error" in bad[0]["last_reason"]  # the real reason, not "non-finite"
     assert bad[1]["skipped"] == 0 and bad[1]["measured"] == 3
     for res in bad:
         assert res["microbatch_error"] is not None and "method='auto'" in res["microbatch_error"]

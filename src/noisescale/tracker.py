@@ -237,7 +237,9 @@ class GradientNoiseScale:
                                   b_small=m.b_small, b_big=m.b_big)
                 else:
                     self._skipped += 1
-                    self._last_reason = (f"step {e.step} had a non-finite squared gradient norm "
+                    why = getattr(m, "skip_reason", None)  # a probe may know better than "non-finite"
+                    self._last_reason = (f"step {e.step}: {why}" if why else
+                                         f"step {e.step} had a non-finite squared gradient norm "
                                          f"(small={small}, big={big}): skipped, not averaged")
                     record.update(status="skipped", reason=self._last_reason)
             if self._log is not None:

@@ -162,14 +162,21 @@ class _DeferredMeasurement(Measurement):
     def b_big(self) -> float:  # type: ignore[override]
         return self._values()[3]
 
+    @property
+    def skip_reason(self) -> str | None:
+        """Why this step cannot be used (the same on every rank); read by the tracker."""
+        self._values()
+        return self._record.reason
+
 
 class _StepRecord:
-    __slots__ = ("vec", "work", "result", "raw")
+    __slots__ = ("vec", "work", "result", "raw", "reason")
 
     def __init__(self, vec: torch.Tensor, work: Any) -> None:
         self.vec, self.work = vec, work
         self.result: tuple[float, float, float, float] | None = None
         self.raw: list[float] | None = None
+        self.reason: str | None = None  # why the step is skipped on every rank, if it is
 
 
 class _TapReduceScatter:
@@ -510,42 +517,41 @@ class DistributedProbe(Joinable):
         values = torch.stack([r.vec for r in records]).tolist()  # one host sync for all of them
         for r, v in zip(records, values):
             r.raw = v
-            r.result = self._finish(v)
+            r.result, r.reason = self._finish(v)
             self.history.append(dict(zip(_NAMES, v), sq_norm_small=r.result[0], b_small=r.result[1],
                                      sq_norm_big=r.result[2], b_big=r.result[3]))
 
-    def _finish(self, v: list[float]) -> tuple[float, float, float, float]:
-        nan = math.nan
+    def _finish(self, v: list[float]) -> tuple[tuple[float, float, float, float], str | None]:
+        """The pooled measurement from the all-reduced vector, or NaNs and the reason to skip it."""
+        skipped = (math.nan, 1.0, math.nan, 2.0)
         n = v[_N]
         if v[_ERR] > 0:
-            self._warn_once("a rank failed to compute its statistics for a step (it raised an error); "
-                            "the step is skipped on every rank")
-            return nan, 1.0, nan, 2.0
+            return skipped, self._warn_once("a rank failed to compute its statistics for a step (it raised "
+                                            "an error); the step is skipped on every rank")
         if n < self.world_size:
             # Some ranks have joined (uneven inputs): their share of the global norm is missing.
-            self._warn_once("steps where some ranks had already run out of data (Join) are skipped: the "
-                            "global norm is computed in shares across all ranks")
-            return nan, 1.0, nan, 2.0
+            return skipped, self._warn_once("steps where some ranks had already run out of data (Join) are "
+                                            "skipped: the global norm is computed in shares across all ranks")
         if n <= 0 or v[_A2B] <= 0 or not v[_A2] < n * n * (1 - 1e-12):
-            self._warn_once(
+            return skipped, self._warn_once(
                 f"a step had fewer than 2 gradient parts over all ranks ({v[_K]:.0f} micro-batches on "
                 f"{n:.0f} active ranks): no smaller batch to compare with; the step is skipped")
-            return nan, 1.0, nan, 2.0
         big = v[_BIG]  # DDP: sum of the ranks' shares; FSDP: sum of the shards' squared norms
         sq_small = v[_S] / v[_A2]
         b_small = v[_A2] / v[_A2B]
         b_big = n * n / v[_A2B]
-        return sq_small, b_small, big, b_big
+        return (sq_small, b_small, big, b_big), None
 
     def reduced_history(self) -> list[dict[str, float]]:
         """Every resolved step (up to 10000): the all-reduced sums and the pooled measurement."""
         self._resolve_all()
         return list(self.history)
 
-    def _warn_once(self, msg: str) -> None:
+    def _warn_once(self, msg: str) -> str:
         if msg not in self._warned:
             self._warned.add(msg)
             warnings.warn(f"noisescale: {msg}", UserWarning, stacklevel=3)
+        return msg
 
     # -- uneven inputs (torch.distributed.algorithms.Join) ----------------------------
 
