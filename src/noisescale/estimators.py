@@ -28,6 +28,7 @@ __all__ = [
     "Measurement",
     "estimate",
     "pool_parts",
+    "pooling_moments",
     "b_simple",
     "eps_opt",
     "dL_opt",
@@ -147,10 +148,7 @@ def pool_parts(sq_norms: Sequence[Scalar] | torch.Tensor, sizes: Sequence[float]
         w = b
     else:
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    total_w = sum(w)
-    a = [wj / total_w for wj in w]
-    sum_a2 = sum(aj * aj for aj in a)
-    sum_a2_over_b = sum(aj * aj / bj for aj, bj in zip(a, b))
+    sum_a2, sum_a2_over_b = pooling_moments(b, w)
     if isinstance(sq_norms, torch.Tensor):
         sum_parts = sq_norms.sum()
     elif sq_norms and isinstance(sq_norms[0], torch.Tensor):
@@ -164,6 +162,25 @@ def pool_parts(sq_norms: Sequence[Scalar] | torch.Tensor, sizes: Sequence[float]
         b_big=1.0 / sum_a2_over_b,
         source=source,
     )
+
+
+def pooling_moments(sizes: Sequence[float], weights: Sequence[float],
+                    counts: Sequence[int] | None = None) -> tuple[float, float]:
+    """``(sum_j a_j^2, sum_j a_j^2 / b_j)`` for parts of sizes ``b_j`` weighted by ``w_j``.
+
+    ``a = w / sum(w)`` are the normalised weights of the parts in the step's gradient
+    ``V = sum_j a_j G_j`` (see :func:`pool_parts`); ``counts[j]`` repeats part ``j`` that many
+    times (e.g. every example of a micro-batch). The effective pair of App. A.1 is then
+    ``b_small = sum a^2 / sum a^2/b`` and ``b_big = 1 / sum a^2/b``.
+    """
+    c = counts if counts is not None else [1] * len(sizes)
+    total_w = sum(n * wj for n, wj in zip(c, weights))
+    sum_a2 = sum_a2_over_b = 0.0
+    for n, wj, bj in zip(c, weights, sizes):
+        a = wj / total_w
+        sum_a2 += n * a * a
+        sum_a2_over_b += n * a * a / bj
+    return sum_a2, sum_a2_over_b
 
 
 def b_simple(g2: float, trace_sigma: float) -> float | None:

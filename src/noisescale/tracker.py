@@ -25,7 +25,6 @@ from .runlog import RunLogWriter
 
 __all__ = ["GradientNoiseScale"]
 
-_PLANNED = ("ddp", "fsdp")
 STATE_FORMAT = "noisescale-tracker"
 STATE_VERSION = 1
 
@@ -102,9 +101,9 @@ class GradientNoiseScale:
                  params: Sequence[torch.nn.Parameter] | None = None,
                  log: str | os.PathLike | None = None, max_pending: int = 64, **probe_options: Any) -> None:
         methods = ("auto",) + tuple(PROBES)
-        if method in _PLANNED and method not in PROBES:
+        if method in _DISTRIBUTED_METHODS and method not in PROBES:
             raise NotImplementedError(
-                f"method={method!r} is not available in this version of noisescale; use one of {methods}"
+                f"method={method!r} needs torch.distributed, which this torch build lacks; use one of {methods}"
             )
         if method not in methods:
             raise ValueError(f"unknown method {method!r}; choose one of {methods}")

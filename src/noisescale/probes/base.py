@@ -59,12 +59,20 @@ def sq_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def total_sq_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | None:
-    """Sum of :func:`sq_norm` over tensors (moved to the first tensor's device); ``None`` if empty."""
-    terms = [sq_norm(g) for g in grads]
-    if not terms:
+    """``sum |g|^2`` as a 0-d float64 tensor on the first tensor's device; ``None`` if empty.
+
+    Dense tensors of one dtype on one accelerator: a single ``_foreach_norm`` (one fused pass,
+    fp32/fp64 accumulation). On CPU, one BLAS dot per tensor (:func:`sq_norm`) is faster.
+    """
+    grads = list(grads)
+    if not grads:
         return None
-    device = terms[0].device
-    return torch.stack([x.to(device=device, dtype=torch.float64) for x in terms]).sum()
+    device = grads[0].device
+    if (device.type != "cpu" and not any(g.is_sparse for g in grads)
+            and len({(g.device, g.dtype) for g in grads}) == 1):
+        dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).to(torch.float64).square().sum()
+    return torch.stack([sq_norm(g).to(device=device, dtype=torch.float64) for g in grads]).sum()
 
 
 def infer_batch_size(args: tuple, kwargs: dict) -> int | None:

@@ -62,8 +62,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
-from ..estimators import Measurement
-from .base import StepContext, infer_batch_size, sq_norm
+from ..estimators import Measurement, pooling_moments
+from .base import StepContext, infer_batch_size, sq_norm, total_sq_norm
 
 __all__ = [
     "DistributedProbe",
@@ -191,7 +191,7 @@ class _TapReduceScatter:
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
                  async_op: bool = False) -> Any:
         if self.probe._active:
-            term = _sq_norm_fast(input_tensor)
+            term = sq_norm(input_tensor)
             pre = self._predivide_factor(input_tensor, group)
             if pre is not None and pre != 1:
                 term = term * float(pre) ** 2  # FSDP divided the input before this call
@@ -217,7 +217,7 @@ def _fsdp1_tap_hook(state: "_FSDP1HookState", grad: torch.Tensor, output: torch.
     from torch.distributed.algorithms._comm_hooks import default_hooks
 
     if state.probe._active:
-        state.probe._add(_sq_norm_fast(grad))
+        state.probe._add(sq_norm(grad))
     default_hooks.reduce_scatter_hook(state.default, grad, output)
 
 
@@ -364,7 +364,7 @@ class DistributedProbe(Joinable):
             self._pending_sizes.append(infer_batch_size(args, kwargs))
 
     def _grad_hook(self, grad: torch.Tensor) -> None:
-        self._add(_sq_norm_fast(grad))
+        self._add(sq_norm(grad))
 
     def _add(self, term: torch.Tensor) -> None:
         # One kernel per gradient here (the norm); summed when the part closes. A list append is
@@ -427,11 +427,7 @@ class DistributedProbe(Joinable):
         tensors[_BIG] = self._global_term() * ctx.inv_scale2_big
         if k == 0:
             return 0.0 if sizes is not None else None
-        w = [1.0] * k if self.reduction == "mean" else list(sizes)
-        tw = sum(w)
-        alpha = [x / tw for x in w]
-        vec[_A2] = sum(a * a for a in alpha)
-        vec[_A2B] = sum(a * a / b for a, b in zip(alpha, sizes))
+        vec[_A2], vec[_A2B] = pooling_moments(sizes, [1.0] * k if self.reduction == "mean" else sizes)
         vec[_EX] = float(sum(sizes))
         vec[_K] = float(k)
         small = torch.stack([p.to(device=self.device, dtype=torch.float64) for p, _ in parts]).sum()
@@ -475,14 +471,10 @@ class DistributedProbe(Joinable):
                 g = g.to_local()
             if g.numel():
                 terms.append(g.detach())
-        if not terms:
+        total = total_sq_norm(terms)
+        if total is None:
             return torch.zeros((), dtype=torch.float64, device=self.device)
-        if (any(t.is_sparse for t in terms) or len({(t.device, t.dtype) for t in terms}) > 1
-                or terms[0].device.type == "cpu"):  # on CPU one BLAS dot per tensor beats _foreach_norm
-            return torch.stack([_sq_norm_fast(t).to(device=self.device, dtype=torch.float64) for t in terms]).sum()
-        dtype = torch.float64 if terms[0].dtype == torch.float64 else torch.float32
-        norms = torch._foreach_norm(terms, 2, dtype=dtype)  # one fused pass, fp32/fp64 accumulation
-        return torch.stack(norms).to(torch.float64).square().sum()
+        return total.to(self.device)
 
     def _resolve_sizes(self, given: Sequence[float] | None, seen: list[list[int | None]], k: int) -> list[float]:
         if given is not None:
@@ -593,14 +585,6 @@ class DistributedProbe(Joinable):
         self._parts = []
         self._pending_sizes = []
         self._current = []
-
-
-def _sq_norm_fast(t: torch.Tensor) -> torch.Tensor:
-    """``|t|^2`` as a 0-d tensor in one kernel: ``dot`` for dense fp32/fp64, else fp32-accumulated norm."""
-    if t.dtype in (torch.float32, torch.float64) and t.layout == torch.strided and t.is_contiguous():
-        flat = t.detach().view(-1)
-        return torch.dot(flat, flat)
-    return sq_norm(t)
 
 
 def _share(params: Sequence[torch.nn.Parameter], rank: int, world: int) -> list[torch.nn.Parameter]:

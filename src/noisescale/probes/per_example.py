@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..estimators import Measurement
+from ..estimators import Measurement, pooling_moments
 from .base import StepContext, infer_batch_size, total_sq_norm
 from .per_example_ops import ConvFn, EmbeddingFn, GroupNormFn, LayerNormFn, LinearFn, ScaleFn
 
@@ -585,25 +585,20 @@ class PerExampleProbe:
 
     def _pooled_sizes(self, groups: list[tuple[int, list[float] | float]]) -> tuple[float, float, float, float]:
         """``(sum a^2, b_small, b_big, total size)`` for per-example weights (module docstring)."""
-        w_sum = sa2 = sa2b = total = 0.0
-        terms = []
+        total = 0.0
+        counts: list[int] = []
+        weights: list[float] = []
+        sizes_out: list[float] = []
         for c, s in groups:
             sizes = s if isinstance(s, list) else None
             size_m = sum(sizes) if sizes is not None else c * s  # type: ignore[operator]
             total += size_m
-            if sizes is None:
-                w = s / size_m if self.reduction == "mean" else s  # type: ignore[operator]
-                terms.append((c, w, s))
-                w_sum += c * w
-            else:
-                for b in sizes:
-                    w = b / size_m if self.reduction == "mean" else b
-                    terms.append((1, w, b))
-                    w_sum += w
-        for c, w, b in terms:
-            a = w / w_sum
-            sa2 += c * a * a
-            sa2b += c * a * a / b  # type: ignore[operator]
+            # an example's weight in the step gradient: its share of its micro-batch under "mean"
+            for n, b in ([(c, s)] if sizes is None else [(1, b) for b in sizes]):  # type: ignore[misc]
+                counts.append(n)
+                weights.append(b / size_m if self.reduction == "mean" else b)
+                sizes_out.append(b)
+        sa2, sa2b = pooling_moments(sizes_out, weights, counts)
         return sa2, sa2 / sa2b, 1.0 / sa2b, total
 
     def collect(self, ctx: StepContext) -> tuple[Measurement | None, str | None, float | None]:
@@ -653,7 +648,7 @@ class PerExampleProbe:
         if n_examples < 2:
             return None, (f"only {n_examples} example this step: per-example norms need >= 2 examples"), total
         grads = [p.grad for p in self.params if p.grad is not None]
-        big = _total_sq_norm(grads)
+        big = total_sq_norm(grads)
         if big is None:
             return None, "no covered parameter has a .grad at step(): call step() before optimizer.zero_grad()", total
         small = raw.to(device=big.device) * ctx.inv_scale2_small / sa2
@@ -671,13 +666,6 @@ class PerExampleProbe:
                 del mod.__dict__["forward"]
         self._layers = []
         self._seen = []
-
-
-def _total_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
-    """``sum |g|^2`` as a 0-d float64 tensor: one foreach kernel for dense same-device fp32 grads."""
-    if grads and all(g.dtype == torch.float32 and not g.is_sparse and g.device == grads[0].device for g in grads):
-        return torch.stack(torch._foreach_norm(grads)).double().square().sum()
-    return total_sq_norm(grads)
 
 
 def _factory(model: nn.Module, params: Sequence[nn.Parameter], *, reduction: str = "mean",
