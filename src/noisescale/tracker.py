@@ -188,7 +188,7 @@ class GradientNoiseScale:
                 self._warned.add(reason or "")
                 warnings.warn(f"noisescale: step {self.steps} not measured: {reason}", stacklevel=2)
         self._pending.append(_Entry(self.steps, self.examples if examples is not None else None, m, reason, loss))
-        if len(self._pending) >= self.max_pending or (self._log is not None and m is None):
+        if len(self._pending) >= self.max_pending:
             self._flush()
 
     def _context(self, sizes: Sequence[float] | None) -> StepContext:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
 from ..estimators import Measurement
 
-__all__ = ["Probe", "StepContext", "sq_norm", "total_sq_norm", "infer_batch_size", "trainable_parameters"]
+__all__ = ["Probe", "StepContext", "sq_norm", "total_sq_norm", "infer_batch_size", "trainable_parameters",
+           "check_sizes"]
 
 
 class StepContext:
@@ -73,6 +75,22 @@ def total_sq_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | None:
         dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
         return torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).to(torch.float64).square().sum()
     return torch.stack([sq_norm(g).to(device=device, dtype=torch.float64) for g in grads]).sum()
+
+
+def check_sizes(given: Sequence[float], k: int, passes: str = "this step had") -> list[float]:
+    """Validate ``step(sizes=...)``: one finite positive size per backward pass, as floats.
+
+    ``passes`` completes the message's "but ... {k} backward passes" for the probe's context.
+    """
+    sizes = [float(s) for s in given]
+    if len(sizes) != k:
+        raise ValueError(
+            f"step(sizes=...) got {len(sizes)} sizes {list(given)} but {passes} {k} backward passes "
+            f"(micro-batches); give one size per micro-batch, in order")
+    for s in sizes:
+        if not (s > 0 and math.isfinite(s)):
+            raise ValueError(f"micro-batch sizes must be finite and positive, got {list(given)}")
+    return sizes
 
 
 def infer_batch_size(args: tuple, kwargs: dict) -> int | None:

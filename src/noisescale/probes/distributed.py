@@ -63,7 +63,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
 from ..estimators import Measurement, pooling_moments
-from .base import StepContext, infer_batch_size, sq_norm, total_sq_norm
+from .base import StepContext, check_sizes, infer_batch_size, sq_norm, total_sq_norm
 
 __all__ = [
     "DistributedProbe",
@@ -478,16 +478,7 @@ class DistributedProbe(Joinable):
 
     def _resolve_sizes(self, given: Sequence[float] | None, seen: list[list[int | None]], k: int) -> list[float]:
         if given is not None:
-            sizes = [float(s) for s in given]
-            if len(sizes) != k:
-                raise ValueError(
-                    f"step(sizes=...) got {len(sizes)} sizes {list(given)} but this rank had {k} backward "
-                    "passes (micro-batches) reaching the gradient reduction since the last step(); give one "
-                    "size per micro-batch of this rank, in order")
-            for s in sizes:
-                if not (s > 0 and math.isfinite(s)):
-                    raise ValueError(f"micro-batch sizes must be finite and positive, got {list(given)}")
-            return sizes
+            return check_sizes(given, k, "this rank had, since the last step(),")
         out = []
         for group in seen:
             if not group or any(s is None for s in group):

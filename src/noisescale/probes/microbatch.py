@@ -25,7 +25,7 @@ import torch
 from torch.autograd import Variable
 
 from ..estimators import Measurement, pool_parts
-from .base import StepContext, infer_batch_size, sq_norm, total_sq_norm
+from .base import StepContext, check_sizes, infer_batch_size, sq_norm, total_sq_norm
 
 __all__ = ["MicroBatchProbe"]
 
@@ -118,16 +118,7 @@ class MicroBatchProbe:
     @staticmethod
     def _resolve_sizes(given: Sequence[float] | None, seen: list[int | None], k: int) -> list[float] | None:
         if given is not None:
-            sizes = [float(s) for s in given]
-            if len(sizes) != k:
-                raise ValueError(
-                    f"step(sizes=...) got {len(sizes)} sizes {list(given)} but this step had {k} backward "
-                    f"passes (micro-batches); give one size per micro-batch, in order"
-                )
-            for s in sizes:
-                if not (s > 0 and s != float("inf")):
-                    raise ValueError(f"micro-batch sizes must be finite and positive, got {list(given)}")
-            return sizes
+            return check_sizes(given, k)
         if len(seen) == k and all(s is not None for s in seen):
             return [float(s) for s in seen]  # type: ignore[arg-type]
         return None
