@@ -7,7 +7,7 @@ A step is forward + backward (DDP all-reduce) [+ ``gns.step()``] + SGD step + ``
 tracker's lazy read of the all-reduced numbers (every ``max_pending`` = 64 steps) is included.
 
     python benchmarks/distributed.py                     # the table in docs/benchmarks.md
-    python benchmarks/distributed.py --steps 100 --quick
+    python benchmarks/distributed.py --steps 100 --configs lm
 """
 
 from __future__ import annotations
@@ -30,11 +30,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import noisescale as ns
 
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tinyshakespeare.txt")
+
 CONFIGS = {
-    # name: (layer widths, per-rank micro-batch, micro-batches per step)
-    "MLP 784-1024-1024-1024-10, B=64/rank": ([784, 1024, 1024, 1024, 10], 64, 1),
-    "same, 4 micro-batches of 16 (no_sync)": ([784, 1024, 1024, 1024, 10], 16, 4),
-    "MLP 64-128-128-10 (tiny), B=32/rank": ([64, 128, 128, 10], 32, 1),
+    # key: (description, model kind, size, per-rank micro-batch, micro-batches per step)
+    "lm": ("char transformer LM d=256 L=4, 8x128 tokens/rank (tinyshakespeare)", "lm", 256, 8, 1),
+    "lm_accum": ("same LM, 2 micro-batches of 4x128 (no_sync)", "lm", 256, 4, 2),
+    "mlp": ("MLP 784-1024-1024-1024-10, B=64/rank", "mlp", [784, 1024, 1024, 1024, 10], 64, 1),
+    "mlp_accum": ("same MLP, 4 micro-batches of 16 (no_sync)", "mlp", [784, 1024, 1024, 1024, 10], 16, 4),
+    "tiny": ("MLP 64-128-128-10 (tiny), B=32/rank", "mlp", [64, 128, 128, 10], 32, 1),
 }
 
 
@@ -46,33 +50,48 @@ def mlp(widths: list[int], seed: int) -> nn.Module:
     return nn.Sequential(*layers[:-1])
 
 
-def worker(rank: int, world: int, init: str, steps: int, warmup: int, out: str, threads: int) -> None:
+def make_case(kind: str, size, m: int, k: int, rank: int, path: str = DATA):
+    """``(model factory, micro-batches [(x, y)], loss)``: each rank gets its own data."""
+    if kind == "lm":
+        from noisescale.probes.per_example_models import CharTransformer, char_batches, char_data
+
+        data, vocab = char_data(path)
+        batches = char_batches(data, m, 128, k, seed=rank)
+        return (lambda: CharTransformer(vocab=len(vocab), d=size, heads=4, layers=4, block=128, seed=0),
+                batches, lambda out, y: CharTransformer.loss(out, y))
+    g = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(m, size[0], generator=g), torch.randint(0, size[-1], (m,), generator=g))
+               for _ in range(k)]
+    return (lambda: mlp(size, seed=0)), batches, F.cross_entropy
+
+
+def worker(rank: int, world: int, init: str, steps: int, warmup: int, out: str, threads: int,
+           keys: list[str], path: str) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     results = {}
-    for name, (widths, m, k) in CONFIGS.items():
+    for key in keys:
+        name, kind, size, m, k = CONFIGS[key]
+        factory, batches, loss_fn = make_case(kind, size, m, k, rank, path)
         replicas = []
         for with_tracker in (False, True):
-            ddp = DDP(mlp(widths, seed=0))
+            ddp = DDP(factory())
             opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
             gns = ns.GradientNoiseScale(ddp, method="ddp") if with_tracker else None
             replicas.append((ddp, opt, gns))
-        g = torch.Generator().manual_seed(rank)
-        xs = [torch.randn(m, widths[0], generator=g) for _ in range(k)]
-        ys = [torch.randint(0, widths[-1], (m,), generator=g) for _ in range(k)]
         times: list[list[float]] = [[], []]
         for it in range(warmup + steps):
             for idx in (0, 1) if it % 2 == 0 else (1, 0):  # alternate the order too
                 ddp, opt, gns = replicas[idx]
                 dist.barrier()
                 t0 = time.perf_counter()
-                for j in range(k):
+                for j, (x, y) in enumerate(batches):
                     if j < k - 1:
                         with ddp.no_sync():
-                            (F.cross_entropy(ddp(xs[j]), ys[j]) / k).backward()
+                            (loss_fn(ddp(x), y) / k).backward()
                     else:
-                        (F.cross_entropy(ddp(xs[j]), ys[j]) / k).backward()
+                        (loss_fn(ddp(x), y) / k).backward()
                 if gns is not None:
                     gns.step()
                 opt.step()
@@ -96,14 +115,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=400, help="timed steps per replica and config")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
-    p.add_argument("--quick", action="store_true", help="only the first config")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                   help="which models to run (default: all)")
+    p.add_argument("--data", default=DATA, help="tinyshakespeare.txt for the LM configs")
     args = p.parse_args(argv)
-    if args.quick:
-        for key in list(CONFIGS)[1:]:
-            CONFIGS.pop(key)
+    if any(CONFIGS[key][1] == "lm" for key in args.configs) and not os.path.exists(args.data):
+        p.error(f"the LM configs read {args.data}, which does not exist; pass --data PATH or choose "
+                "--configs mlp mlp_accum tiny")
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res.pt")
-        mp.start_processes(worker, args=(2, os.path.join(d, "init"), args.steps, args.warmup, out, args.threads),
+        mp.start_processes(worker, args=(2, os.path.join(d, "init"), args.steps, args.warmup, out, args.threads,
+                                         args.configs, args.data),
                            nprocs=2, join=True, start_method="spawn")
         results = torch.load(out, weights_only=False)
     print(f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "

@@ -87,12 +87,13 @@ def make_cases(names: list[str]) -> list[dict[str, Any]]:
             cases.append(dict(name="CNN conv32-GN-conv64-GN, 32x32x3, B=64", model=SmallCNN(inplace=False),
                               x=torch.randn(64, 3, 32, 32, generator=g),
                               y=torch.randint(0, 10, (64,), generator=g), loss="ce"))
-        elif name.startswith("tf"):
-            T = int(name[2:])
+        elif name.startswith("tf"):  # tf<T> or tf<T>d<width>
+            T, _, d = name[2:].partition("d")
+            T, d = int(T), int(d or 128)
             data, vocab = char_data(SHAKESPEARE)
             (x, y), = char_batches(data, 16, T, 1, seed=0)
-            cases.append(dict(name=f"char transformer d=128 L=2, B=16, T={T}",
-                              model=CharTransformer(len(vocab), d=128, heads=4, layers=2, block=256),
+            cases.append(dict(name=f"char transformer d={d} L=2, B=16, T={T}",
+                              model=CharTransformer(len(vocab), d=d, heads=4, layers=2, block=max(256, T)),
                               x=x, y=y, loss="lm"))
         else:
             raise SystemExit(f"unknown model {name!r}")
@@ -267,7 +268,7 @@ def run_case(case: dict[str, Any], rounds: int, warmup: int) -> dict[str, dict[s
     base_mem = peak_bytes(steps["plain"])
     for n, st in steps.items():
         res[n]["mem"] = peak_bytes(st) / base_mem
-    ref = res["noisescale"].get("value")
+    ref = res.get("noisescale", {}).get("value")
     for n in steps:
         v = res[n].get("value")
         if v is not None and ref:
@@ -277,7 +278,10 @@ def run_case(case: dict[str, Any], rounds: int, warmup: int) -> dict[str, dict[s
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="mlp,cnn,tf64,tf256")
+    ap.add_argument("--models", default="mlp,cnn,tf64,tf256",
+                    help="comma-separated: mlp, cnn, tf<T> (d=128) or tf<T>d<width>, e.g. tf64d512")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated subset of the methods (default: all); plain always runs")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
@@ -299,6 +303,12 @@ def main(argv: list[str] | None = None) -> None:
             versions[dist] = "not installed"
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={a.threads}, "
           f"rounds={a.rounds}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if a.methods:
+        keep = {"plain"} | {m.strip() for m in a.methods.split(",")}
+        unknown = keep - {n for n, _ in METHODS}
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {[n for n, _ in METHODS]}")
+        METHODS[:] = [(n, b) for n, b in METHODS if n in keep]
     for case in make_cases(a.models.split(",")):
         res = run_case(case, a.rounds, a.warmup)
         if a.markdown:

@@ -153,10 +153,15 @@ def ddp_exact(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = Net(cfg.get("hidden", 16), unused=cfg.get("unused", False), seed=cfg["seed"])
-    ddp = DDP(model, **cfg.get("ddp", {}))
+    extra: dict[str, Any] = {}
+    if cfg.get("own_group"):  # a data-parallel group other than WORLD, given to DDP and to the tracker
+        extra["process_group"] = dist.new_group(list(range(world)))
+    ddp = DDP(model, **cfg.get("ddp", {}), **extra)
     red = cfg.get("reduction", "mean")
     gns = ns.GradientNoiseScale(ddp, method=cfg.get("method", "auto"), beta=1.0, reduction=red,
-                                max_pending=cfg.get("max_pending", 64))
+                                max_pending=cfg.get("max_pending", 64), **extra)
+    if extra:
+        assert gns._probe.group is extra["process_group"], "process_group= was not used"
     sizes = cfg["sizes"][rank]
     k = len(sizes)
     for t in range(cfg["steps"]):

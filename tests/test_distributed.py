@@ -143,6 +143,7 @@ DDP_CASES = {
     # static_graph + no_sync fails in plain DDP too (torch 2.13 reducer assert), so no accumulation here
     "static_graph": dict(sizes=[[8], [8]], ddp=dict(static_graph=True)),
     "explicit_method": dict(sizes=[[8], [8]], method="ddp", max_pending=2),
+    "explicit_group": dict(sizes=[[4, 4], [4, 4]], method="ddp", own_group=True),
 }
 
 

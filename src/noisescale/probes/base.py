@@ -74,6 +74,9 @@ def total_sq_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | None:
             and len({(g.device, g.dtype) for g in grads}) == 1):
         dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
         return torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).to(torch.float64).square().sum()
+    if device.type == "cpu" and all(g.device.type == "cpu" for g in grads):
+        # No device to keep busy: read each dot at once and add in float64 (cheaper than stacking)
+        return torch.tensor(math.fsum(sq_norm(g).item() for g in grads), dtype=torch.float64)
     return torch.stack([sq_norm(g).to(device=device, dtype=torch.float64) for g in grads]).sum()
 
 

@@ -260,6 +260,9 @@ class DistributedProbe(Joinable):
         self.model = model
         self.reduction = reduction
         self.device = self._device(params)
+        # On CPU nothing runs asynchronously: numbers are read as they are made and the step's
+        # vector is built from Python floats (fewer tiny tensor ops per step than on a device).
+        self._host = self.device.type == "cpu"
         self._local = local
         if local is not None and found != "ddp":
             raise NotImplementedError("composition with a local probe (per-example) is available under DDP only")
@@ -267,7 +270,7 @@ class DistributedProbe(Joinable):
         self._active = True
         self._current: list[torch.Tensor] = []  # squared norms of the open part's gradients
         self._pending_sizes: list[int | None] = []
-        self._parts: list[tuple[torch.Tensor, list[int | None]]] = []
+        self._parts: list[tuple[torch.Tensor | float, list[int | None]]] = []
         self._records: list[_StepRecord] = []
         self._handles: list[Any] = []
         self._restore: list[tuple[Any, Any]] = []
@@ -375,7 +378,10 @@ class DistributedProbe(Joinable):
     def _close_part_locked(self) -> None:
         if self._current:
             terms = self._current
-            if len({(t.device, t.dtype) for t in terms}) == 1:
+            total: torch.Tensor | float
+            if self._host and all(t.device.type == "cpu" for t in terms):
+                total = math.fsum(t.item() for t in terms)
+            elif len({(t.device, t.dtype) for t in terms}) == 1:
                 total = torch.stack(terms).sum(dtype=torch.float64)
             else:
                 total = torch.stack([t.to(device=terms[0].device, dtype=torch.float64) for t in terms]).sum()
@@ -392,7 +398,7 @@ class DistributedProbe(Joinable):
     def collect(self, ctx: StepContext) -> tuple[Measurement | None, str | None, float | None]:
         error: BaseException | None = None
         vec_host = [0.0] * _VEC_LEN
-        tensors: dict[int, torch.Tensor] = {}
+        tensors: dict[int, torch.Tensor | float] = {}
         examples: float | None = None
         try:
             examples = self._local_stats(ctx, vec_host, tensors)
@@ -401,10 +407,12 @@ class DistributedProbe(Joinable):
             vec_host = [0.0] * _VEC_LEN
             tensors = {}
             vec_host[_ERR] = 1.0
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        dev_part = torch.stack([tensors.get(i, zero).to(device=self.device, dtype=torch.float64).reshape(())
-                                for i in (_S, _BIG)])
-        vec = torch.cat([torch.tensor(vec_host[:_S], dtype=torch.float64, device=self.device), dev_part])
+        late = [tensors.get(i, 0.0) for i in (_S, _BIG)]
+        if not any(isinstance(t, torch.Tensor) for t in late):
+            vec = torch.tensor(vec_host[:_S] + late, dtype=torch.float64, device=self.device)
+        else:  # numbers still on the device: no host sync here
+            dev_part = torch.stack([_as_tensor(t, self.device).reshape(()) for t in late])
+            vec = torch.cat([torch.tensor(vec_host[:_S], dtype=torch.float64, device=self.device), dev_part])
         work = dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         rec = _StepRecord(vec, work)
         self._records.append(rec)
@@ -413,7 +421,8 @@ class DistributedProbe(Joinable):
         total_examples = examples * self.world_size if examples is not None else None
         return _DeferredMeasurement(self, rec, self.name), None, total_examples
 
-    def _local_stats(self, ctx: StepContext, vec: list[float], tensors: dict[int, torch.Tensor]) -> float | None:
+    def _local_stats(self, ctx: StepContext, vec: list[float], tensors: dict[int, torch.Tensor | float]
+                     ) -> float | None:
         """Fill this rank's contribution; return its examples (None if unknown)."""
         vec[_N] = 1.0
         if self._local is not None:
@@ -430,12 +439,17 @@ class DistributedProbe(Joinable):
         vec[_A2], vec[_A2B] = pooling_moments(sizes, [1.0] * k if self.reduction == "mean" else sizes)
         vec[_EX] = float(sum(sizes))
         vec[_K] = float(k)
-        small = torch.stack([p.to(device=self.device, dtype=torch.float64) for p, _ in parts]).sum()
+        terms = [p for p, _ in parts]
+        small: torch.Tensor | float
+        if not any(isinstance(t, torch.Tensor) for t in terms):
+            small = math.fsum(terms)  # type: ignore[arg-type]
+        else:
+            small = torch.stack([_as_tensor(t, self.device) for t in terms]).sum()
         tensors[_S] = small * ctx.inv_scale2_small
         return float(sum(sizes))
 
-    def _local_stats_from_probe(self, ctx: StepContext, vec: list[float], tensors: dict[int, torch.Tensor]
-                                ) -> float | None:
+    def _local_stats_from_probe(self, ctx: StepContext, vec: list[float],
+                                tensors: dict[int, torch.Tensor | float]) -> float | None:
         m, reason, examples = self._local.collect(ctx)
         if m is None:
             big = self._global_term(getattr(self._local, "params", self.params))  # same params as the probe's
@@ -445,15 +459,21 @@ class DistributedProbe(Joinable):
         # Undo the local pooling: pool_parts gave sq_small = S/A2, b_small = A2/A2b, b_big = 1/A2b.
         a2b = 1.0 / m.b_big
         a2 = m.b_small / m.b_big
-        tensors[_S] = _as_tensor(m.sq_norm_small, self.device) * a2
+        tensors[_S] = self._number(m.sq_norm_small) * a2
         # the local probe's big norm is the full synchronized .grad on every rank: each adds 1/n of it
-        tensors[_BIG] = _as_tensor(m.sq_norm_big, self.device) / self.world_size
+        tensors[_BIG] = self._number(m.sq_norm_big) / self.world_size
         vec[_A2], vec[_A2B] = a2, a2b
         vec[_K] = float(examples) if examples else 2.0  # parts = examples (informational)
         vec[_EX] = float(examples) if examples is not None else 0.0
         return examples
 
-    def _global_term(self, params: Sequence[torch.nn.Parameter] | None = None) -> torch.Tensor | None:
+    def _number(self, x: Any) -> torch.Tensor | float:
+        """A float on CPU (reading a CPU tensor costs nothing), a float64 device tensor otherwise."""
+        if self._host and (not isinstance(x, torch.Tensor) or x.device.type == "cpu"):
+            return float(x)
+        return _as_tensor(x, self.device)
+
+    def _global_term(self, params: Sequence[torch.nn.Parameter] | None = None) -> torch.Tensor | float:
         """This rank's term of the global squared norm (the ranks' terms are summed by the all-reduce).
 
         DDP: ``.grad`` is the same synchronized gradient on every rank, so each rank takes the norm
@@ -473,8 +493,8 @@ class DistributedProbe(Joinable):
                 terms.append(g.detach())
         total = total_sq_norm(terms)
         if total is None:
-            return torch.zeros((), dtype=torch.float64, device=self.device)
-        return total.to(self.device)
+            return 0.0
+        return total.item() if self._host and total.device.type == "cpu" else total.to(self.device)
 
     def _resolve_sizes(self, given: Sequence[float] | None, seen: list[list[int | None]], k: int) -> list[float]:
         if given is not None:
@@ -613,18 +633,29 @@ def joinable(gns: Any) -> DistributedProbe:
 # -- factories for the tracker (registered in probes/__init__.py) ----------------------
 
 
+def _no_options(method: str, options: dict[str, Any]) -> None:
+    if options:
+        raise TypeError(f"method={method!r} takes no options {sorted(options)} (it accepts process_group=); "
+                        "per-example options apply to method='per_example' or 'ddp_per_example'")
+
+
 def _make_ddp(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], *, reduction: str = "mean",
-              unit: str = "examples", **_: Any) -> DistributedProbe:
-    return DistributedProbe(model, params, reduction=reduction, infer_sizes=(unit == "examples"), kind="ddp")
+              unit: str = "examples", process_group: Any = None, **options: Any) -> DistributedProbe:
+    _no_options("ddp", options)
+    return DistributedProbe(model, params, reduction=reduction, infer_sizes=(unit == "examples"), kind="ddp",
+                            process_group=process_group)
 
 
 def _make_fsdp(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], *, reduction: str = "mean",
-               unit: str = "examples", **_: Any) -> DistributedProbe:
-    return DistributedProbe(model, params, reduction=reduction, infer_sizes=(unit == "examples"), kind="fsdp")
+               unit: str = "examples", process_group: Any = None, **options: Any) -> DistributedProbe:
+    _no_options("fsdp", options)
+    return DistributedProbe(model, params, reduction=reduction, infer_sizes=(unit == "examples"), kind="fsdp",
+                            process_group=process_group)
 
 
 def _make_ddp_per_example(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], *,
-                          reduction: str = "mean", unit: str = "examples", **options: Any) -> DistributedProbe:
+                          reduction: str = "mean", unit: str = "examples", process_group: Any = None,
+                          **options: Any) -> DistributedProbe:
     from . import PROBES, make_probe
 
     if "per_example" not in PROBES:
@@ -632,10 +663,11 @@ def _make_ddp_per_example(model: torch.nn.Module, params: Sequence[torch.nn.Para
                                   "in this version of noisescale; use method='ddp'")
     if distributed_kind(model) != "ddp":
         raise TypeError("method='ddp_per_example' needs a DistributedDataParallel model")
-    _validate(model, "ddp", "ddp_per_example", None)  # before the local probe attaches its hooks
+    _validate(model, "ddp", "ddp_per_example", process_group)  # before the local probe attaches its hooks
     local = make_probe("per_example", model, params, reduction=reduction, unit=unit, **options)
     try:
-        return DistributedProbe(model, params, reduction=reduction, infer_sizes=False, local=local, kind="ddp")
+        return DistributedProbe(model, params, reduction=reduction, infer_sizes=False, local=local, kind="ddp",
+                                process_group=process_group)
     except Exception:
         local.close()
         raise
