@@ -132,8 +132,8 @@ class GradientNoiseScale:
             self.params = list(seen.values())
         self.method = _auto_method(model, self.params) if method == "auto" else method
         if probe_options and self.method == "microbatch":
-            raise TypeError(f"options {sorted(probe_options)} apply to method='per_example' (and process_group= "
-                            f"to the distributed methods) only (this tracker uses method={self.method!r})")
+            raise TypeError(f"options {sorted(probe_options)} apply to method='per_example' only, and "
+                            f"process_group= to the distributed methods (this tracker uses method={self.method!r})")
         self._explicit = method != "auto"
         self.unit = unit
         self.reduction = reduction
