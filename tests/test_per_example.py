@@ -88,6 +88,8 @@ def _layer_cases():
         ("linear-2d-nobias", nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 3)), r(B, 5)),
         ("linear-seq-materialise", nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), r(B, 9, 5)),
         ("linear-seq-ghost", nn.Sequential(nn.Linear(32, 40), nn.Tanh(), nn.Linear(40, 30)), r(B, 3, 32)),
+        # ghost norm is cheaper by FLOPs (T (d + p) <= d p), but T >= FUSED_MIN_ROWS: fused materialises
+        ("linear-long-seq", nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 8)), r(3, 128, 256) / 16),
         ("linear-4d", nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)), r(B, 3, 2, 4)),
         ("conv1d-groups-dilation-circular",
          nn.Sequential(nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2, padding_mode="circular"), nn.Tanh(),
