@@ -97,10 +97,9 @@ def check_against_reference(per_rank: list[dict], cfg: dict) -> None:
         assert res["history"] == h0, "ranks disagree on the reduced statistics"
         assert res["b_simple"] == per_rank[0]["b_simple"], "ranks report different b_simple"
         assert res["state"]["ema"] == per_rank[0]["state"]["ema"]
-        counters, counters0 = dict(res["state"]["counters"]), dict(per_rank[0]["state"]["counters"])
-        if len({sum(s) for s in cfg["sizes"]}) > 1:  # documented: examples = local x world (no extra sync)
-            counters.pop("examples"), counters0.pop("examples")
-        assert counters == counters0
+        assert res["state"]["counters"] == per_rank[0]["state"]["counters"]
+        # examples: the sum over ranks of their own (possibly unequal) batches, on every rank
+        assert res["state"]["counters"]["examples"] == cfg["steps"] * sum(map(sum, cfg["sizes"]))
     for h, r in zip(h0, ref):
         # local (sum over every rank and micro-batch) and global squared norms vs one process
         assert rel(h["sum_sq_local"], sum(r["parts"])) < 1e-5

@@ -149,7 +149,7 @@ class GradientNoiseScale:
         self._measured = 0  # read through the properties, which fold pending steps first
         self._skipped = 0
         self.unmeasurable = 0
-        self.examples = 0.0
+        self._examples = 0.0
         self._last_reason: str | None = None
         self._warned: set[str] = set()
         self._closed = False
@@ -173,10 +173,10 @@ class GradientNoiseScale:
                 (a tensor is not read until the log is written).
         """
         self._check_open()
+        # examples: this step's count, None if unknown, or a callable when it is only known after a
+        # reduction still in flight (distributed probes: the sum over ranks); added up in _flush
         m, reason, examples = self._probe.collect(self._context(sizes))
         self.steps += 1
-        if examples is not None:
-            self.examples += examples
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
         if m is None:
@@ -187,7 +187,7 @@ class GradientNoiseScale:
             if reason not in self._warned:
                 self._warned.add(reason or "")
                 warnings.warn(f"noisescale: step {self.steps} not measured: {reason}", stacklevel=2)
-        self._pending.append(_Entry(self.steps, self.examples if examples is not None else None, m, reason, loss))
+        self._pending.append(_Entry(self.steps, examples, m, reason, loss))
         if len(self._pending) >= self.max_pending:
             self._flush()
 
@@ -219,7 +219,11 @@ class GradientNoiseScale:
         entries, self._pending = self._pending, []
         values = _read_scalars(entries)
         for e in entries:
-            record: dict[str, Any] = {"type": "step", "step": e.step, "examples": e.examples}
+            add = e.examples() if callable(e.examples) else e.examples
+            if add is not None:
+                self._examples += add
+            record: dict[str, Any] = {"type": "step", "step": e.step,
+                                      "examples": self._examples if add is not None else None}
             if e.loss is not None:
                 record["loss"] = values.get(id(e.loss), e.loss if not isinstance(e.loss, torch.Tensor) else None)
             m = e.measurement
@@ -249,6 +253,12 @@ class GradientNoiseScale:
                 self._log.write(record)
 
     # -- reading -----------------------------------------------------------------------
+
+    @property
+    def examples(self) -> float:
+        """Examples (in :attr:`unit`) seen so far, over all ranks for the distributed methods."""
+        self._flush()
+        return self._examples
 
     @property
     def b_simple(self) -> float | None:
@@ -362,7 +372,7 @@ class GradientNoiseScale:
         self._ema.load_state_dict(sd["ema"])
         c = sd["counters"]
         self.steps, self._measured, self._skipped = int(c["steps"]), int(c["measured"]), int(c["skipped"])
-        self.unmeasurable, self.examples = int(c["unmeasurable"]), float(c["examples"])
+        self.unmeasurable, self._examples = int(c["unmeasurable"]), float(c["examples"])
 
     # -- lifetime ----------------------------------------------------------------------
 

@@ -162,6 +162,12 @@ class _DeferredMeasurement(Measurement):
     def b_big(self) -> float:  # type: ignore[override]
         return self._values()[3]
 
+    def reduced_examples(self) -> float:
+        """The step's examples summed over the ranks (the all-reduced count)."""
+        self._values()
+        assert self._record.raw is not None
+        return self._record.raw[_EX]
+
     @property
     def skip_reason(self) -> str | None:
         """Why this step cannot be used (the same on every rank); read by the tracker."""
@@ -418,8 +424,9 @@ class DistributedProbe(Joinable):
         self._records.append(rec)
         if error is not None:
             raise error
-        total_examples = examples * self.world_size if examples is not None else None
-        return _DeferredMeasurement(self, rec, self.name), None, total_examples
+        m = _DeferredMeasurement(self, rec, self.name)
+        # the step's examples over all ranks (ranks may differ), read with the reduced numbers
+        return m, None, (m.reduced_examples if examples is not None else None)
 
     def _local_stats(self, ctx: StepContext, vec: list[float], tensors: dict[int, torch.Tensor | float]
                      ) -> float | None:
