@@ -325,3 +325,26 @@ def _probes():
     from noisescale.probes import PROBES
 
     return PROBES
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_global_norm_shares_cover_every_element_once(world):
+    """The ranks' slices of the synchronized gradient partition it exactly, for any world size,
+    with exactly one owner of each tensor's element 0 (it takes unsliceable gradients whole)."""
+    from noisescale.probes.distributed import _share
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 0, 1000, 3, 7)]
+    owner: dict[tuple[int, int], int] = {}
+    firsts: dict[int, int] = {}
+    sizes = []
+    for r in range(world):
+        share = _share(params, r, world)
+        sizes.append(sum(hi - lo for _, lo, hi, _ in share))
+        for p, lo, hi, first in share:
+            for i in range(lo, hi):
+                assert (id(p), i) not in owner
+                owner[(id(p), i)] = r
+            firsts[id(p)] = firsts.get(id(p), 0) + first
+    assert len(owner) == sum(p.numel() for p in params)
+    assert all(firsts.get(id(p)) == 1 for p in params if p.numel())
+    assert max(sizes) - min(sizes) <= 1  # balanced to one element, even with one dominant tensor

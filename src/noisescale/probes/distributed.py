@@ -74,6 +74,10 @@ __all__ = [
 
 DISTRIBUTED_METHODS = ("ddp", "ddp_per_example", "fsdp")
 
+# A rank's part of the global norm: (parameter, lo, hi, first) -- elements [lo, hi) of its
+# gradient, or all of it when lo is None; first: this rank owns the parameter's element 0.
+_Slice = tuple[torch.nn.Parameter, "int | None", "int | None", bool]
+
 # Layout of the per-rank vector that is all-reduced (SUM) once per step.
 _A2, _A2B, _EX, _K, _N, _ERR, _S, _BIG = range(8)  # host-known fields first, then the two tensors
 _VEC_LEN = 8
@@ -287,7 +291,7 @@ class DistributedProbe(Joinable):
             ignore = getattr(model, "parameters_to_ignore", set()) or set()
             ignored = {id(p) for n, p in model.module.named_parameters() if n in ignore}
             self.params = [p for p in params if id(p) not in ignored]
-            self._global_share = _share(self.params, dist.get_rank(self.group), self.world_size)
+            self._global_share: list[_Slice] = _share(self.params, dist.get_rank(self.group), self.world_size)
             if local is None:
                 self._handles += [p.register_hook(self._grad_hook) for p in self.params]
         else:
@@ -297,7 +301,7 @@ class DistributedProbe(Joinable):
                 raise ValueError("under FSDP the gradient is reduced as flat buffers: measure all trainable "
                                  "parameters (do not pass params=)")
             self.params = list(params)
-            self._global_share = self.params  # shards: every rank adds its own
+            self._global_share = [(p, None, None, True) for p in self.params]  # shards: each rank its own
             if found == "fsdp2":
                 self._install_fsdp2(model)
             else:
@@ -484,20 +488,24 @@ class DistributedProbe(Joinable):
         """This rank's term of the global squared norm (the ranks' terms are summed by the all-reduce).
 
         DDP: ``.grad`` is the same synchronized gradient on every rank, so each rank takes the norm
-        of its own share of the parameters (balanced by size): 1/world of a pass over the gradients.
+        of its own 1/world of the gradient elements (:func:`_share`): 1/world of a pass over the
+        gradients, balanced even when one tensor (an embedding) dominates the model.
         FSDP: the rank's gradient shards. With a local probe (``params`` given): that probe's params.
         """
-        if params is None:
-            params = self._global_share
+        share = self._global_share if params is None else [(p, None, None, True) for p in params]
         terms = []
-        for p in params:
+        for p, lo, hi, first in share:
             g = p.grad
             if g is None:
                 continue
             if hasattr(g, "to_local"):
                 g = g.to_local()
-            if g.numel():
-                terms.append(g.detach())
+            g = g.detach()
+            if lo is None or g.is_sparse or not g.is_contiguous() or (lo == 0 and hi == g.numel()):
+                if first and g.numel():  # cannot be sliced (or need not be): the owner of element 0 takes it
+                    terms.append(g)
+            elif lo < hi:
+                terms.append(g.view(-1)[lo:hi])
         total = total_sq_norm(terms)
         if total is None:
             return 0.0
@@ -605,16 +613,23 @@ class DistributedProbe(Joinable):
         self._current = []
 
 
-def _share(params: Sequence[torch.nn.Parameter], rank: int, world: int) -> list[torch.nn.Parameter]:
-    """This rank's parameters for the global norm: greedy balance by size, the same on every rank."""
-    load = [0] * world
-    owner: dict[int, int] = {}
-    order = sorted(range(len(params)), key=lambda i: (-params[i].numel(), i))
-    for i in order:
-        r = min(range(world), key=lambda q: (load[q], q))
-        owner[i] = r
-        load[r] += params[i].numel()
-    return [p for i, p in enumerate(params) if owner[i] == rank]
+def _share(params: Sequence[torch.nn.Parameter], rank: int, world: int) -> list[_Slice]:
+    """This rank's part of the global norm: ``(param, lo, hi, first)`` for each parameter it holds
+    elements ``[lo, hi)`` of, in the order of ``params`` laid end to end and cut into ``world`` equal
+    ranges (the same cut on every rank). ``first``: this rank holds the parameter's element 0, and
+    takes the whole gradient if that cannot be sliced (sparse, or not contiguous).
+    """
+    total = sum(p.numel() for p in params)
+    lo_r, hi_r = total * rank // world, total * (rank + 1) // world
+    out: list[_Slice] = []
+    off = 0
+    for p in params:
+        n = p.numel()
+        lo, hi = max(off, lo_r), min(off + n, hi_r)
+        if n and lo < hi:
+            out.append((p, lo - off, hi - off, lo_r <= off < hi_r))
+        off += n
+    return out
 
 
 def _as_tensor(x: Any, device: torch.device) -> torch.Tensor:
