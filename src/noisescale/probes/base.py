@@ -9,7 +9,7 @@ import torch
 
 from ..estimators import Measurement
 
-__all__ = ["Probe", "StepContext", "sq_norm", "total_sq_norm", "infer_batch_size", "trainable_parameters",
+__all__ = ["Probe", "StepContext", "sq_norm", "total_sq_norm", "sum_terms", "infer_batch_size", "trainable_parameters",
            "check_sizes"]
 
 
@@ -60,8 +60,21 @@ def sq_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, 2, dtype=dtype).square()
 
 
-def total_sq_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | None:
-    """``sum |g|^2`` as a 0-d float64 tensor on the first tensor's device; ``None`` if empty.
+def sum_terms(terms: Sequence[torch.Tensor | float], device: torch.device) -> torch.Tensor | float:
+    """Sum squared-norm terms (0-d tensors or floats) in float64.
+
+    A Python float when every term is a float or lives on the CPU: nothing runs asynchronously
+    there, so reading a term costs nothing and saves the tiny tensor ops of stacking. Otherwise a
+    0-d float64 tensor on ``device``, with no host sync.
+    """
+    if all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in terms):
+        return math.fsum(float(t) for t in terms)
+    return torch.stack([torch.as_tensor(t, dtype=torch.float64, device=device) for t in terms]).sum()
+
+
+def total_sq_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | float | None:
+    """``sum |g|^2`` in float64 (see :func:`sum_terms`: a float on CPU, else a 0-d tensor on the
+    first gradient's device); ``None`` if empty.
 
     Dense tensors of one dtype on one accelerator: a single ``_foreach_norm`` (one fused pass,
     fp32/fp64 accumulation). On CPU, one BLAS dot per tensor (:func:`sq_norm`) is faster.
@@ -74,10 +87,7 @@ def total_sq_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | None:
             and len({(g.device, g.dtype) for g in grads}) == 1):
         dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
         return torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).to(torch.float64).square().sum()
-    if device.type == "cpu" and all(g.device.type == "cpu" for g in grads):
-        # No device to keep busy: read each dot at once and add in float64 (cheaper than stacking)
-        return torch.tensor(math.fsum(sq_norm(g).item() for g in grads), dtype=torch.float64)
-    return torch.stack([sq_norm(g).to(device=device, dtype=torch.float64) for g in grads]).sum()
+    return sum_terms([sq_norm(g) for g in grads], device)
 
 
 def check_sizes(given: Sequence[float], k: int, passes: str = "this step had") -> list[float]:

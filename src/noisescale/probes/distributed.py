@@ -63,7 +63,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
 from ..estimators import Measurement, pooling_moments
-from .base import StepContext, check_sizes, infer_batch_size, sq_norm, total_sq_norm
+from .base import StepContext, check_sizes, infer_batch_size, sq_norm, sum_terms, total_sq_norm
 
 __all__ = [
     "DistributedProbe",
@@ -270,9 +270,6 @@ class DistributedProbe(Joinable):
         self.model = model
         self.reduction = reduction
         self.device = self._device(params)
-        # On CPU nothing runs asynchronously: numbers are read as they are made and the step's
-        # vector is built from Python floats (fewer tiny tensor ops per step than on a device).
-        self._host = self.device.type == "cpu"
         self._local = local
         if local is not None and found != "ddp":
             raise NotImplementedError("composition with a local probe (per-example) is available under DDP only")
@@ -387,15 +384,8 @@ class DistributedProbe(Joinable):
 
     def _close_part_locked(self) -> None:
         if self._current:
-            terms = self._current
-            total: torch.Tensor | float
-            if self._host and all(t.device.type == "cpu" for t in terms):
-                total = math.fsum(t.item() for t in terms)
-            elif len({(t.device, t.dtype) for t in terms}) == 1:
-                total = torch.stack(terms).sum(dtype=torch.float64)
-            else:
-                total = torch.stack([t.to(device=terms[0].device, dtype=torch.float64) for t in terms]).sum()
-            self._parts.append((total, self._pending_sizes))
+            # a float on CPU, where the step's vector is then built from Python floats
+            self._parts.append((sum_terms(self._current, self._current[0].device), self._pending_sizes))
             self._current = []
             self._pending_sizes = []
 
@@ -421,7 +411,8 @@ class DistributedProbe(Joinable):
         if not any(isinstance(t, torch.Tensor) for t in late):
             vec = torch.tensor(vec_host[:_S] + late, dtype=torch.float64, device=self.device)
         else:  # numbers still on the device: no host sync here
-            dev_part = torch.stack([_as_tensor(t, self.device).reshape(()) for t in late])
+            dev_part = torch.stack([torch.as_tensor(t, dtype=torch.float64, device=self.device).reshape(())
+                                    for t in late])
             vec = torch.cat([torch.tensor(vec_host[:_S], dtype=torch.float64, device=self.device), dev_part])
         work = dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         rec = _StepRecord(vec, work)
@@ -450,13 +441,7 @@ class DistributedProbe(Joinable):
         vec[_A2], vec[_A2B] = pooling_moments(sizes, [1.0] * k if self.reduction == "mean" else sizes)
         vec[_EX] = float(sum(sizes))
         vec[_K] = float(k)
-        terms = [p for p, _ in parts]
-        small: torch.Tensor | float
-        if not any(isinstance(t, torch.Tensor) for t in terms):
-            small = math.fsum(terms)  # type: ignore[arg-type]
-        else:
-            small = torch.stack([_as_tensor(t, self.device) for t in terms]).sum()
-        tensors[_S] = small * ctx.inv_scale2_small
+        tensors[_S] = sum_terms([p for p, _ in parts], self.device) * ctx.inv_scale2_small
         return float(sum(sizes))
 
     def _local_stats_from_probe(self, ctx: StepContext, vec: list[float],
@@ -470,19 +455,13 @@ class DistributedProbe(Joinable):
         # Undo the local pooling: pool_parts gave sq_small = S/A2, b_small = A2/A2b, b_big = 1/A2b.
         a2b = 1.0 / m.b_big
         a2 = m.b_small / m.b_big
-        tensors[_S] = self._number(m.sq_norm_small) * a2
+        tensors[_S] = sum_terms([m.sq_norm_small], self.device) * a2
         # the local probe's big norm is the full synchronized .grad on every rank: each adds 1/n of it
-        tensors[_BIG] = self._number(m.sq_norm_big) / self.world_size
+        tensors[_BIG] = sum_terms([m.sq_norm_big], self.device) / self.world_size
         vec[_A2], vec[_A2B] = a2, a2b
         vec[_K] = float(examples) if examples else 2.0  # parts = examples (informational)
         vec[_EX] = float(examples) if examples is not None else 0.0
         return examples
-
-    def _number(self, x: Any) -> torch.Tensor | float:
-        """A float on CPU (reading a CPU tensor costs nothing), a float64 device tensor otherwise."""
-        if self._host and (not isinstance(x, torch.Tensor) or x.device.type == "cpu"):
-            return float(x)
-        return _as_tensor(x, self.device)
 
     def _global_term(self, params: Sequence[torch.nn.Parameter] | None = None) -> torch.Tensor | float:
         """This rank's term of the global squared norm (the ranks' terms are summed by the all-reduce).
@@ -509,7 +488,7 @@ class DistributedProbe(Joinable):
         total = total_sq_norm(terms)
         if total is None:
             return 0.0
-        return total.item() if self._host and total.device.type == "cpu" else total.to(self.device)
+        return total if isinstance(total, float) else total.to(self.device)
 
     def _resolve_sizes(self, given: Sequence[float] | None, seen: list[list[int | None]], k: int) -> list[float]:
         if given is not None:
@@ -630,12 +609,6 @@ def _share(params: Sequence[torch.nn.Parameter], rank: int, world: int) -> list[
             out.append((p, lo - off, hi - off, lo_r <= off < hi_r))
         off += n
     return out
-
-
-def _as_tensor(x: Any, device: torch.device) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=torch.float64)
-    return torch.tensor(float(x), dtype=torch.float64, device=device)
 
 
 def joinable(gns: Any) -> DistributedProbe:

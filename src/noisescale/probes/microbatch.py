@@ -110,7 +110,8 @@ class MicroBatchProbe:
         big = total_sq_norm(grads)
         if big is None:
             return None, "no parameter has a .grad at step(): call step() before optimizer.zero_grad()", examples
-        small = torch.stack([x.to(device=big.device, dtype=torch.float64) for x in parts])
+        dev = big.device if isinstance(big, torch.Tensor) else parts[0].device  # (big: a float on CPU)
+        small = torch.stack([x.to(device=dev, dtype=torch.float64) for x in parts])
         m = pool_parts(small * ctx.inv_scale2_small, sizes, big * ctx.inv_scale2_big,
                        reduction=self.reduction, source=self.name)
         return m, None, examples

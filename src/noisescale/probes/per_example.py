@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ..estimators import Measurement, pooling_moments
-from .base import StepContext, infer_batch_size, total_sq_norm
+from .base import StepContext, infer_batch_size, sum_terms, total_sq_norm
 from .per_example_ops import ConvFn, EmbeddingFn, GroupNormFn, LayerNormFn, LinearFn, ScaleFn
 
 __all__ = ["PerExampleProbe", "Coverage", "per_example_coverage", "auto_method", "LAYER_GROUPS"]
@@ -609,11 +609,7 @@ class PerExampleProbe:
         for L in self._layers:
             L.calls = 0
         accs = list(self._accs.values())
-        raw: torch.Tensor | float
-        if all(a.device.type == "cpu" for a in accs):
-            raw = math.fsum(a.item() for a in accs)  # nothing asynchronous to keep on CPU
-        else:
-            raw = accs[0].clone() if len(accs) == 1 else torch.stack([a.to(accs[0].device) for a in accs]).sum()
+        raw = sum_terms(accs, accs[0].device)  # a copy (or a float): the accumulators are zeroed next
         for a in accs:
             a.zero_()
         k = len(seen)
@@ -655,13 +651,10 @@ class PerExampleProbe:
         big = total_sq_norm(grads)
         if big is None:
             return None, "no covered parameter has a .grad at step(): call step() before optimizer.zero_grad()", total
-        if big.device.type == "cpu" and not isinstance(raw, torch.Tensor):
-            big_n: torch.Tensor | float = big.item()
-        else:
-            big_n = big
-            raw = torch.as_tensor(raw, dtype=torch.float64).to(device=big.device)
+        if isinstance(raw, torch.Tensor) and isinstance(big, torch.Tensor):
+            raw = raw.to(big.device)
         small = raw * ctx.inv_scale2_small / sa2
-        return Measurement(small, b_small, big_n * ctx.inv_scale2_big, b_big, source=self.name), None, total
+        return Measurement(small, b_small, big * ctx.inv_scale2_big, b_big, source=self.name), None, total
 
     def close(self) -> None:
         for h in self._handles:
