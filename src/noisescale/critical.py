@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from statistics import NormalDist
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from statistics import NormalDist
+from typing import Any, cast
 
 import numpy as np
 
@@ -163,8 +164,10 @@ def frontier(records: Iterable[RunRecord]) -> list[FrontierPoint]:
         raise ValueError("no runs given")
     targets = {_target_key(r.target) for r in recs}
     if len(targets) > 1:
-        raise ValueError(f"records mix {len(targets)} targets {sorted(map(str, targets))}; "
-                         "split them with group_by_target() and fit each")
+        raise ValueError(
+            f"records mix {len(targets)} targets {sorted(map(str, targets))}; "
+            "split them with group_by_target() and fit each"
+        )
     by_b: dict[float, list[RunRecord]] = {}
     for r in recs:
         by_b.setdefault(float(r.batch_size), []).append(r)
@@ -190,8 +193,12 @@ def frontier(records: Iterable[RunRecord]) -> list[FrontierPoint]:
     out = []
     for p in points:
         dom = p.status != "censored" and any(
-            q is not p and q.steps <= p.steps and q.examples <= p.examples
-            and (q.steps < p.steps or q.examples < p.examples) for q in known)
+            q is not p
+            and q.steps <= p.steps
+            and q.examples <= p.examples
+            and (q.steps < p.steps or q.examples < p.examples)
+            for q in known
+        )
         out.append(FrontierPoint(**{**asdict(p), "dominated": dom}))
     return out
 
@@ -278,24 +285,35 @@ class CriticalBatchFit:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready numbers (``inf``/``nan`` become ``None``)."""
+
         def c(x: float) -> float | None:
             return float(x) if math.isfinite(x) else None
 
         return {
-            "target": self.target, "s_min": c(self.s_min), "s_min_interval": [c(v) for v in self.s_min_interval],
-            "e_min": c(self.e_min), "e_min_interval": [c(v) for v in self.e_min_interval],
-            "b_crit": c(self.b_crit), "b_crit_interval": [c(v) for v in self.b_crit_interval],
-            "level": self.level, "sigma_log": c(self.sigma), "n_points": self.n_points,
-            "n_censored": self.n_censored, "identified": self.identified, "n_boot": self.n_boot,
+            "target": self.target,
+            "s_min": c(self.s_min),
+            "s_min_interval": [c(v) for v in self.s_min_interval],
+            "e_min": c(self.e_min),
+            "e_min_interval": [c(v) for v in self.e_min_interval],
+            "b_crit": c(self.b_crit),
+            "b_crit_interval": [c(v) for v in self.b_crit_interval],
+            "level": self.level,
+            "sigma_log": c(self.sigma),
+            "n_points": self.n_points,
+            "n_censored": self.n_censored,
+            "identified": self.identified,
+            "n_boot": self.n_boot,
             "messages": list(self.messages),
         }
 
     def summary(self) -> str:
         lo, hi = self.b_crit_interval
         t = "" if self.target is None else f"target {self.target}: "
-        return (f"{t}b_crit = {self.b_crit:.4g} [{self.level:.0%}: {lo:.3g}, {hi:.3g}], "
-                f"S_min = {self.s_min:.4g} steps, E_min = {self.e_min:.4g} examples "
-                f"({self.n_points} batch sizes, {self.n_censored} censored, scatter {self.sigma:.2f} in log S)")
+        return (
+            f"{t}b_crit = {self.b_crit:.4g} [{self.level:.0%}: {lo:.3g}, {hi:.3g}], "
+            f"S_min = {self.s_min:.4g} steps, E_min = {self.e_min:.4g} examples "
+            f"({self.n_points} batch sizes, {self.n_censored} censored, scatter {self.sigma:.2f} in log S)"
+        )
 
 
 class _Data:
@@ -306,8 +324,8 @@ class _Data:
         self.exact = np.array([p.status == "exact" for p in points])
         self.interval = np.array([p.status == "interval" for p in points])
         self.cens = np.array([p.status == "censored" for p in points])
-        self.y = np.log([p.steps for p in points])          # log S (upper end for intervals)
-        self.ylow = np.log([p.lower for p in points])       # log of the lower bound
+        self.y = np.log([p.steps for p in points])  # log S (upper end for intervals)
+        self.ylow = np.log([p.lower for p in points])  # log of the lower bound
         lo, hi = self.logb.min(), self.logb.max()
         self.c_bounds = (lo - math.log(_BOUND_FACTOR), hi + math.log(_BOUND_FACTOR))
 
@@ -322,11 +340,11 @@ def _profile_ls(y: np.ndarray, logb: np.ndarray, cgrid: np.ndarray) -> tuple[np.
 
     ``y``: (R, n) replicate data; returns (R,) best ``c`` (parabola-refined) and its ``a``.
     """
-    F = np.logaddexp(0.0, cgrid[:, None] - logb[None, :])       # (G, n)
+    F = np.logaddexp(0.0, cgrid[:, None] - logb[None, :])  # (G, n)
     Fc = F - F.mean(1, keepdims=True)
-    yc = y - y.mean(1, keepdims=True)                           # (R, n)
+    yc = y - y.mean(1, keepdims=True)  # (R, n)
     # SSE(c) = |yc - Fc|^2 = |yc|^2 - 2 yc.Fc + |Fc|^2
-    sse = (yc ** 2).sum(1)[:, None] - 2.0 * yc @ Fc.T + (Fc ** 2).sum(1)[None, :]   # (R, G)
+    sse = (yc**2).sum(1)[:, None] - 2.0 * yc @ Fc.T + (Fc**2).sum(1)[None, :]  # (R, G)
     j = np.clip(sse.argmin(1), 1, len(cgrid) - 2)
     r = np.arange(len(y))
     s0, s1, s2 = sse[r, j - 1], sse[r, j], sse[r, j + 1]
@@ -355,8 +373,9 @@ def _nll(theta: np.ndarray, d: _Data, y: np.ndarray, ylow: np.ndarray, special: 
     return nll
 
 
-def _fit_one(d: _Data, y: np.ndarray, ylow: np.ndarray, optimize: Any, special: Any,
-             start: tuple[float, float] | None = None) -> tuple[float, float, float]:
+def _fit_one(
+    d: _Data, y: np.ndarray, ylow: np.ndarray, optimize: Any, special: Any, start: tuple[float, float] | None = None
+) -> tuple[float, float, float]:
     """MLE ``(a, c, sigma)`` for one data set."""
     cgrid = np.linspace(*d.c_bounds, 801)
     ex = d.exact | d.interval
@@ -365,38 +384,62 @@ def _fit_one(d: _Data, y: np.ndarray, ylow: np.ndarray, optimize: Any, special: 
         c0, a0 = _profile_ls(y[ex][None, :], d.logb[ex], cgrid)
         start = (float(a0[0]), float(c0[0]))
     if not (d.cens.any() or d.interval.any()):
-        c, a = _profile_ls(y[None, :], d.logb, cgrid)
-        c = float(c[0])
+        c = float(_profile_ls(y[None, :], d.logb, cgrid)[0][0])
         if d.c_bounds[0] < c < d.c_bounds[1]:  # polish the grid value
             res = optimize.minimize_scalar(
                 lambda cc: float(((y - _mu(0.0, cc, d.logb)) - (y - _mu(0.0, cc, d.logb)).mean()).var()),
-                bounds=(max(d.c_bounds[0], c - 0.05), min(d.c_bounds[1], c + 0.05)), method="bounded",
-                options={"xatol": 1e-7})
+                bounds=(max(d.c_bounds[0], c - 0.05), min(d.c_bounds[1], c + 0.05)),
+                method="bounded",
+                options={"xatol": 1e-7},
+            )
             c = float(res.x)
         a = float((y - _mu(0.0, c, d.logb)).mean())
         sigma = float(np.sqrt(((y - _mu(a, c, d.logb)) ** 2).mean()))
         return a, c, sigma
     r0 = y[ex] - _mu(start[0], start[1], d.logb[ex])
-    s0 = max(float(np.sqrt((r0 ** 2).mean())) if len(r0) else 0.1, 1e-3)
+    s0 = max(float(np.sqrt((r0**2).mean())) if len(r0) else 0.1, 1e-3)
     bounds = [(None, None), d.c_bounds, (math.log(1e-6), math.log(10.0))]
-    best = None
     # Two starts: the least-squares one and the EM solution (the likelihood is not convex in c).
-    em_c, em_a = _em_censored(y[None, :], d.cens[None, :], ylow[None, :], d.logb, cgrid, special,
-                              start=(start[0], start[1], s0), iters=200) if not d.interval.any() else (None, None)
     starts = [(start[0], start[1], math.log(s0))]
-    if em_c is not None and np.isfinite(em_c[0]):
-        starts.append((float(em_a[0]), float(em_c[0]), math.log(s0)))
-    for x0 in starts:
-        res = optimize.minimize(_nll, np.array(x0), args=(d, y, ylow, special), method="L-BFGS-B", bounds=bounds,
-                                options={"ftol": 1e-14, "gtol": 1e-10, "maxiter": 2000})
-        if best is None or res.fun < best.fun:
-            best = res
+    if not d.interval.any():
+        em_c, em_a = _em_censored(
+            y[None, :],
+            d.cens[None, :],
+            ylow[None, :],
+            d.logb,
+            cgrid,
+            special,
+            start=(start[0], start[1], s0),
+            iters=200,
+        )
+        if np.isfinite(em_c[0]):
+            starts.append((float(em_a[0]), float(em_c[0]), math.log(s0)))
+    fits = [
+        optimize.minimize(
+            _nll,
+            np.array(x0),
+            args=(d, y, ylow, special),
+            method="L-BFGS-B",
+            bounds=bounds,
+            options={"ftol": 1e-14, "gtol": 1e-10, "maxiter": 2000},
+        )
+        for x0 in starts
+    ]
+    best = min(fits, key=lambda r: r.fun)  # the first of equals, as before; a NaN first one is kept
     a, c, ls = best.x
     return float(a), float(c), float(math.exp(ls))
 
 
-def _em_censored(y: np.ndarray, miss: np.ndarray, cap: np.ndarray, logb: np.ndarray, cgrid: np.ndarray,
-                 special: Any, start: tuple[float, float, float], iters: int = 60) -> tuple[np.ndarray, np.ndarray]:
+def _em_censored(
+    y: np.ndarray,
+    miss: np.ndarray,
+    cap: np.ndarray,
+    logb: np.ndarray,
+    cgrid: np.ndarray,
+    special: Any,
+    start: tuple[float, float, float],
+    iters: int = 60,
+) -> tuple[np.ndarray, np.ndarray]:
     """Tobit MLE for many replicates at once by EM (Dempster, Laird & Rubin 1977).
 
     E-step: a censored ``log S > cap`` is replaced by its conditional mean under the current
@@ -404,16 +447,16 @@ def _em_censored(y: np.ndarray, miss: np.ndarray, cap: np.ndarray, logb: np.ndar
     least squares of :func:`_profile_ls` on the completed data, and ``sigma^2`` from the completed
     squared residuals plus the conditional variances. ``y``, ``miss``, ``cap``: (R, n).
     """
-    R, n = y.shape
+    R = y.shape[0]
     a = np.full(R, start[0])
     c = np.full(R, start[1])
     s = np.full(R, max(start[2], 1e-6))
     for _ in range(iters):
         mu = a[:, None] + np.logaddexp(0.0, c[:, None] - logb[None, :])
         z0 = np.where(miss, (cap - mu) / s[:, None], 0.0)
-        lam = np.exp(-0.5 * z0 ** 2 - 0.5 * math.log(2 * math.pi) - special.log_ndtr(-z0))
+        lam = np.exp(-0.5 * z0**2 - 0.5 * math.log(2 * math.pi) - special.log_ndtr(-z0))
         yc = np.where(miss, mu + s[:, None] * lam, y)
-        var = np.where(miss, s[:, None] ** 2 * np.maximum(1.0 + z0 * lam - lam ** 2, 0.0), 0.0)
+        var = np.where(miss, s[:, None] ** 2 * np.maximum(1.0 + z0 * lam - lam**2, 0.0), 0.0)
         c_new, a = _profile_ls(yc, logb, cgrid)
         mu = a[:, None] + np.logaddexp(0.0, c_new[:, None] - logb[None, :])
         s = np.sqrt(np.maximum((((yc - mu) ** 2) + var).mean(1), 1e-12))
@@ -430,8 +473,14 @@ def _percentile(x: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def fit_critical_batch(data: Iterable[RunRecord] | Sequence[FrontierPoint], *, level: float = 0.95,
-                       n_boot: int = 1000, seed: int = 0, target: Any = None) -> CriticalBatchFit:
+def fit_critical_batch(
+    data: Iterable[RunRecord] | Sequence[FrontierPoint],
+    *,
+    level: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+    target: Any = None,
+) -> CriticalBatchFit:
     """Fit ``S_min``, ``E_min`` and ``b_crit = E_min/S_min`` to the frontier of one target.
 
     Model (Eq. 2.11 at fixed ``B``, fitted in log space as in App. A.3)::
@@ -463,29 +512,36 @@ def fit_critical_batch(data: Iterable[RunRecord] | Sequence[FrontierPoint], *, l
             reached the target.
     """
     optimize, special = _scipy()
-    items = list(data)
+    items: list[RunRecord | FrontierPoint] = list(data)
     if not items:
         raise ValueError("no runs given")
-    if isinstance(items[0], FrontierPoint):
-        points = list(items)  # type: ignore[arg-type]
+    first = items[0]
+    points: list[FrontierPoint]
+    if isinstance(first, FrontierPoint):
+        points = cast("list[FrontierPoint]", items)  # the data is all one kind, as the signature says
     else:
         if target is None:
-            target = _target_key(items[0].target)  # type: ignore[union-attr]
-        points = frontier(items)  # type: ignore[arg-type]
+            target = _target_key(first.target)
+        points = frontier(cast("list[RunRecord]", items))
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     tlabel = "" if target is None else f" for target {target}"
     if len(points) < 2:
-        raise ValueError(f"only one batch size ({points[0].batch_size:g}){tlabel}: the fit needs runs at "
-                         "two or more batch sizes (three or more for an interval)")
+        raise ValueError(
+            f"only one batch size ({points[0].batch_size:g}){tlabel}: the fit needs runs at "
+            "two or more batch sizes (three or more for an interval)"
+        )
     n_val = sum(p.status != "censored" for p in points)
     if n_val == 0:
-        raise ValueError(f"no run reached the target{tlabel} at any batch size; lower the target "
-                         "or give the runs more steps")
+        raise ValueError(
+            f"no run reached the target{tlabel} at any batch size; lower the target or give the runs more steps"
+        )
     if n_val < 2:
-        raise ValueError(f"runs reached the target{tlabel} at only one batch size "
-                         f"({[p.batch_size for p in points if p.status != 'censored'][0]:g}); "
-                         "the fit needs two or more")
+        raise ValueError(
+            f"runs reached the target{tlabel} at only one batch size "
+            f"({next(p.batch_size for p in points if p.status != 'censored'):g}); "
+            "the fit needs two or more"
+        )
     d = _Data(points)
     a, c, sigma = _fit_one(d, d.y, d.ylow, optimize, special)
     messages: list[str] = []
@@ -493,11 +549,15 @@ def fit_critical_batch(data: Iterable[RunRecord] | Sequence[FrontierPoint], *, l
     at_edge = not (d.c_bounds[0] + 1e-6 < c < d.c_bounds[1] - 1e-6)
     if at_edge:
         side = "far below the smallest" if c <= d.c_bounds[0] + 1e-6 else "far above the largest"
-        messages.append(f"b_crit is {side} batch size swept ({span[0]:g}..{span[1]:g}): the sweep cannot "
-                        "measure it; sweep batch sizes on both sides of it")
+        messages.append(
+            f"b_crit is {side} batch size swept ({span[0]:g}..{span[1]:g}): the sweep cannot "
+            "measure it; sweep batch sizes on both sides of it"
+        )
     elif not (span[0] / 4 <= math.exp(c) <= span[1] * 4):
-        messages.append(f"b_crit = {math.exp(c):.3g} lies outside the swept batch sizes "
-                        f"({span[0]:g}..{span[1]:g}): an extrapolation")
+        messages.append(
+            f"b_crit = {math.exp(c):.3g} lies outside the swept batch sizes "
+            f"({span[0]:g}..{span[1]:g}): an extrapolation"
+        )
     n = len(points)
     nan2 = (math.nan, math.nan)
     s_iv = e_iv = b_iv = nan2
@@ -516,8 +576,9 @@ def fit_critical_batch(data: Iterable[RunRecord] | Sequence[FrontierPoint], *, l
             # dropped in the replicates: conservative, the interval can only widen).
             cap = np.where(d.cens | d.interval, d.ylow, np.inf)
             miss = ystar > cap[None, :]
-            cb, ab = _em_censored(ystar, miss, np.broadcast_to(cap, ystar.shape), d.logb, cgrid, special,
-                                  start=(a, c, sig_b))
+            cb, ab = _em_censored(
+                ystar, miss, np.broadcast_to(cap, ystar.shape), d.logb, cgrid, special, start=(a, c, sig_b)
+            )
             cb[(~miss).sum(1) < 2] = np.nan
         ok = np.isfinite(cb)
         if ok.sum() < 0.9 * n_boot:
@@ -535,21 +596,37 @@ def fit_critical_batch(data: Iterable[RunRecord] | Sequence[FrontierPoint], *, l
         e_iv = (0.0 if cb_edge[0] else math.exp(e_lo), math.inf if cb_edge[1] else math.exp(e_hi))
         if not at_edge and (b_iv[0] == 0.0 or b_iv[1] == math.inf):
             at_edge = True
-            messages.append(f"the {level:.0%} interval of b_crit reaches {'0' if b_iv[0] == 0.0 else 'infinity'}: "
-                            f"the sweep ({span[0]:g}..{span[1]:g}) bounds it from one side only")
+            messages.append(
+                f"the {level:.0%} interval of b_crit reaches {'0' if b_iv[0] == 0.0 else 'infinity'}: "
+                f"the sweep ({span[0]:g}..{span[1]:g}) bounds it from one side only"
+            )
     elif n_boot > 0:
-        messages.append("only two batch sizes: the fit passes through both points and has no interval; "
-                        "sweep three or more batch sizes")
+        messages.append(
+            "only two batch sizes: the fit passes through both points and has no interval; "
+            "sweep three or more batch sizes"
+        )
     ex = d.exact | d.interval
     resid = [float(v) if e else math.nan for v, e in zip(d.y - _mu(a, c, d.logb), ex)]
     s_min = math.exp(a)
     b = math.exp(c)
     for m in messages:
         warnings.warn(f"noisescale.fit_critical_batch{tlabel}: {m}", stacklevel=2)
-    return CriticalBatchFit(target=target, s_min=s_min, e_min=s_min * b, b_crit=b, s_min_interval=s_iv,
-                            e_min_interval=e_iv, b_crit_interval=b_iv, level=level, sigma=sigma,
-                            points=points, residuals=resid, n_boot=n_boot, identified=not at_edge,
-                            messages=messages)
+    return CriticalBatchFit(
+        target=target,
+        s_min=s_min,
+        e_min=s_min * b,
+        b_crit=b,
+        s_min_interval=s_iv,
+        e_min_interval=e_iv,
+        b_crit_interval=b_iv,
+        level=level,
+        sigma=sigma,
+        points=points,
+        residuals=resid,
+        n_boot=n_boot,
+        identified=not at_edge,
+        messages=messages,
+    )
 
 
 def fit_sweep(records: Iterable[RunRecord], **kwargs: Any) -> dict[Any, CriticalBatchFit]:
@@ -561,8 +638,9 @@ def fit_sweep(records: Iterable[RunRecord], **kwargs: Any) -> dict[Any, Critical
 # Figure.
 
 
-def plot_fit(fits: CriticalBatchFit | Sequence[CriticalBatchFit], path: Any = None, *, unit: str = "examples"
-             ) -> tuple[Any, Any]:
+def plot_fit(
+    fits: CriticalBatchFit | Sequence[CriticalBatchFit], path: Any = None, *, unit: str = "examples"
+) -> tuple[Any, Any]:
     """Goodness-of-fit figure: the frontier in the (examples, steps) plane with the fitted
     hyperbola and ``b_crit`` marked (left), and the log residuals against batch size (right).
 
@@ -582,14 +660,14 @@ def plot_fit(fits: CriticalBatchFit | Sequence[CriticalBatchFit], path: Any = No
         lab = "" if f.target is None else f"target {f.target}: "
         bs = np.array([p.batch_size for p in f.points])
         grid = np.geomspace(bs.min() / 2, bs.max() * 2, 200)
-        ax.plot(f.examples(grid), f.steps(grid), color=col, lw=1.5,
-                label=f"{lab}$B_{{crit}}$ = {f.b_crit:.3g}")
+        ax.plot(f.examples(grid), f.steps(grid), color=col, lw=1.5, label=f"{lab}$B_{{crit}}$ = {f.b_crit:.3g}")
         for p in f.points:
             if p.status == "censored":
                 ax.plot(p.examples, p.steps, marker="^", mfc="none", color=col, ls="none")
             else:
-                ax.plot(p.examples, p.steps, marker="o", color=col, ls="none",
-                        mfc=col if p.status == "exact" else "none")
+                ax.plot(
+                    p.examples, p.steps, marker="o", color=col, ls="none", mfc=col if p.status == "exact" else "none"
+                )
         ax.plot([f.examples(f.b_crit)], [f.steps(f.b_crit)], marker="*", ms=14, color=col, mec="k")
         ax.axhline(f.s_min, color=col, ls=":", lw=0.8)
         ax.axvline(f.e_min, color=col, ls=":", lw=0.8)
@@ -600,8 +678,11 @@ def plot_fit(fits: CriticalBatchFit | Sequence[CriticalBatchFit], path: Any = No
     ax.set_yscale("log")
     ax.set_xlabel(f"{unit} to target  E")
     ax.set_ylabel("optimizer steps to target  S")
-    ax.set_title("Fastest run per batch size; fit $(S/S_{min}-1)(E/E_{min}-1)=1$\n"
-                 "(star: $B=B_{crit}$, dotted: $S_{min}$, $E_{min}$; open: censored)", fontsize=9)
+    ax.set_title(
+        "Fastest run per batch size; fit $(S/S_{min}-1)(E/E_{min}-1)=1$\n"
+        "(star: $B=B_{crit}$, dotted: $S_{min}$, $E_{min}$; open: censored)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, loc="best")
     axr.axhline(0, color="k", lw=0.6)
     axr.set_xscale("log")

@@ -12,8 +12,9 @@ from torch import nn
 __all__ = ["load_digits", "digits_mlp"]
 
 
-def load_digits(*, test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = torch.float32
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits(
+    *, test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(X_train, y_train, X_test, y_test)``: pixels scaled to [0, 1], flattened to 64 features."""
     try:
         from sklearn.datasets import load_digits as _load
@@ -29,7 +30,7 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype
     y = torch.tensor(d.target, dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y), generator=g)
-    n_test = int(round(test_fraction * len(y)))
+    n_test = round(test_fraction * len(y))
     test, train = perm[:n_test], perm[n_test:]
     return X[train], y[train], X[test], y[test]
 

@@ -43,7 +43,7 @@ class RunLogWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         exists = append and self.path.exists() and self.path.stat().st_size > 0
-        self._f: IO[str] | None = open(self.path, "a" if append else "w", encoding="utf-8")
+        self._f: IO[str] | None = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (held open; closed by close())
         if not exists:
             self.write({"type": "header", "format": FORMAT, "version": VERSION, **header})
 
@@ -89,7 +89,9 @@ def read_run_log(path: str | os.PathLike) -> RunLog:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise RunLogError(f"{p}: not a text file ({e.reason} at byte {e.start}); expected a JSON-lines run log") from None
+        raise RunLogError(
+            f"{p}: not a text file ({e.reason} at byte {e.start}); expected a JSON-lines run log"
+        ) from None
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     if not lines:
         raise RunLogError(f"{p}: empty file; expected a header line and step records")
@@ -103,11 +105,15 @@ def read_run_log(path: str | os.PathLike) -> RunLog:
             raise RunLogError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         if log is None:
             if obj.get("type") != "header" or obj.get("format") != FORMAT:
-                raise RunLogError(f"{p}:{lineno}: first line is not a noisescale run-log header "
-                                  f"(expected type='header', format='{FORMAT}')")
+                raise RunLogError(
+                    f"{p}:{lineno}: first line is not a noisescale run-log header "
+                    f"(expected type='header', format='{FORMAT}')"
+                )
             if obj.get("version") != VERSION:
-                raise RunLogError(f"{p}:{lineno}: run-log version {obj.get('version')!r} is not supported "
-                                  f"(this noisescale reads version {VERSION})")
+                raise RunLogError(
+                    f"{p}:{lineno}: run-log version {obj.get('version')!r} is not supported "
+                    f"(this noisescale reads version {VERSION})"
+                )
             log = RunLog(header=obj)
             continue
         if obj.get("type") != "step":

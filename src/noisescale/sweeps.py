@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from .critical import CriticalBatchFit, RunRecord, fit_sweep
 from .estimators import eps_central
@@ -49,16 +51,33 @@ __all__ = [
 ]
 
 # Columns of the results file (one row per run and target). `noisescale fit` reads it directly.
-RESULT_FIELDS = ("batch_size", "lr", "seed", "target", "steps", "examples", "reached", "diverged",
-                 "final_loss", "wall_s", "metrics")
+RESULT_FIELDS = (
+    "batch_size",
+    "lr",
+    "seed",
+    "target",
+    "steps",
+    "examples",
+    "reached",
+    "diverged",
+    "final_loss",
+    "wall_s",
+    "metrics",
+)
 
 
 # ---------------------------------------------------------------------------------------
 # The grid.
 
 
-def lr_grid(batch_sizes: Sequence[float], eps_star: float, b_star: float, *, alpha: float = 1.0,
-            factors: Sequence[float] = (0.5, 1.0, 2.0)) -> dict[float, list[float]]:
+def lr_grid(
+    batch_sizes: Sequence[float],
+    eps_star: float,
+    b_star: float,
+    *,
+    alpha: float = 1.0,
+    factors: Sequence[float] = (0.5, 1.0, 2.0),
+) -> dict[float, list[float]]:
     """Learning rates per batch size: ``eps_central(B) * factor`` for each factor (App. A.2).
 
     ``eps_central(B) = eps* / (1 + B*/B)^alpha``: linear in ``B`` for ``B << B*`` and flat at
@@ -118,15 +137,25 @@ class RunResult:
         for t in self.targets:
             s = self.steps.get(t)
             reached = s is not None
-            out.append({
-                "batch_size": _num(self.spec.batch_size), "lr": _num(self.spec.lr), "seed": int(self.spec.seed),
-                "target": _num(t), "steps": int(s) if reached else int(self.budget_steps),
-                "examples": _num(self.examples[t] if reached else self.budget_examples),  # type: ignore[arg-type]
-                "reached": int(reached), "diverged": int(self.diverged),
-                "final_loss": f"{self.final_loss:.6g}", "wall_s": f"{self.wall_s:.3f}",
-                "metrics": json.dumps({k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()},
-                                      sort_keys=True),
-            })
+            ex = self.examples[t] if s is not None else self.budget_examples
+            assert ex is not None, "steps and examples are recorded together"
+            out.append(
+                {
+                    "batch_size": _num(self.spec.batch_size),
+                    "lr": _num(self.spec.lr),
+                    "seed": int(self.spec.seed),
+                    "target": _num(t),
+                    "steps": int(s) if s is not None else int(self.budget_steps),
+                    "examples": _num(ex),
+                    "reached": int(reached),
+                    "diverged": int(self.diverged),
+                    "final_loss": f"{self.final_loss:.6g}",
+                    "wall_s": f"{self.wall_s:.3f}",
+                    "metrics": json.dumps(
+                        {k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()}, sort_keys=True
+                    ),
+                }
+            )
         return out
 
     def records(self) -> list[RunRecord]:
@@ -138,12 +167,21 @@ class RunResult:
             ex = self.examples[t] if s is not None else self.budget_examples
             if steps is None or steps <= 0:
                 continue  # a run that diverged before its first step says nothing
-            out.append(RunRecord(self.spec.batch_size, steps, target=t, lr=self.spec.lr, examples=ex,
-                                 reached=s is not None, seed=self.spec.seed))
+            out.append(
+                RunRecord(
+                    self.spec.batch_size,
+                    steps,
+                    target=t,
+                    lr=self.spec.lr,
+                    examples=ex,
+                    reached=s is not None,
+                    seed=self.spec.seed,
+                )
+            )
         return out
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Mapping[str, str]]) -> "RunResult":
+    def from_rows(cls, rows: Sequence[Mapping[str, str]]) -> RunResult:
         r0 = rows[0]
         spec = RunSpec(int(float(r0["batch_size"])), float(r0["lr"]), int(float(r0["seed"])))
         targets = tuple(float(r["target"]) for r in rows)
@@ -157,9 +195,18 @@ class RunResult:
                 steps[t], examples[t] = None, None
                 budget_s, budget_e = int(float(r["steps"])), float(r["examples"])
         metrics = json.loads(r0.get("metrics") or "{}")
-        return cls(spec, targets, steps, examples, budget_s, budget_e, bool(int(float(r0["diverged"]))),
-                   float(r0["final_loss"]), float(r0["wall_s"]),
-                   {k: (float(v) if v is not None else math.nan) for k, v in metrics.items()})
+        return cls(
+            spec,
+            targets,
+            steps,
+            examples,
+            budget_s,
+            budget_e,
+            bool(int(float(r0["diverged"]))),
+            float(r0["final_loss"]),
+            float(r0["wall_s"]),
+            {k: (float(v) if v is not None else math.nan) for k, v in metrics.items()},
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,17 +220,26 @@ def _observation(obs: Any, count: int) -> tuple[int, float, float | None, dict[s
             raise ValueError(f"a dict yielded by the training function needs a 'loss' key, got keys {sorted(obs)}")
         step = int(obs.get("step", count))
         ex = obs.get("examples")
-        extra = {k: float(v) for k, v in obs.items() if k not in ("loss", "step", "examples")
-                 and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        extra = {
+            k: float(v)
+            for k, v in obs.items()
+            if k not in ("loss", "step", "examples") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         return step, float(obs["loss"]), (float(ex) if ex is not None else None), extra
     if isinstance(obs, tuple) and len(obs) == 2:
         return int(obs[0]), float(obs[1]), None, {}
     return count, float(obs), None, {}
 
 
-def run_one(train_fn: Callable[..., Iterable[Any]], spec: RunSpec, targets: Sequence[float], *,
-            max_steps: int | None = None, max_examples: float | None = None,
-            higher_is_better: bool = False) -> RunResult:
+def run_one(
+    train_fn: Callable[..., Iterable[Any]],
+    spec: RunSpec,
+    targets: Sequence[float],
+    *,
+    max_steps: int | None = None,
+    max_examples: float | None = None,
+    higher_is_better: bool = False,
+) -> RunResult:
     """Run ``train_fn(batch_size, lr, seed)`` until every target is reached or a budget is spent.
 
     The training function returns an iterable (usually it is a generator that ``yield`` s). Each
@@ -222,13 +278,16 @@ def run_one(train_fn: Callable[..., Iterable[Any]], spec: RunSpec, targets: Sequ
         if close is not None:
             close()
     if count == 0:
-        raise ValueError(f"the training function yielded nothing for batch_size={spec.batch_size}, lr={spec.lr:g}; "
-                         "it must yield the loss as training goes (a generator with `yield loss`)")
+        raise ValueError(
+            f"the training function yielded nothing for batch_size={spec.batch_size}, lr={spec.lr:g}; "
+            "it must yield the loss as training goes (a generator with `yield loss`)"
+        )
     budget_s, budget_e = step, ex_seen
     if diverged and max_steps is not None:
         budget_s, budget_e = max_steps, float(max_steps) * spec.batch_size
-    return RunResult(spec, targets, steps, examples, budget_s, budget_e, diverged, loss,
-                     time.perf_counter() - t0, metrics)
+    return RunResult(
+        spec, targets, steps, examples, budget_s, budget_e, diverged, loss, time.perf_counter() - t0, metrics
+    )
 
 
 def _init_worker(threads: int) -> None:  # pragma: no cover - runs in worker processes
@@ -256,8 +315,9 @@ def read_results(path: str | os.PathLike) -> list[RunResult]:
     reader = csv.DictReader(io.StringIO("".join(lines)))
     missing = [f for f in RESULT_FIELDS if f not in (reader.fieldnames or [])]
     if missing:
-        raise ValueError(f"{p}: not a noisescale sweep results file (missing columns {missing}); "
-                         "give another --out/results path")
+        raise ValueError(
+            f"{p}: not a noisescale sweep results file (missing columns {missing}); give another --out/results path"
+        )
     groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
     for row in reader:
         if None in row or any(row.get(f) is None for f in RESULT_FIELDS):
@@ -280,7 +340,7 @@ class _ResultsWriter:
             if not data.endswith(b"\n"):  # a torn last row (crash mid-write): cut it, the run is redone
                 with open(path, "rb+") as fh:
                     fh.truncate(data.rfind(b"\n") + 1)
-        self.fh = open(path, "a", newline="")
+        self.fh = open(path, "a", newline="")  # noqa: SIM115 (held open; closed by close())
         self.writer = csv.DictWriter(self.fh, fieldnames=list(RESULT_FIELDS))
         if fresh:
             self.writer.writeheader()
@@ -322,23 +382,37 @@ class SweepResult:
     def fastest(self, target: float) -> dict[int, RunResult]:
         """The fastest run reaching ``target`` at each batch size."""
         best: dict[int, RunResult] = {}
+        best_steps: dict[int, int] = {}
         for run in self.runs:
             s = run.steps.get(target)
             if s is None:
                 continue
             b = run.spec.batch_size
-            if b not in best or s < best[b].steps[target]:  # type: ignore[operator]
-                best[b] = run
+            if b not in best or s < best_steps[b]:
+                best[b], best_steps[b] = run, s
         return dict(sorted(best.items()))
 
 
-def sweep(train_fn: Callable[..., Iterable[Any]], batch_sizes: Sequence[int], learning_rates:
-          Sequence[float] | Mapping[float, Sequence[float]] | Callable[[int], Sequence[float]] | None = None,
-          targets: Sequence[float] = (), *, eps_star: float | None = None, b_star: float | None = None,
-          alpha: float = 1.0, lr_factors: Sequence[float] = (0.5, 1.0, 2.0), seeds: Sequence[int] = (0,),
-          max_steps: int | None = None, max_examples: float | None = None, higher_is_better: bool = False,
-          results: str | os.PathLike | None = None, workers: int = 0, threads_per_worker: int = 1,
-          mp_context: str = "spawn", progress: bool = True) -> SweepResult:
+def sweep(
+    train_fn: Callable[..., Iterable[Any]],
+    batch_sizes: Sequence[int],
+    learning_rates: Sequence[float] | Mapping[float, Sequence[float]] | Callable[[int], Sequence[float]] | None = None,
+    targets: Sequence[float] = (),
+    *,
+    eps_star: float | None = None,
+    b_star: float | None = None,
+    alpha: float = 1.0,
+    lr_factors: Sequence[float] = (0.5, 1.0, 2.0),
+    seeds: Sequence[int] = (0,),
+    max_steps: int | None = None,
+    max_examples: float | None = None,
+    higher_is_better: bool = False,
+    results: str | os.PathLike | None = None,
+    workers: int = 0,
+    threads_per_worker: int = 1,
+    mp_context: str = "spawn",
+    progress: bool = True,
+) -> SweepResult:
     """Train at every batch size x learning rate (x seed) and record steps and examples to each target.
 
     Args:
@@ -372,16 +446,20 @@ def sweep(train_fn: Callable[..., Iterable[Any]], batch_sizes: Sequence[int], le
     if not bs or any(b < 1 for b in bs) or any(float(b) != float(b0) for b, b0 in zip(bs, batch_sizes)):
         raise ValueError(f"batch_sizes must be positive integers, got {list(batch_sizes)!r}")
     if max_steps is None and max_examples is None:
-        raise ValueError("give max_steps or max_examples: a run that never reaches a target must stop "
-                         "somewhere (it is then recorded as censored)")
+        raise ValueError(
+            "give max_steps or max_examples: a run that never reaches a target must stop "
+            "somewhere (it is then recorded as censored)"
+        )
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be positive, got {max_steps!r}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers!r}")
     if learning_rates is None:
         if eps_star is None or b_star is None:
-            raise ValueError("give learning_rates, or eps_star and b_star to centre the grid on "
-                             "eps_central(B) = eps_star/(1 + b_star/B)^alpha (App. A.2)")
+            raise ValueError(
+                "give learning_rates, or eps_star and b_star to centre the grid on "
+                "eps_central(B) = eps_star/(1 + b_star/B)^alpha (App. A.2)"
+            )
         grid = lr_grid(bs, eps_star, b_star, alpha=alpha, factors=lr_factors)
         lrs_for: Callable[[int], Sequence[float]] = lambda b: grid[b]
     elif callable(learning_rates):
@@ -415,11 +493,10 @@ def sweep(train_fn: Callable[..., Iterable[Any]], batch_sizes: Sequence[int], le
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(specs), initial=skipped, desc="sweep", unit="run", file=sys.stderr,
-                       dynamic_ncols=True)
+            bar = tqdm(total=len(specs), initial=skipped, desc="sweep", unit="run", file=sys.stderr, dynamic_ncols=True)
         except ImportError:  # pragma: no cover
             bar = None
-    kwargs = dict(max_steps=max_steps, max_examples=max_examples, higher_is_better=higher_is_better)
+    kwargs: dict[str, Any] = dict(max_steps=max_steps, max_examples=max_examples, higher_is_better=higher_is_better)
 
     def finished(res: RunResult) -> None:
         runs.append(res)
@@ -432,15 +509,16 @@ def sweep(train_fn: Callable[..., Iterable[Any]], batch_sizes: Sequence[int], le
     try:
         if workers == 0:
             for sp in todo:
-                finished(run_one(train_fn, sp, targets, **kwargs))  # type: ignore[arg-type]
+                finished(run_one(train_fn, sp, targets, **kwargs))
         elif todo:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             ctx = multiprocessing.get_context(mp_context)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(threads_per_worker,)) as pool:
-                futs = [pool.submit(run_one, train_fn, sp, targets, **kwargs) for sp in todo]  # type: ignore[arg-type]
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads_per_worker,)
+            ) as pool:
+                futs = [pool.submit(run_one, train_fn, sp, targets, **kwargs) for sp in todo]
                 try:
                     for fut in as_completed(futs):
                         finished(fut.result())
@@ -509,10 +587,18 @@ class BranchResult:
         return f"local critical batch {self.b_star} (k* = {self.k_star}{geo}){lim}"
 
 
-def local_critical_batch(branch_fn: Callable[[int, float, int, int], float], base_batch: int, base_lr: float,
-                         *, examples: int, epsilon: float, ks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
-                         optimizer: str = "adam", lr_scale: Callable[[float], float] | None = None,
-                         seeds: Sequence[int] = (0,)) -> BranchResult:
+def local_critical_batch(
+    branch_fn: Callable[[int, float, int, int], float],
+    base_batch: int,
+    base_lr: float,
+    *,
+    examples: int,
+    epsilon: float,
+    ks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+    optimizer: str = "adam",
+    lr_scale: Callable[[float], float] | None = None,
+    seeds: Sequence[int] = (0,),
+) -> BranchResult:
     """The local critical batch at a checkpoint by branched training (Merrill et al. 2025, Sec. 3).
 
     For each ``k`` in ``ks`` calls ``branch_fn(batch_size=k*base_batch, lr=f(k)*base_lr,
@@ -534,7 +620,7 @@ def local_critical_batch(branch_fn: Callable[[int, float, int, int], float], bas
         seeds: branches are repeated per seed and their losses averaged.
     """
     ks = [int(k) for k in ks]
-    if not ks or ks[0] != 1 or any(b <= a for a, b in zip(ks, ks[1:])):
+    if not ks or ks[0] != 1 or any(b <= a for a, b in itertools.pairwise(ks)):
         raise ValueError(f"ks must be increasing integers starting at 1, got {ks!r}")
     if not (isinstance(base_batch, int) and base_batch >= 1):
         raise ValueError(f"base_batch must be a positive integer, got {base_batch!r}")
@@ -544,8 +630,10 @@ def local_critical_batch(branch_fn: Callable[[int, float, int, int], float], bas
         raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
     bad = [k for k in ks if examples % (k * base_batch) != 0]
     if examples < ks[-1] * base_batch or bad:
-        raise ValueError(f"examples={examples} must be a positive multiple of every k*base_batch "
-                         f"(largest {ks[-1] * base_batch}); not a multiple for k in {bad}")
+        raise ValueError(
+            f"examples={examples} must be a positive multiple of every k*base_batch "
+            f"(largest {ks[-1] * base_batch}); not a multiple for k in {bad}"
+        )
     if not seeds:
         raise ValueError("give at least one seed")
     f = lr_scale if lr_scale is not None else lr_scaling(optimizer)
@@ -565,5 +653,18 @@ def local_critical_batch(branch_fn: Callable[[int, float, int, int], float], bas
     geo = None if at_limit else math.sqrt(batch_sizes[i_star] * batch_sizes[i_star + 1])
     if any(not math.isfinite(v) for v in losses[: i_star + 1]):  # pragma: no cover - excluded above
         warnings.warn("a branch below k* diverged", stacklevel=2)
-    return BranchResult(base_batch, base_lr, examples, epsilon, ks, batch_sizes, lrs, losses, passed,
-                        ks[i_star], batch_sizes[i_star], geo, at_limit)
+    return BranchResult(
+        base_batch,
+        base_lr,
+        examples,
+        epsilon,
+        ks,
+        batch_sizes,
+        lrs,
+        losses,
+        passed,
+        ks[i_star],
+        batch_sizes[i_star],
+        geo,
+        at_limit,
+    )

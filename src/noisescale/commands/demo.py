@@ -16,6 +16,10 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..tracker import GradientNoiseScale
 
 HELP = "train a small model on an embedded real dataset and show its noise scale (CPU, < 3 min)"
 
@@ -39,8 +43,10 @@ def _check(args: argparse.Namespace) -> None:
     if args.steps < 10:
         raise CLIError(f"--steps must be at least 10, got {args.steps}")
     if args.micro_batches < 2:
-        raise CLIError(f"--micro-batches must be at least 2 (the demo measures from gradient accumulation), "
-                       f"got {args.micro_batches}")
+        raise CLIError(
+            f"--micro-batches must be at least 2 (the demo measures from gradient accumulation), "
+            f"got {args.micro_batches}"
+        )
     if args.batch_size < args.micro_batches:
         raise CLIError(f"--batch-size ({args.batch_size}) must be at least --micro-batches ({args.micro_batches})")
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -49,7 +55,7 @@ def _check(args: argparse.Namespace) -> None:
         raise CLIError(f"--print-every must be positive, got {args.print_every}")
 
 
-def _fmt(gns) -> str:  # type: ignore[no-untyped-def]
+def _fmt(gns: GradientNoiseScale) -> str:
     b = gns.b_simple
     if b is None:
         return "B_simple not resolved yet (|G|^2 not above its noise: B_simple >> batch size)"
@@ -84,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
             progress = None
     say = progress.write if progress is not None else print
 
-    say(f"noisescale demo: MLP on scikit-learn digits ({len(y)} training images), SGD lr={args.lr}, "
-        f"batch {args.batch_size} = {args.micro_batches} micro-batches, {args.steps} steps")
+    say(
+        f"noisescale demo: MLP on scikit-learn digits ({len(y)} training images), SGD lr={args.lr}, "
+        f"batch {args.batch_size} = {args.micro_batches} micro-batches, {args.steps} steps"
+    )
     t0 = time.perf_counter()
     checkpoints: list[tuple[int, float, float | None, tuple[float, float] | None]] = []
     running_loss = float("nan")
@@ -116,12 +124,14 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"\nfinished {args.steps} steps in {elapsed:.1f} s; test accuracy {acc:.3f}")
     print(f"final: {summary}")
-    measured = [(s, l, b) for s, l, b, _ in checkpoints if b is not None]
+    measured = [(s, loss, b) for s, loss, b, _ in checkpoints if b is not None]
     if len(measured) >= 2:
         (s0, l0, b0), (s1, l1, b1) = measured[0], measured[-1]
         verdict = "grew" if b1 > b0 else "did not grow"
-        print(f"as the loss fell from {l0:.3f} (step {s0}) to {l1:.3f} (step {s1}), B_simple {verdict} "
-              f"from {b0:.1f} to {b1:.1f} examples (x{b1 / b0:.1f}); the paper predicts growth (Sec. 3.1)")
+        print(
+            f"as the loss fell from {l0:.3f} (step {s0}) to {l1:.3f} (step {s1}), B_simple {verdict} "
+            f"from {b0:.1f} to {b1:.1f} examples (x{b1 / b0:.1f}); the paper predicts growth (Sec. 3.1)"
+        )
     print(f"run log: {log_path}")
     if not args.no_plot:
         try:

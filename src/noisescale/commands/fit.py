@@ -41,8 +41,13 @@ _FALSE = {"0", "false", "no", "n", "f"}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", type=Path, help="CSV file, one row per run and target")
     p.add_argument("--json", action="store_true", help="print one JSON object per target (JSON lines)")
-    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
-                   help="write the frontier, fitted hyperbola and b_crit to this PNG")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="write the frontier, fitted hyperbola and b_crit to this PNG",
+    )
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default: 0.95)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
@@ -78,15 +83,19 @@ def read_sweep_csv(path: Path) -> list[Any]:
     except UnicodeDecodeError:
         raise CLIError(f"{path} is not a text (CSV) file") from None
     if not text.strip():
-        raise CLIError(f"{path} is empty; expected a CSV header with columns {', '.join(REQUIRED)} "
-                       f"(optional {', '.join(OPTIONAL)}) and one row per run")
+        raise CLIError(
+            f"{path} is empty; expected a CSV header with columns {', '.join(REQUIRED)} "
+            f"(optional {', '.join(OPTIONAL)}) and one row per run"
+        )
     reader = csv.DictReader(text.splitlines())
     cols = [c.strip() for c in (reader.fieldnames or [])]
     reader.fieldnames = cols
     missing = [c for c in REQUIRED if c not in cols]
     if missing:
-        raise CLIError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                       f"(found: {', '.join(cols) or 'none'}); required: {', '.join(REQUIRED)}")
+        raise CLIError(
+            f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"(found: {', '.join(cols) or 'none'}); required: {', '.join(REQUIRED)}"
+        )
     records = []
     for i, row in enumerate(reader, start=2):
         if all(not (v or "").strip() for k, v in row.items() if k is not None):
@@ -96,8 +105,11 @@ def read_sweep_csv(path: Path) -> list[Any]:
         b = _number(row["batch_size"], "batch_size", i, path)
         s = _number(row["steps"], "steps", i, path)
         lr = _number(row["lr"], "lr", i, path) if "lr" in cols and (row.get("lr") or "").strip() else None
-        ex = (_number(row["examples"], "examples", i, path)
-              if "examples" in cols and (row.get("examples") or "").strip() else None)
+        ex = (
+            _number(row["examples"], "examples", i, path)
+            if "examples" in cols and (row.get("examples") or "").strip()
+            else None
+        )
         reached = True
         if "reached" in cols and (row.get("reached") or "").strip():
             r = row["reached"].strip().lower()
@@ -130,18 +142,44 @@ def _fmt_iv(iv: tuple[float, float]) -> str:
 
 
 def _table(fits: list[Any], unit: str) -> str:
-    head = ("target", "b_crit", f"{fits[0].level:.0%} interval", "S_min", "interval", "E_min", "interval",
-            "sizes", "cens.", "scatter")
+    head = (
+        "target",
+        "b_crit",
+        f"{fits[0].level:.0%} interval",
+        "S_min",
+        "interval",
+        "E_min",
+        "interval",
+        "sizes",
+        "cens.",
+        "scatter",
+    )
     rows = []
     for f in fits:
-        rows.append(("-" if f.target is None else f"{f.target:g}" if isinstance(f.target, float) else str(f.target),
-                     f"{f.b_crit:.4g}", _fmt_iv(f.b_crit_interval), f"{f.s_min:.4g}", _fmt_iv(f.s_min_interval),
-                     f"{f.e_min:.4g}", _fmt_iv(f.e_min_interval), str(f.n_points), str(f.n_censored),
-                     f"{f.sigma:.3f}"))
+        rows.append(
+            (
+                "-" if f.target is None else f"{f.target:g}" if isinstance(f.target, float) else str(f.target),
+                f"{f.b_crit:.4g}",
+                _fmt_iv(f.b_crit_interval),
+                f"{f.s_min:.4g}",
+                _fmt_iv(f.s_min_interval),
+                f"{f.e_min:.4g}",
+                _fmt_iv(f.e_min_interval),
+                str(f.n_points),
+                str(f.n_censored),
+                f"{f.sigma:.3f}",
+            )
+        )
     widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
     line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
-    return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, rows),
-                      f"(b_crit and E_min in {unit}, S_min in optimizer steps; scatter: s.d. of log S about the fit)"])
+    return "\n".join(
+        [
+            line(head),
+            line(tuple("-" * w for w in widths)),
+            *map(line, rows),
+            f"(b_crit and E_min in {unit}, S_min in optimizer steps; scatter: s.d. of log S about the fit)",
+        ]
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,8 +199,7 @@ def run(args: argparse.Namespace) -> int:
     for target, recs in group_by_target(records).items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fits.append(fit_critical_batch(recs, target=target, level=args.level, n_boot=args.n_boot,
-                                           seed=args.seed))
+            fits.append(fit_critical_batch(recs, target=target, level=args.level, n_boot=args.n_boot, seed=args.seed))
         notes += [str(w.message) for w in caught]
     if args.json:
         for f in fits:

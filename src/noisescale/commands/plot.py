@@ -14,8 +14,7 @@ HELP = "redraw a figure from a run log (.jsonl)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run log (.jsonl)")
-    p.add_argument("-o", "--output", type=Path, default=None,
-                   help="PNG to write (default: the log's name with .png)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="PNG to write (default: the log's name with .png)")
     p.add_argument("--x", choices=("step", "examples"), default="step", help="x axis (default: step)")
 
 

@@ -24,15 +24,28 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, TypedDict
 
 HELP = "measure b_crit by a batch-size sweep on a built-in task and compare it with B_simple"
 
-FULL = dict(batch_sizes=(8, 16, 32, 64, 128, 256, 512, 1024, 2048), targets=(0.2, 0.1, 0.05),
-            lr_factors=(0.25, 0.5, 1.0, 2.0), max_steps=4000)
-QUICK = dict(batch_sizes=(8, 32, 128, 512), targets=(0.3, 0.15), lr_factors=(1.0, 2.0), max_steps=1500)
+
+class _Preset(TypedDict):
+    batch_sizes: tuple[float, ...]
+    targets: tuple[float, ...]
+    lr_factors: tuple[float, ...]
+    max_steps: int
+
+
+FULL: _Preset = {
+    "batch_sizes": (8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+    "targets": (0.2, 0.1, 0.05),
+    "lr_factors": (0.25, 0.5, 1.0, 2.0),
+    "max_steps": 4000,
+}
+QUICK: _Preset = {"batch_sizes": (8, 32, 128, 512), "targets": (0.3, 0.15), "lr_factors": (1.0, 2.0), "max_steps": 1500}
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -47,12 +60,17 @@ def _floats(s: str) -> tuple[float, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=("digits",), default="digits", help="built-in task (default: digits)")
-    p.add_argument("--out", type=Path, default=Path("noisescale-sweep"), help="output folder (default: noisescale-sweep)")
-    p.add_argument("--quick", action="store_true", help="a shortened sweep (4 batch sizes, 2 learning rates, 2 targets)")
+    p.add_argument(
+        "--out", type=Path, default=Path("noisescale-sweep"), help="output folder (default: noisescale-sweep)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a shortened sweep (4 batch sizes, 2 learning rates, 2 targets)"
+    )
     p.add_argument("--batch-sizes", type=_floats, default=None, help="comma-separated batch sizes")
     p.add_argument("--targets", type=_floats, default=None, help="comma-separated training-loss targets")
-    p.add_argument("--lr-factors", type=_floats, default=None,
-                   help="learning rates per batch size, as multiples of eps_central(B)")
+    p.add_argument(
+        "--lr-factors", type=_floats, default=None, help="learning rates per batch size, as multiples of eps_central(B)"
+    )
     p.add_argument("--eps-star", type=float, default=1.0, help="eps* of eps_central (default: 1.0)")
     p.add_argument("--b-star", type=float, default=256.0, help="B* of eps_central (default: 256)")
     p.add_argument("--max-steps", type=int, default=None, help="step budget of a run (default: 4000; quick: 1500)")
@@ -77,9 +95,17 @@ def _digits() -> tuple[Any, Any]:
     return X, y
 
 
-def digits_train(batch_size: int, lr: float, seed: int, *, targets: Sequence[float] = (),
-                 momentum: float = 0.9, beta: float = 0.99, micro_batches: int = 2,
-                 warmup_measured: int = 10) -> Iterator[dict[str, float]]:
+def digits_train(
+    batch_size: int,
+    lr: float,
+    seed: int,
+    *,
+    targets: Sequence[float] = (),
+    momentum: float = 0.9,
+    beta: float = 0.99,
+    micro_batches: int = 2,
+    warmup_measured: int = 10,
+) -> Iterator[dict[str, float]]:
     """Train the digits MLP at ``batch_size`` and ``lr``; yield the full training loss as it goes.
 
     Every step draws ``batch_size`` examples with replacement (i.i.d., as the noise-scale
@@ -130,7 +156,7 @@ def digits_train(batch_size: int, lr: float, seed: int, *, targets: Sequence[flo
             b = gns.b_simple if gns.measured >= warmup_measured else None
             out: dict[str, float] = {"step": step, "loss": L, "b_simple": b if b is not None else math.nan}
             for t, acc in sums.items():
-                if L > t and b is not None and b > 0:
+                if t < L and b is not None and b > 0:
                     ds = every / (1.0 + b / batch_size)
                     acc[0] += b * every
                     acc[1] += every
@@ -154,19 +180,30 @@ def _nearest_frontier_run(fit: Any, res: Any, target: float) -> Any:
     return fastest[b]
 
 
-def _report(fits: dict[float, Any], res: Any, args: argparse.Namespace, settings: dict[str, Any],
-            elapsed: float, png: Path | None) -> tuple[str, dict[str, Any]]:
+def _report(
+    fits: dict[float, Any],
+    res: Any,
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    elapsed: float,
+    png: Path | None,
+) -> tuple[str, dict[str, Any]]:
     rows, js, edges = [], [], []
     grid: dict[int, list[float]] = {}
     for r in res.runs:
         grid.setdefault(r.spec.batch_size, []).append(r.spec.lr)
     for t, f in fits.items():
         # a fastest run at the edge of its lr grid may not be the fastest possible: S is an upper bound
-        edge = [int(p.batch_size) for p in f.points if p.lr is not None
-                and p.lr in (min(grid[int(p.batch_size)]), max(grid[int(p.batch_size)]))]
+        edge = [
+            int(p.batch_size)
+            for p in f.points
+            if p.lr is not None and p.lr in (min(grid[int(p.batch_size)]), max(grid[int(p.batch_size)]))
+        ]
         if edge:
-            edges.append(f"target {t:g}: the fastest learning rate is at the edge of the grid at B = "
-                         f"{', '.join(map(str, edge))} (steps there are upper bounds; widen --lr-factors)")
+            edges.append(
+                f"target {t:g}: the fastest learning rate is at the edge of the grid at B = "
+                f"{', '.join(map(str, edge))} (steps there are upper bounds; widen --lr-factors)"
+            )
         run = _nearest_frontier_run(f, res, t)
         avg = run.metrics.get(f"b_simple_avg@{t:g}", math.nan) if run else math.nan
         d1 = run.metrics.get(f"b_simple_d1@{t:g}", math.nan) if run else math.nan
@@ -175,46 +212,68 @@ def _report(fits: dict[float, Any], res: Any, args: argparse.Namespace, settings
         med = all_d1[len(all_d1) // 2] if all_d1 else math.nan
         # every run that reached the target, fastest or not: B_simple depends on the temperature
         # lr/B (App. C), so the slower, cooler runs measure larger values
-        every = sorted(v for r in res.runs if r.steps.get(t) is not None
-                       for v in [r.metrics.get(f"b_simple_d1@{t:g}", math.nan)] if math.isfinite(v))
+        every = sorted(
+            v
+            for r in res.runs
+            if r.steps.get(t) is not None
+            for v in [r.metrics.get(f"b_simple_d1@{t:g}", math.nan)]
+            if math.isfinite(v)
+        )
         rng = f"{every[0]:.0f}-{every[-1]:.0f}" if every else "-"
         lo, hi = f.b_crit_interval
-        rows.append(f"| {t:g} | {f.b_crit:.0f} [{lo:.0f}, {hi:.0f}] | {f.s_min:.1f} | {f.e_min:.0f} | "
-                    f"{run.spec.batch_size if run else '-'} (lr {run.spec.lr:.3g}) | {d1:.0f} | {avg:.0f} | "
-                    f"{med:.0f} | {rng} | {d1 / f.b_crit:.2f} |")
+        rows.append(
+            f"| {t:g} | {f.b_crit:.0f} [{lo:.0f}, {hi:.0f}] | {f.s_min:.1f} | {f.e_min:.0f} | "
+            f"{run.spec.batch_size if run else '-'} (lr {run.spec.lr:.3g}) | {d1:.0f} | {avg:.0f} | "
+            f"{med:.0f} | {rng} | {d1 / f.b_crit:.2f} |"
+        )
         d = f.to_dict()
-        d.update(b_simple_run_batch=run.spec.batch_size if run else None, b_simple_run_lr=run.spec.lr if run else None,
-                 b_simple_d1=d1 if math.isfinite(d1) else None, b_simple_avg=avg if math.isfinite(avg) else None,
-                 b_simple_d1_median_over_frontier=med if math.isfinite(med) else None,
-                 b_simple_d1_range_all_runs=[every[0], every[-1]] if every else None,
-                 ratio_b_simple_over_b_crit=d1 / f.b_crit if math.isfinite(d1) else None,
-                 lr_at_grid_edge=edge,
-                 frontier=[{"batch_size": p.batch_size, "steps": p.steps, "examples": p.examples,
-                            "status": p.status, "lr": p.lr} for p in f.points])
+        d.update(
+            b_simple_run_batch=run.spec.batch_size if run else None,
+            b_simple_run_lr=run.spec.lr if run else None,
+            b_simple_d1=d1 if math.isfinite(d1) else None,
+            b_simple_avg=avg if math.isfinite(avg) else None,
+            b_simple_d1_median_over_frontier=med if math.isfinite(med) else None,
+            b_simple_d1_range_all_runs=[every[0], every[-1]] if every else None,
+            ratio_b_simple_over_b_crit=d1 / f.b_crit if math.isfinite(d1) else None,
+            lr_at_grid_edge=edge,
+            frontier=[
+                {"batch_size": p.batch_size, "steps": p.steps, "examples": p.examples, "status": p.status, "lr": p.lr}
+                for p in f.points
+            ],
+        )
         js.append(d)
     cmd = _command(args)
     train_s = sum(r.wall_s for r in res.runs)
-    md = "\n".join([
-        f"# Critical batch size on {args.task}: measured b_crit vs run-averaged B_simple",
-        "",
-        f"Command: `{cmd}` ({len(res.runs)} runs, {train_s:.0f} s of training summed over runs, one thread each; "
-        f"{elapsed:.0f} s in this call; settings {json.dumps(settings)})",
-        "",
-        "| target loss | b_crit [95%] | S_min | E_min | run for B_simple (fastest at B nearest b_crit) | "
-        "B_simple (D.1 avg) | B_simple (step avg) | D.1 median over frontier | D.1 range, all runs reaching it | "
-        "B_simple/b_crit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        "b_crit, E_min and B_simple in examples; S_min in optimizer steps. B_simple is averaged over the run "
-        "up to the target; 'D.1 avg' weights it by progress ds = dS/(1 + B_simple/B) (App. D.1).",
-        "Paper (Table 1): B_simple/b_crit = 4.5 (MNIST), 8 (SVHN), 2.2 (CIFAR10), 2 (ImageNet), 0.05 (generative).",
-        *([""] + [f"- {e}" for e in edges] if edges else []),
-        *([f"", f"![frontier]({png.name})"] if png else []),
-        "",
-    ])
-    return md, {"task": args.task, "command": cmd, "settings": settings, "elapsed_s": elapsed, "train_s": train_s,
-                "n_runs": len(res.runs), "targets": js}
+    md = "\n".join(
+        [
+            f"# Critical batch size on {args.task}: measured b_crit vs run-averaged B_simple",
+            "",
+            f"Command: `{cmd}` ({len(res.runs)} runs, {train_s:.0f} s of training summed over runs, one thread each; "
+            f"{elapsed:.0f} s in this call; settings {json.dumps(settings)})",
+            "",
+            "| target loss | b_crit [95%] | S_min | E_min | run for B_simple (fastest at B nearest b_crit) | "
+            "B_simple (D.1 avg) | B_simple (step avg) | D.1 median over frontier | D.1 range, all runs reaching it | "
+            "B_simple/b_crit |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "b_crit, E_min and B_simple in examples; S_min in optimizer steps. B_simple is averaged over the run "
+            "up to the target; 'D.1 avg' weights it by progress ds = dS/(1 + B_simple/B) (App. D.1).",
+            "Paper (Table 1): B_simple/b_crit = 4.5 (MNIST), 8 (SVHN), 2.2 (CIFAR10), 2 (ImageNet), 0.05 (generative).",
+            *([""] + [f"- {e}" for e in edges] if edges else []),
+            *(["", f"![frontier]({png.name})"] if png else []),
+            "",
+        ]
+    )
+    return md, {
+        "task": args.task,
+        "command": cmd,
+        "settings": settings,
+        "elapsed_s": elapsed,
+        "train_s": train_s,
+        "n_runs": len(res.runs),
+        "targets": js,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -251,17 +310,40 @@ def run(args: argparse.Namespace) -> int:
     csv_path = args.out / "sweep.csv"
     if args.fresh and csv_path.exists():
         csv_path.unlink()
-    settings = dict(batch_sizes=[int(b) for b in batch_sizes], targets=list(targets), lr_factors=list(factors),
-                    eps_star=args.eps_star, b_star=args.b_star, alpha=1.0, optimizer="SGD momentum 0.9",
-                    max_steps=max_steps, seed=args.seed, n_boot=n_boot)
-    print(f"noisescale sweep: {args.task} MLP, {len(batch_sizes)} batch sizes x {len(factors)} learning rates "
-          f"(eps_central(B) = {args.eps_star:g}/(1 + {args.b_star:g}/B) x {', '.join(f'{f:g}' for f in factors)}), "
-          f"targets {', '.join(f'{t:g}' for t in targets)}; results in {csv_path}")
+    settings = dict(
+        batch_sizes=[int(b) for b in batch_sizes],
+        targets=list(targets),
+        lr_factors=list(factors),
+        eps_star=args.eps_star,
+        b_star=args.b_star,
+        alpha=1.0,
+        optimizer="SGD momentum 0.9",
+        max_steps=max_steps,
+        seed=args.seed,
+        n_boot=n_boot,
+    )
+    print(
+        f"noisescale sweep: {args.task} MLP, {len(batch_sizes)} batch sizes x {len(factors)} learning rates "
+        f"(eps_central(B) = {args.eps_star:g}/(1 + {args.b_star:g}/B) x {', '.join(f'{f:g}' for f in factors)}), "
+        f"targets {', '.join(f'{t:g}' for t in targets)}; results in {csv_path}"
+    )
     t0 = time.perf_counter()
-    res = sweep(partial(digits_train, targets=tuple(targets)), [int(b) for b in batch_sizes], None, targets,
-                eps_star=args.eps_star, b_star=args.b_star, alpha=1.0, lr_factors=factors, seeds=(args.seed,),
-                max_steps=max_steps, results=csv_path, workers=args.workers, threads_per_worker=args.threads,
-                progress=not args.no_progress)
+    res = sweep(
+        partial(digits_train, targets=tuple(targets)),
+        [int(b) for b in batch_sizes],
+        None,
+        targets,
+        eps_star=args.eps_star,
+        b_star=args.b_star,
+        alpha=1.0,
+        lr_factors=factors,
+        seeds=(args.seed,),
+        max_steps=max_steps,
+        results=csv_path,
+        workers=args.workers,
+        threads_per_worker=args.threads,
+        progress=not args.no_progress,
+    )
     elapsed = time.perf_counter() - t0
     if res.skipped:
         print(f"resumed: {res.skipped} runs were already in {csv_path}")
@@ -301,14 +383,22 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["noisescale", "sweep", "--task", args.task]
     if args.quick:
         parts.append("--quick")
-    for flag, val, default in (("--batch-sizes", args.batch_sizes, None), ("--targets", args.targets, None),
-                               ("--lr-factors", args.lr_factors, None)):
+    for flag, val, default in (
+        ("--batch-sizes", args.batch_sizes, None),
+        ("--targets", args.targets, None),
+        ("--lr-factors", args.lr_factors, None),
+    ):
         if val != default:
             parts += [flag, ",".join(f"{v:g}" for v in val)]
-    for flag, val, default in (("--eps-star", args.eps_star, 1.0), ("--b-star", args.b_star, 256.0),
-                               ("--max-steps", args.max_steps, None), ("--seed", args.seed, 0),
-                               ("--n-boot", args.n_boot, 1000), ("--workers", args.workers, 0),
-                               ("--threads", args.threads, 1)):
+    for flag, val, default in (
+        ("--eps-star", args.eps_star, 1.0),
+        ("--b-star", args.b_star, 256.0),
+        ("--max-steps", args.max_steps, None),
+        ("--seed", args.seed, 0),
+        ("--n-boot", args.n_boot, 1000),
+        ("--workers", args.workers, 0),
+        ("--threads", args.threads, 1),
+    ):
         if val != default:
             parts += [flag, f"{val:g}" if isinstance(val, float) else str(val)]
     parts += ["--out", str(args.out)]
