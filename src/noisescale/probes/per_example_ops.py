@@ -5,7 +5,7 @@ Each function's ``forward`` runs the same ATen op the stock layer runs, and its 
 runs the same ATen backward op (``convolution_backward``, ``native_layer_norm_backward``, ...,
 or for ``linear`` the exact ``mm`` calls of ``addmm``'s derivative), so the gradients that reach
 ``.grad`` are bit-identical to an unwrapped model's. Beside them it adds
-``sum_i |g_i|^2`` for the covered parameters of the layer into ``acc`` (a 0-d float64 tensor
+``sum_i |g_i|^2`` for the covered parameters of the layer into ``acc`` (a 1-D float64 tensor
 owned by the probe): no per-example gradient outlives the layer's backward, no ``.item()``,
 no Python state touched, so the functions trace under ``torch.compile(fullgraph=True)``.
 
@@ -24,7 +24,27 @@ example ``i``; mechanics note §1):
   ``padding_idx`` rows get no gradient, as in the stock backward.
 - LayerNorm / GroupNorm / RMSNorm: ``|sum_t xhat_t * g_t|^2`` (weight), ``|sum_t g_t|^2`` (bias).
 
-All norms are computed in float32 (float64 for float64 inputs) whatever the autocast dtype.
+Groups and elementwise weights. ``acc`` has one slot per parameter group: the weight's sum goes
+into ``acc[w_idx]``, the bias's into ``acc[b_idx]``, and an index ``-1`` leaves that parameter
+out (nothing is computed for it). With ``w_idx == b_idx`` and no weights the two are computed
+together where that is cheaper (Goodfellow ``(|a_i|^2 + 1) |g_i|^2``, ghost ``aa + 1``). An
+optional elementwise weight ``w_pre`` (shape of the weight; ``b_pre`` likewise; ``None`` is the
+identity, e.g. Adam's ``1 / (sqrt(v_hat) + eps)``) makes the added quantity
+``sum_i |w_pre * G_i|_F^2``, ``G_i`` example ``i``'s weight gradient. It is exact: the ghost norm
+cannot carry it, so weighted terms are computed as
+
+- Linear, one row per example: ``sum_{i,j,k} P_jk^2 g_ij^2 a_ik^2 = sum((g*g) @ (P*P) * (a*a))``,
+  one GEMM the size of the weight-gradient GEMM; bias ``sum_i |b_pre * g_i|^2``.
+- Linear on sequences, Conv: the materialised per-example gradients, multiplied by ``P`` before
+  squaring (chunked; ``fused=True`` sums the unweighted ones into the weight gradient and is then
+  always taken, as the ghost norm is out anyway).
+- Embedding: each row ``g_t`` scaled by ``P[id_t]`` (``|sum_t onehot(id_t) (P[id_t] * g_t)|^2 =
+  |P * G_i|^2``), then the scatter or masked-Gram algorithm as above.
+- Norm layers: the per-example gradient vector (per channel for GroupNorm) times ``P``, squared.
+
+The weights are read at each backward (nothing derived from them is cached: they may change in
+place between steps). All norms are computed in float32 (float64 for float64 inputs) whatever the
+autocast dtype, and added to ``acc`` in its dtype.
 """
 
 from __future__ import annotations
@@ -59,59 +79,112 @@ def _sqsum(t: torch.Tensor) -> torch.Tensor:
     return torch.dot(f, f)
 
 
+def _wsq(t: torch.Tensor, pre: torch.Tensor | None, scratch: bool = False) -> torch.Tensor:
+    """``sum((pre * t)**2)`` in float32/64, ``pre`` broadcast over ``t``'s leading dims (``None``:
+    ``sum(t**2)``). ``scratch``: ``t`` is a temporary that may be overwritten (saves a copy)."""
+    if pre is None:
+        return _sqsum(t)
+    dt = _acc_dtype(t)
+    pre = pre.to(dt)
+    return _sqsum(t.mul_(pre) if scratch and t.dtype == dt else t.to(dt) * pre)
+
+
+def _plus(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    return part if total is None else total + part
+
+
+def _reshaped(pre: torch.Tensor | None, *shape: int) -> torch.Tensor | None:
+    return None if pre is None else pre.reshape(shape)
+
+
+def _add(acc: torch.Tensor, idx: int, s: torch.Tensor | None) -> None:
+    """``acc[idx] += s`` (in place, traceable); ``idx < 0`` or ``s is None``: nothing."""
+    if idx >= 0 and s is not None:
+        acc.select(0, idx).add_(s.to(acc.dtype))
+
+
+def _keep(ctx, acc, w_idx, w_pre, b=None, b_idx=-1, b_pre=None) -> None:
+    """Store the accumulator, slots and weights on ``ctx`` (a missing bias gets slot -1: nothing is
+    added for it, not even a joint ``+1``)."""
+    ctx.acc, ctx.w_idx, ctx.w_pre, ctx.b_pre = acc, w_idx, w_pre, b_pre
+    ctx.b_idx = b_idx if b is not None else -1
+
+
 def _chunks(n: int, per_example: int):
     step = max(1, CHUNK_ELEMS // max(1, per_example))
     for start in range(0, n, step):
         yield start, min(n, start + step)
 
 
-def _ghost_or_materialise(a: torch.Tensor, g: torch.Tensor, w_on: bool, b_on: bool) -> torch.Tensor:
-    """``sum_i (|g_i^T a_i|_F^2 [w_on] + |sum_t g_{i,t}|^2 [b_on])`` for ``a: [B, T, d]``,
-    ``g: [B, T, p]`` (float32/64), as a 0-d tensor.
+def _goodfellow(x, g, w_on, b_on, joint, wp, bp):
+    """``(weight term, bias term)`` for one row per example (``x: [B, d]``, ``g: [B, p]``); with
+    ``joint`` the bias term is folded into the weight term (``(|x_i|^2 + 1) |g_i|^2``)."""
+    dt = _acc_dtype(g)
+    sw = sb = gn = None
+    if w_on and wp is None:
+        xn = torch.linalg.vector_norm(x, dim=1, dtype=dt).square_()
+        if joint:
+            xn.add_(1.0)
+        gn = torch.linalg.vector_norm(g, dim=1, dtype=dt).square_()
+        sw = torch.dot(xn, gn)
+        if joint:
+            return sw, None
+    elif w_on:  # sum_ijk P_jk^2 g_ij^2 x_ik^2: one GEMM, no per-example gradient
+        P2 = wp.to(dt).square()
+        for s, e in _chunks(x.shape[0], 2 * x.shape[1] + g.shape[1]):
+            gxp = torch.mm(g[s:e].to(dt).square(), P2)  # [b, d]: sum_j P_jk^2 g_ij^2
+            sw = _plus(sw, torch.dot(gxp.view(-1), x[s:e].to(dt).square().view(-1)))
+    if b_on:
+        sb = gn.sum() if gn is not None and bp is None else _wsq(g, bp)
+    return sw, sb
 
-    Ghost norm when ``T (d + p) <= d p`` (fewer FLOPs: ``B T^2 (d+p)`` vs ``B T d p``), else
-    materialisation; both chunked over examples to bound the transient memory. In the ghost
-    branch the bias term is the sum of the gradient Gram matrix, so it costs nothing extra.
+
+def _ghost_or_materialise(a, g, w_on, b_on, joint, wp, bp):
+    """``(sum_i |wp * g_i^T a_i|_F^2 or None, sum_i |bp * sum_t g_{i,t}|^2 or None)`` for
+    ``a: [B, T, d]``, ``g: [B, T, p]`` (float32/64); with ``joint`` the bias term is in the first.
+
+    Ghost norm when unweighted and ``T (d + p) <= d p`` (fewer FLOPs: ``B T^2 (d+p)`` vs
+    ``B T d p``), else materialisation; both chunked over examples to bound the transient memory.
+    In the ghost branch a joint bias term is the sum of the gradient Gram matrix (costs nothing).
     """
     B, T, d = a.shape
     p = g.shape[-1]
-    total = None
-    if w_on and T * (d + p) <= d * p:
+    sw = sb = None
+    if w_on and wp is None and T * (d + p) <= d * p:
         for s, e in _chunks(B, 2 * T * T):
             aa = torch.bmm(a[s:e], a[s:e].transpose(1, 2))  # [b, T, T]
             gg = torch.bmm(g[s:e], g[s:e].transpose(1, 2))  # [b, T, T]
-            if b_on:
+            if joint:
                 aa.add_(1.0)
-            part = torch.dot(aa.view(-1), gg.view(-1))
-            total = part if total is None else total + part
-        return total
-    if w_on:
+            sw = _plus(sw, torch.dot(aa.view(-1), gg.view(-1)))
+        if joint:
+            return sw, None
+    elif w_on:
         for s, e in _chunks(B, d * p):
             pe = torch.bmm(g[s:e].transpose(1, 2), a[s:e])  # [b, p, d] per-example gradients
-            part = _sqsum(pe)
-            total = part if total is None else total + part
+            sw = _plus(sw, _wsq(pe, wp, scratch=True))
     if b_on:
-        part = _sqsum(g.sum(1))
-        total = part if total is None else total + part
-    return total
+        sb = _wsq(g.sum(1), bp)
+    return sw, sb
 
 
 class LinearFn(torch.autograd.Function):
     """``F.linear`` with per-example squared norms of (weight, bias) added into ``acc``."""
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, w_on, b_on, fused):  # type: ignore[override]
+    def forward(ctx, x, w, b, acc, w_idx, b_idx, w_pre, b_pre, fused):  # type: ignore[override]
         ctx.save_for_backward(x, w)
-        ctx.acc, ctx.w_on, ctx.b_on, ctx.has_b = acc, w_on, b_on, b is not None
+        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre)
+        ctx.has_b = b is not None
         # fused: form the weight gradient of a sequence layer from the per-example gradients
         # (Gray et al. 2024 "simultaneous"): no extra GEMM, equal to the stock gradient up to
-        # rounding. Where materialising is cheaper anyway, or the sequences are long enough
-        # (FUSED_MIN_ROWS); for short sequences the ghost norm stays (a batched GEMM over examples
-        # with few rows is slower than the one plain GEMM).
+        # rounding. Where materialising is needed (a w_pre) or cheaper anyway, or the sequences
+        # are long enough (FUSED_MIN_ROWS); for short sequences the ghost norm stays (a batched
+        # GEMM over examples with few rows is slower than the one plain GEMM).
         d, p = w.shape[1], w.shape[0]
-        if fused and w_on and x.dim() > 2:
+        if fused and w_idx >= 0 and x.dim() > 2:
             T = x[0].numel() // d
-            ctx.fused = T * (d + p) > d * p or T >= FUSED_MIN_ROWS
+            ctx.fused = w_pre is not None or T * (d + p) > d * p or T >= FUSED_MIN_ROWS
         else:
             ctx.fused = False
         if x.dim() > 2 and b is not None and x.is_contiguous():
@@ -138,34 +211,32 @@ class LinearFn(torch.autograd.Function):
             gw = g2.t().mm(x if flat else x.reshape(-1, d))
         if ctx.has_b and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
-        dt = _acc_dtype(g)
-        if flat:  # Goodfellow: sum_i (|x_i|^2 [w_on] + [b_on]) |g_i|^2, in as few kernels as possible
-            if ctx.w_on:
-                xn = torch.linalg.vector_norm(x, dim=1, dtype=dt).square_()
-                if ctx.b_on:
-                    xn.add_(1.0)
-                s = torch.dot(xn, torch.linalg.vector_norm(g, dim=1, dtype=dt).square_())
-            else:
-                s = _sqsum(g)
+        wi, bi, wp, bp = ctx.w_idx, ctx.b_idx, ctx.w_pre, ctx.b_pre
+        w_on, b_on = wi >= 0, bi >= 0
+        joint = w_on and wi == bi and wp is None and bp is None  # one slot, unweighted: one sum
+        if flat:
+            sw, sb = _goodfellow(x, g, w_on, b_on, joint, wp, bp)
         elif ctx.fused:
             B = x.shape[0]
             a3 = x.reshape(B, -1, d)
             g3 = g.reshape(B, -1, p)
-            s = None
+            sw = sb = None
             for st, e in _chunks(B, d * p):
                 pe = torch.bmm(g3[st:e].transpose(1, 2), a3[st:e])  # [b, p, d] per-example gradients
-                part = pe.sum(0)
-                gw = part if gw is None else gw + part
-                s = _sqsum(pe) if s is None else s + _sqsum(pe)
-            if ctx.b_on:
-                s = s + _sqsum(g3.sum(1))
+                gw = _plus(gw, pe.sum(0))  # the unweighted sum first: _wsq may overwrite pe
+                sw = _plus(sw, _wsq(pe, wp, scratch=True))
+            if b_on:
+                sb = _wsq(g3.sum(1), bp)
             if not ctx.needs_input_grad[1]:
                 gw = None
         else:
             B = x.shape[0]
-            s = _ghost_or_materialise(x.reshape(B, -1, d).to(dt), g.reshape(B, -1, p).to(dt), ctx.w_on, ctx.b_on)
-        ctx.acc.add_(s)
-        return gx, gw, gb, None, None, None, None
+            dt = _acc_dtype(g)
+            sw, sb = _ghost_or_materialise(x.reshape(B, -1, d).to(dt), g.reshape(B, -1, p).to(dt),
+                                           w_on, b_on, joint, wp, bp)
+        _add(ctx.acc, wi, sw)
+        _add(ctx.acc, bi, sb)
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 class ConvFn(torch.autograd.Function):
@@ -175,9 +246,11 @@ class ConvFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, stride, padding, dilation, groups, w_on, b_on, fused):  # type: ignore[override]
+    def forward(ctx, x, w, b, acc, stride, padding, dilation, groups,  # type: ignore[override]
+                w_idx, b_idx, w_pre, b_pre, fused):
         ctx.save_for_backward(x, w)
-        ctx.acc, ctx.w_on, ctx.b_on, ctx.fused = acc, w_on, b_on, fused and w_on
+        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre)
+        ctx.fused = fused and w_idx >= 0
         ctx.bias_sizes = None if b is None else list(b.shape)
         ctx.stride, ctx.padding, ctx.dilation, ctx.groups = list(stride), list(padding), list(dilation), groups
         nd = x.dim() - 2
@@ -199,8 +272,7 @@ class ConvFn(torch.autograd.Function):
             dt = _acc_dtype(g)
             B, c_out = g.shape[0], g.shape[1]
             gf = g.reshape(B, c_out, -1).to(dt)  # [B, C_out, L]
-            s = gf.new_zeros(())
-            if ctx.w_on:
+            if ctx.w_idx >= 0:
                 if nd == 1:  # treat a 1-d conv as a 2-d one of height 1
                     x4, k = x.unsqueeze(2), (1, w.shape[2])
                     st, pd, dl = (1, ctx.stride[0]), (0, ctx.padding[0]), (1, ctx.dilation[0])
@@ -208,19 +280,17 @@ class ConvFn(torch.autograd.Function):
                     x4, k = x, tuple(w.shape[2:])
                     st, pd, dl = tuple(ctx.stride), tuple(ctx.padding), tuple(ctx.dilation)
                 G = ctx.groups
-                c_in = x.shape[1]
-                L = gf.shape[2]
-                dd = c_in // G * w[0, 0].numel()  # inputs per output unit
+                dd = x.shape[1] // G * w[0, 0].numel()  # inputs per output unit
                 pp = c_out // G
                 sq, pe_sum = _conv_weight_sq(x4 if ctx.fused else x4.to(dt), g.reshape(B, c_out, -1) if ctx.fused
-                                             else gf, k, dl, pd, st, G, dd, pp, L, ctx.fused)
-                s = s + sq
+                                             else gf, k, dl, pd, st, G, dd, pp, gf.shape[2], ctx.fused,
+                                             _reshaped(ctx.w_pre, G, pp, dd))
+                _add(ctx.acc, ctx.w_idx, sq)
                 if ctx.fused and ctx.needs_input_grad[1]:
                     gw = pe_sum.reshape(w.shape)
-            if ctx.b_on:
-                s = s + gf.sum(2).pow(2).sum()
-            ctx.acc.add_(s.to(ctx.acc.dtype))
-        return gx, gw, gb, None, None, None, None, None, None, None, None
+            if ctx.b_idx >= 0:
+                _add(ctx.acc, ctx.b_idx, _wsq(gf.sum(2), ctx.b_pre, scratch=True))
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None, None
 
 
 def _unfold(x, k, dl, pd, st):
@@ -235,13 +305,14 @@ def _unfold(x, k, dl, pd, st):
     return v.permute(0, 1, 4, 5, 2, 3).reshape(B, C * k[0] * k[1], H * W)
 
 
-def _conv_weight_sq(x4, gf, k, dl, pd, st, G, dd, pp, L, fused=False):
-    """``(sum_i |per-example weight gradient|^2, sum_i per-example gradient or None)``."""
+def _conv_weight_sq(x4, gf, k, dl, pd, st, G, dd, pp, L, fused=False, pre=None):
+    """``(sum_i |pre * per-example weight gradient|^2, sum_i per-example gradient or None)``;
+    ``pre``: ``[G, pp, dd]`` or None."""
     B = x4.shape[0]
     dt = _acc_dtype(gf)
     total = gf.new_zeros((), dtype=dt)
     pe_sum = None
-    ghost = L * (dd + pp) <= dd * pp and not fused
+    ghost = L * (dd + pp) <= dd * pp and not fused and pre is None
     per = G * (2 * L * L if ghost else dd * pp) + G * dd * L
     for s, e in _chunks(B, per):
         A = _unfold(x4[s:e], k, dl, pd, st)  # [b, C_in*K, L]
@@ -253,10 +324,9 @@ def _conv_weight_sq(x4, gf, k, dl, pd, st, G, dd, pp, L, fused=False):
             total = total + (aa * gg).sum()
         else:
             pe = torch.matmul(Gr, A.transpose(2, 3))  # [b, G, pp, dd] per-example gradients
-            total = total + _sqsum(pe)
-            if fused:
-                part = pe.sum(0)
-                pe_sum = part if pe_sum is None else pe_sum + part
+            if fused:  # the unweighted sum first: _wsq may overwrite pe
+                pe_sum = _plus(pe_sum, pe.sum(0))
+            total = total + _wsq(pe, pre, scratch=True)
     return total, pe_sum
 
 
@@ -264,9 +334,10 @@ class EmbeddingFn(torch.autograd.Function):
     """``torch.embedding`` with per-example squared norms of the weight gradient into ``acc``."""
 
     @staticmethod
-    def forward(ctx, ids, w, acc, padding_idx, sparse):  # type: ignore[override]
+    def forward(ctx, ids, w, acc, w_idx, w_pre, padding_idx, sparse):  # type: ignore[override]
         ctx.save_for_backward(ids)
-        ctx.acc, ctx.padding_idx, ctx.sparse, ctx.num_weights = acc, padding_idx, sparse, w.shape[0]
+        _keep(ctx, acc, w_idx, w_pre)
+        ctx.padding_idx, ctx.sparse, ctx.num_weights = padding_idx, sparse, w.shape[0]
         if ids.dim() == 1:
             return w.index_select(0, ids)
         # what torch.embedding does (index_select, then a view), into a fresh base tensor
@@ -280,6 +351,8 @@ class EmbeddingFn(torch.autograd.Function):
         gw = None
         if ctx.needs_input_grad[1]:
             gw = aten.embedding_backward(g, ids, ctx.num_weights, ctx.padding_idx, False, ctx.sparse)
+        if ctx.w_idx < 0:
+            return None, gw, None, None, None, None, None
         with torch.no_grad():
             dt = _acc_dtype(g)
             B = ids.shape[0]
@@ -290,6 +363,8 @@ class EmbeddingFn(torch.autograd.Function):
             T = i2.shape[1]
             if ctx.padding_idx >= 0:
                 g3 = g3 * (i2 != ctx.padding_idx).unsqueeze(-1).to(dt)
+            if ctx.w_pre is not None:  # row t scaled by P[id_t]: the per-example gradient becomes P * G_i
+                g3 = g3 * ctx.w_pre.to(dt).index_select(0, i2.reshape(-1)).view(g3.shape)
             total = g3.new_zeros(())
             if T == 1:
                 total = g3.pow(2).sum()
@@ -305,8 +380,8 @@ class EmbeddingFn(torch.autograd.Function):
                     same = (i2[s:e].unsqueeze(2) == i2[s:e].unsqueeze(1)).to(dt)
                     gg = torch.bmm(g3[s:e], g3[s:e].transpose(1, 2))
                     total = total + (gg * same).sum()
-            ctx.acc.add_(total.to(ctx.acc.dtype))
-        return None, gw, None, None, None
+            _add(ctx.acc, ctx.w_idx, total)
+        return None, gw, None, None, None, None, None
 
 
 def _sum_over_positions(t: torch.Tensor, keep_last: int) -> torch.Tensor:
@@ -319,11 +394,12 @@ class LayerNormFn(torch.autograd.Function):
     """``aten.native_layer_norm`` (what ``F.layer_norm`` runs) with per-example norms of (weight, bias)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, normalized_shape, eps, w_on, b_on):  # type: ignore[override]
+    def forward(ctx, x, w, b, acc, normalized_shape, eps, w_idx, b_idx, w_pre, b_pre):  # type: ignore[override]
         out, mean, rstd = aten.native_layer_norm(x, list(normalized_shape), w, b, eps)
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, w, b, mean, rstd)
-        ctx.acc, ctx.w_on, ctx.b_on, ctx.shape = acc, w_on, b_on, list(normalized_shape)
+        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre)
+        ctx.shape = list(normalized_shape)
         return out, mean, rstd
 
     @staticmethod
@@ -336,27 +412,26 @@ class LayerNormFn(torch.autograd.Function):
             dt = _acc_dtype(g)
             k = len(ctx.shape)
             gf = g.to(dt)
-            s = gf.new_zeros(())
-            if ctx.w_on:
+            if ctx.w_idx >= 0:
                 xhat = (x.to(dt) - mean.to(dt)) * rstd.to(dt)
-                s = s + _sum_over_positions(xhat * gf, k).pow(2).sum()
-            if ctx.b_on:
-                s = s + _sum_over_positions(gf, k).pow(2).sum()
-            ctx.acc.add_(s.to(ctx.acc.dtype))
-        return gx, gw, gb, None, None, None, None, None
+                _add(ctx.acc, ctx.w_idx, _wsq(_sum_over_positions(xhat * gf, k), ctx.w_pre, scratch=True))
+            if ctx.b_idx >= 0:  # (not scratch: without positions the sum is g itself)
+                _add(ctx.acc, ctx.b_idx, _wsq(_sum_over_positions(gf, k), ctx.b_pre))
+        return gx, gw, gb, None, None, None, None, None, None, None
 
 
 class GroupNormFn(torch.autograd.Function):
     """``aten.native_group_norm`` (what ``F.group_norm`` runs) with per-example norms of (weight, bias)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, groups, eps, w_on, b_on):  # type: ignore[override]
+    def forward(ctx, x, w, b, acc, groups, eps, w_idx, b_idx, w_pre, b_pre):  # type: ignore[override]
         N, C = x.shape[0], x.shape[1]
         HxW = x[0, 0].numel()
         out, mean, rstd = aten.native_group_norm(x, w, b, N, C, HxW, groups, eps)
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, w, mean, rstd)
-        ctx.acc, ctx.w_on, ctx.b_on, ctx.groups, ctx.has_b = acc, w_on, b_on, groups, b is not None
+        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre)
+        ctx.groups, ctx.has_b = groups, b is not None
         return out, mean, rstd
 
     @staticmethod
@@ -370,16 +445,16 @@ class GroupNormFn(torch.autograd.Function):
         with torch.no_grad():
             dt = _acc_dtype(g)
             gf = g.reshape(N, C, HxW).to(dt)
-            s = gf.new_zeros(())
-            if ctx.w_on:
-                G = ctx.groups
+            G = ctx.groups
+            if ctx.w_idx >= 0:
                 xc = (x.reshape(N, G, -1).to(dt) - mean.reshape(N, G, 1).to(dt)).reshape(N, C, HxW)
                 sxg = torch.linalg.vecdot(xc, gf).reshape(N, G, C // G)  # sum_hw (x - mean) g
-                s = s + _sqsum(sxg * rstd.reshape(N, G, 1).to(dt))
-            if ctx.b_on:
-                s = s + gf.sum(2).pow(2).sum()
-            ctx.acc.add_(s.to(ctx.acc.dtype))
-        return gx, gw, gb, None, None, None, None, None
+                # per-example weight gradient, channel c = (group, c mod C/G): sxg * rstd
+                _add(ctx.acc, ctx.w_idx, _wsq(sxg * rstd.reshape(N, G, 1).to(dt),
+                                              _reshaped(ctx.w_pre, G, C // G), scratch=True))
+            if ctx.b_idx >= 0:
+                _add(ctx.acc, ctx.b_idx, _wsq(gf.sum(2), ctx.b_pre, scratch=True))
+        return gx, gw, gb, None, None, None, None, None, None, None
 
 
 class ScaleFn(torch.autograd.Function):
@@ -387,9 +462,9 @@ class ScaleFn(torch.autograd.Function):
     per-example squared norms of ``w``'s gradient. ``w`` covers the last ``w.dim()`` dims."""
 
     @staticmethod
-    def forward(ctx, xhat, w, acc):  # type: ignore[override]
+    def forward(ctx, xhat, w, acc, w_idx, w_pre):  # type: ignore[override]
         ctx.save_for_backward(xhat, w)
-        ctx.acc = acc
+        _keep(ctx, acc, w_idx, w_pre)
         return xhat * w
 
     @staticmethod
@@ -402,8 +477,9 @@ class ScaleFn(torch.autograd.Function):
         prod = g * xhat
         if ctx.needs_input_grad[1]:
             gw = prod.sum_to_size(w.shape)
-        with torch.no_grad():
-            dt = _acc_dtype(g)
-            pf = prod if prod.dtype == dt else g.to(dt) * xhat.to(dt)
-            ctx.acc.add_(_sum_over_positions(pf, w.dim()).pow(2).sum().to(ctx.acc.dtype))
-        return gx, gw, None
+        if ctx.w_idx >= 0:
+            with torch.no_grad():
+                dt = _acc_dtype(g)
+                pf = prod if prod.dtype == dt else g.to(dt) * xhat.to(dt)
+                _add(ctx.acc, ctx.w_idx, _wsq(_sum_over_positions(pf, w.dim()), ctx.w_pre))
+        return gx, gw, None, None, None
