@@ -53,7 +53,8 @@ def mlp(widths: list[int], seed: int) -> nn.Module:
 def make_case(kind: str, size, m: int, k: int, rank: int, path: str = DATA):
     """``(model factory, micro-batches [(x, y)], loss)``: each rank gets its own data."""
     if kind == "lm":
-        from noisescale.probes.per_example_models import CharTransformer, char_batches, char_data
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+        from models import CharTransformer, char_batches, char_data  # the test suite's models
 
         data, vocab = char_data(path)
         batches = char_batches(data, m, 128, k, seed=rank)

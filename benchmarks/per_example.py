@@ -52,7 +52,8 @@ from torch import nn
 
 from noisescale.probes.base import StepContext
 from noisescale.probes.per_example import PerExampleProbe
-from noisescale.probes.per_example_models import CharTransformer, SmallCNN, char_batches, char_data, mlp
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from models import CharTransformer, SmallCNN, char_batches, char_data, mlp  # noqa: E402  (test models)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")

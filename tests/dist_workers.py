@@ -150,7 +150,7 @@ def entry(rank: int, world: int, init_file: str, out_dir: str, scenario: str, cf
 
 
 def _tracker_summary(gns: ns.GradientNoiseScale) -> dict[str, Any]:
-    return {"b_simple": gns.b_simple, "state": gns.state_dict(), "history": gns._probe.reduced_history(),
+    return {"b_simple": gns.b_simple, "state": gns.state_dict(), "history": list(gns.history),
             "method": gns.method, "measured": gns.measured, "skipped": gns.skipped, "g2": gns.g2,
             "trace_sigma": gns.trace_sigma}
 
@@ -168,7 +168,7 @@ def ddp_exact(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     gns = ns.GradientNoiseScale(ddp, method=cfg.get("method", "auto"), beta=1.0, reduction=red,
                                 max_pending=cfg.get("max_pending", 64), **extra)
     if extra:
-        assert gns._probe.group is extra["process_group"], "process_group= was not used"
+        assert gns.probe.group is extra["process_group"], "process_group= was not used"
     sizes = cfg["sizes"][rank]
     k = len(sizes)
     for t in range(cfg["steps"]):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from noisescale.ema import EMAState, NoiseScaleEMA, ema_update
-from noisescale.estimators import estimate, pool_parts
+
+from helpers import pooled
 
 
 def test_debiased_ema_is_the_normalised_weighted_mean():
@@ -104,8 +105,8 @@ def _synthetic_run(rng, G, sd, beta, steps, k=4, b=8):
     V = v.sum(1)
     small, big = (v**2).sum(-1), (V**2).sum(-1)
     for t in range(steps):
-        m = pool_parts(list(small[t]), [b] * k, float(big[t]))
-        ema.update(*estimate(m.sq_norm_small, m.b_small, m.sq_norm_big, m.b_big))
+        m = pooled(list(small[t]), [b] * k, float(big[t]))
+        ema.update(m.g2, m.trace_sigma)
     return ema
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from noisescale import estimators as est
-from noisescale.estimators import Measurement, estimate, pool_parts
+from noisescale.estimators import estimate, make_step_stats, step_estimates
+
+from helpers import pooled
 
 D = 40
 
@@ -40,7 +42,7 @@ def test_estimate_unbiased_nested_batches(b_small, b_big):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_pool_parts_unbiased_unequal_sizes(reduction):
+def test_pooled_estimate_unbiased_unequal_sizes(reduction):
     rng, G, sd, g2_true, ts_true = _truth(2)
     sizes = [1, 3, 8, 4]
     n = 4000
@@ -52,48 +54,82 @@ def test_pool_parts_unbiased_unequal_sizes(reduction):
         else:  # every example weighted equally: v_j = sum_j / B
             v = [p.sum(0) / sum(sizes) for p in parts]
         V = np.sum(v, axis=0)
-        m = pool_parts([float((vj**2).sum()) for vj in v], sizes, float((V**2).sum()), reduction=reduction)
-        g2, ts = estimate(m.sq_norm_small, m.b_small, m.sq_norm_big, m.b_big)
-        g2s.append(g2)
-        tss.append(ts)
+        m = pooled([float((vj**2).sum()) for vj in v], sizes, float((V**2).sum()), reduction=reduction)
+        g2s.append(m.g2)
+        tss.append(m.trace_sigma)
     for samples, truth in ((g2s, g2_true), (tss, ts_true)):
         ok, info = _within_3se(samples, truth)
         assert ok, info
 
 
-def test_pool_parts_equal_sizes_is_the_paper_recipe():
+def test_pooled_equal_sizes_is_the_paper_recipe():
     rng = np.random.default_rng(3)
     k, b = 4, 8
     v = rng.normal(size=(k, D)) / k
     V = v.sum(0)
-    m = pool_parts([float((x**2).sum()) for x in v], [b] * k, float((V**2).sum()))
+    m = pooled([float((x**2).sum()) for x in v], [b] * k, float((V**2).sum()))
     assert m.b_small == pytest.approx(b) and m.b_big == pytest.approx(k * b)
     # the small-batch norm is the mean of the micro-batch norms of the micro-batch *mean* gradients
-    assert m.sq_norm_small == pytest.approx(np.mean([((x * k) ** 2).sum() for x in v]))
+    assert m.sq_small == pytest.approx(np.mean([((x * k) ** 2).sum() for x in v]))
     # and the effective pair is invariant to a common factor of the norms up to c^2 (b_simple unchanged)
-    m2 = pool_parts([9 * float((x**2).sum()) for x in v], [b] * k, 9 * float((V**2).sum()))
-    g, s = estimate(m.sq_norm_small, m.b_small, m.sq_norm_big, m.b_big)
-    g9, s9 = estimate(m2.sq_norm_small, m2.b_small, m2.sq_norm_big, m2.b_big)
-    assert s9 / g9 == pytest.approx(s / g, rel=1e-12)
+    m2 = pooled([9 * float((x**2).sum()) for x in v], [b] * k, 9 * float((V**2).sum()))
+    assert m2.trace_sigma / m2.g2 == pytest.approx(m.trace_sigma / m.g2, rel=1e-12)
 
 
-def test_pool_parts_per_example_is_bessel_corrected_variance():
+def test_pooled_per_example_is_bessel_corrected_variance():
     rng = np.random.default_rng(4)
     B = 16
     g = rng.normal(size=(B, D)) + 0.3
     v = g / B  # mean loss: per-example contributions to the batch gradient
-    m = pool_parts([float((x**2).sum()) for x in v], [1] * B, float((v.sum(0) ** 2).sum()))
-    g2, ts = estimate(m.sq_norm_small, m.b_small, m.sq_norm_big, m.b_big)
+    m = pooled([float((x**2).sum()) for x in v], [1] * B, float((v.sum(0) ** 2).sum()))
+    g2, ts = m.g2, m.trace_sigma
     assert ts == pytest.approx(g.var(axis=0, ddof=1).sum(), rel=1e-10)
     # |G|^2 unbiased: |mean|^2 minus the variance of the mean
     assert g2 == pytest.approx((g.mean(0) ** 2).sum() - g.var(axis=0, ddof=1).sum() / B, rel=1e-10)
 
 
-def test_pool_parts_accepts_tensors_and_keeps_them_on_device():
-    m = pool_parts([torch.tensor(2.0), torch.tensor(4.0)], [2, 2], torch.tensor(1.5))
-    assert isinstance(m.sq_norm_small, torch.Tensor)
-    assert float(m.sq_norm_small) == pytest.approx((2 + 4) / 0.5)
-    assert m.as_floats().sq_norm_small == pytest.approx(12.0)
+def test_step_stats_are_additive_over_ranks_and_groups():
+    """Two ranks' statistics (each weighted by 1/n, as the distributed probe does) sum to the one-process
+    statistics of the whole step, and the groups' estimates sum to the total's."""
+    rng = np.random.default_rng(7)
+    sizes = [3.0, 5.0, 2.0, 6.0]
+    u = rng.normal(size=(4, 2, D))  # part j's contribution to V, in 2 groups of elements
+    V = u.sum(0)
+    sq = (u**2).sum(-1)  # [part, group]
+    whole = make_step_stats(sq.sum(0), (V**2).sum(-1), sizes, reduction="sum")
+    ranks = []
+    for r, (lo, hi) in enumerate(((0, 2), (2, 4))):
+        # rank r's own gradient holds its parts at twice their weight in V (the step averages 2 ranks):
+        # the rank normalises its weights (sum reduction) and scales a by 1/2, norms by 1/4
+        st = make_step_stats(4 * sq[lo:hi].sum(0), (V**2).sum(-1) * (r == 0), sizes[lo:hi], reduction="sum")
+        st.vec[0] /= 4
+        st.vec[1] /= 4
+        st.vec[6:8] /= 4
+        ranks.append(st)
+    both = ranks[0] + ranks[1]
+    # "sum" within a rank (alpha = b / rank total), "mean" across ranks: a = alpha / 2
+    direct = make_step_stats(sq.sum(0), (V**2).sum(-1), sizes, weights=[3 / 16, 5 / 16, 2 / 16, 6 / 16])
+    b, d = both.read(), direct.read()
+    assert b[4] == 2 and d[4] == 1  # the ranks that contributed
+    b[4] = 1
+    assert np.allclose(b, d, rtol=1e-14)
+    g2, ts, status, _ = step_estimates(whole.read(), 2)
+    assert status == "measured"
+    tot_g2, tot_ts, _, _ = step_estimates(make_step_stats([sq.sum()], [(V**2).sum()], sizes, reduction="sum").read(), 1)
+    assert g2.sum() == pytest.approx(tot_g2[0], rel=1e-12) and ts.sum() == pytest.approx(tot_ts[0], rel=1e-12)
+
+
+def test_step_stats_stay_on_their_device_and_skip_with_reasons():
+    s = make_step_stats(torch.tensor([2.0, 4.0]), torch.tensor([1.0, 0.5]), [2, 2])
+    assert s.vec.dtype == torch.float64 and s.n_groups == 2
+    v = s.read()
+    assert v[6:8].tolist() == [2.0, 4.0] and v[8:].tolist() == [1.0, 0.5]
+    one = make_step_stats([1.0], [1.0], [4])
+    assert step_estimates(one.read(), 1)[2:] == ("unmeasurable", step_estimates(one.read(), 1)[3])
+    bad = make_step_stats([float("inf")], [1.0], [4, 4])
+    assert step_estimates(bad.read(), 1)[2] == "skipped"
+    two = make_step_stats([1.0], [1.0], [4, 4])
+    assert step_estimates(two.read(), 1, ranks=2)[2] == "skipped"  # a rank missing (Join)
 
 
 def test_estimate_rejects_bad_sizes():
@@ -107,15 +143,13 @@ def test_estimate_rejects_bad_sizes():
         estimate(1.0, 1, 0.5, float("nan"))
 
 
-def test_pool_parts_rejects_bad_input():
-    with pytest.raises(ValueError, match="at least 2 parts"):
-        pool_parts([1.0], [4], 1.0)
-    with pytest.raises(ValueError, match="pair up"):
-        pool_parts([1.0, 2.0, 3.0], [4, 4], 1.0)
+def test_make_step_stats_rejects_bad_input():
+    with pytest.raises(ValueError, match="groups but sq_total"):
+        make_step_stats([1.0, 2.0, 3.0], [1.0, 2.0], [4, 4])
     with pytest.raises(ValueError, match="part 1 has size -2"):
-        pool_parts([1.0, 2.0], [4, -2], 1.0)
+        make_step_stats([1.0], [1.0], [4, -2])
     with pytest.raises(ValueError, match="reduction must be"):
-        pool_parts([1.0, 2.0], [4, 4], 1.0, reduction="avg")
+        make_step_stats([1.0], [1.0], [4, 4], reduction="avg")
 
 
 def test_b_simple_undefined_for_nonpositive_g2():
@@ -155,8 +189,3 @@ def test_fieller_reduces_to_delta_when_precise_and_opens_when_not():
     assert lo < 5.0 < hi and hi - lo < 1e-2
     lo, hi = est.fieller_interval(10.0, 0.01, 0.01, 1.0, 0.0, 1.96)  # denominator not resolved
     assert hi == math.inf and lo > 0
-
-
-def test_measurement_record():
-    m = Measurement(torch.tensor(3.0), 2, 1.0, 8, "x")
-    assert m.to_dict() == {"sq_norm_small": 3.0, "b_small": 2.0, "sq_norm_big": 1.0, "b_big": 8.0, "source": "x"}

@@ -12,7 +12,10 @@ from torch.func import functional_call, grad, vmap
 
 import noisescale as ns
 from noisescale.data import digits_mlp, load_digits
-from noisescale.estimators import estimate, pool_parts
+from noisescale.estimators import estimate
+from noisescale.probes import ProbeConfig
+
+from helpers import pooled, read_stats
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +63,17 @@ def test_measurement_matches_explicit_gradients(digits, convention, sizes):
         return scale(F.cross_entropy(model(xb), yb), len(yb), k, B)
 
     ref_small, ref_big = _reference_parts(model, parts, loss_j)
-    probe = ns.probes.MicroBatchProbe(model, list(model.parameters()), reduction=reduction)
+    probe = ns.probes.MicroBatchProbe(model, list(model.parameters()), ProbeConfig(reduction=reduction))
     for j, (xb, yb) in enumerate(parts):
         loss_j(j, xb, yb).backward()
-    m, reason, examples = probe.collect(ns.probes.StepContext(None))
+    st = probe.collect(ns.probes.StepContext(None))
     probe.close()
-    assert reason is None and examples == B
-    ref = pool_parts(ref_small, sizes, ref_big, reduction=reduction)
+    assert st.reason is None and st.read()[2] == B
+    m = read_stats(st)
+    ref = pooled(ref_small, sizes, ref_big, reduction=reduction)
     assert m.b_small == pytest.approx(ref.b_small) and m.b_big == pytest.approx(ref.b_big)
-    assert float(m.sq_norm_small) == pytest.approx(ref.sq_norm_small, rel=1e-5)
-    assert float(m.sq_norm_big) == pytest.approx(ref.sq_norm_big, rel=1e-5)
+    assert m.sq_small == pytest.approx(ref.sq_small, rel=1e-5)
+    assert m.sq_big == pytest.approx(ref.sq_big, rel=1e-5)
 
 
 def _fixed_theta_b_simple(model, X, y, convention, steps=30, k=4, b=16, seed=0):
@@ -210,13 +214,13 @@ def test_frozen_unused_and_tied_parameters(digits):
     ref_small, ref_big = _reference_parts(model, parts, lambda j, xb, yb: F.cross_entropy(model(xb), yb) / 4)
     gns = ns.GradientNoiseScale(model, "microbatch", beta=1.0)
     assert len(gns.params) == 6  # frozen excluded; shared counted once
-    probe = gns._probe
     for xb, yb in parts:
         (F.cross_entropy(model(xb), yb) / 4).backward()
-    m, reason, _ = probe.collect(ns.probes.StepContext(None))
-    ref = pool_parts(ref_small, [8] * 4, ref_big)
-    assert float(m.sq_norm_small) == pytest.approx(ref.sq_norm_small, rel=1e-5)
-    assert float(m.sq_norm_big) == pytest.approx(ref.sq_norm_big, rel=1e-5)
+    gns.step()
+    rec = gns.history[-1]
+    ref = pooled(ref_small, [8] * 4, ref_big)
+    assert rec["g2_step"] == pytest.approx(ref.g2, rel=1e-5)
+    assert rec["trace_sigma_step"] == pytest.approx(ref.trace_sigma, rel=1e-5)
     gns.close()
 
 

@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 import noisescale as ns
 from noisescale.probes.base import StepContext
 from noisescale.probes.per_example import PerExampleProbe
-from noisescale.probes.per_example_models import CharTransformer, SmallCNN, char_batches, char_data, mlp
+from helpers import collect, pooled
+from models import CharTransformer, SmallCNN, char_batches, char_data, mlp
 
 from test_per_example import RTOL, per_example_grads, reference
 
@@ -71,7 +72,7 @@ def test_inert_gradients_bit_identical(shakespeare_path, fused):
         probe = PerExampleProbe(twin, fused=fused)
         out1 = twin(inp)
         lossf(out1).backward()
-        probe.collect(StepContext(None))
+        collect(probe, StepContext(None))
         probe.close()
         assert torch.equal(out0, out1)
         for (n, a), b in zip(model.named_parameters(), twin.parameters()):
@@ -96,12 +97,12 @@ def test_torch_compile_no_graph_breaks_and_same_norms():
     torch._dynamo.reset()
     explain = torch._dynamo.explain(lambda i: loss(model, i))(ids)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
-    probe.collect(StepContext(None))  # drop explain's forward
+    collect(probe, StepContext(None))  # drop explain's forward
     model.zero_grad(set_to_none=True)
     compiled = torch.compile(lambda i: loss(model, i), fullgraph=True, backend="aot_eager")
     for _ in range(2):  # a second step reuses the compiled graph and the (reset) accumulators
         compiled(ids).backward()
-        mc, _, _ = probe.collect(StepContext(None))
+        mc, _, _ = collect(probe, StepContext(None))
         model.zero_grad(set_to_none=True)
     probe.close()
     torch._dynamo.reset()
@@ -133,7 +134,7 @@ def test_non_reentrant_activation_checkpointing():
     want = reference(plain, lambda o: o.pow(2).mean(), (x,))
     probe = PerExampleProbe(model)
     model(x).pow(2).mean().backward()
-    m, reason, _ = probe.collect(StepContext(None))
+    m, reason, _ = collect(probe, StepContext(None))
     probe.close()
     assert m is not None, reason
     assert float(m.sq_norm_small) == pytest.approx(want[0], rel=RTOL)
@@ -216,7 +217,7 @@ def test_torch_compile_inductor_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     compiled(ids).pow(2).mean().backward()
-    m, reason, _ = probe.collect(StepContext(None))
+    m, reason, _ = collect(probe, StepContext(None))
     probe.close()
     torch._dynamo.reset()
     assert m is not None, reason

@@ -1,21 +1,21 @@
 """noisescale: the gradient noise scale of PyTorch training, measured correctly and almost for free.
 
     import noisescale as ns
-    gns = ns.GradientNoiseScale(model)          # gradient accumulation with >= 2 micro-batches
+    gns = ns.GradientNoiseScale(model)          # method="auto": per-example, micro-batch or DDP/FSDP
     ...                                         # backward passes of one optimizer step
-    gns.step()                                  # after unscale_, before clipping
-    gns.b_simple, gns.interval(0.95)
+    gns.step()                                  # after unscale_, before optimizer.step()
+    gns.b_simple, gns.interval(0.95), gns.by_group()
 
 Implements McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch Training"
 (arXiv:1812.06162). ``import noisescale`` imports torch and numpy only; plotting
 (:mod:`noisescale.plot`) imports matplotlib when used.
 """
 
-from .ema import EMAState, NoiseScaleEMA
+from .ema import EMAState, Estimate, NoiseScaleEMA
 from .estimators import (
     E,
-    Measurement,
     S,
+    StepStats,
     b_crit,
     b_simple,
     dL_opt,
@@ -23,13 +23,14 @@ from .estimators import (
     eps_opt,
     estimate,
     examples_to_target,
+    make_step_stats,
     optimal_batch_for_exchange_rate,
-    pool_parts,
+    step_estimates,
     steps_to_target,
 )
 from .measure import MeasureResult, measure
 from .runlog import RunLog, RunLogError, read_run_log
-from .tracker import GradientNoiseScale
+from .tracker import GradientNoiseScale, Subscription, Update
 from .critical import CriticalBatchFit, RunRecord, fit_critical_batch, fit_sweep, frontier
 from .sweeps import local_critical_batch, lr_grid, sweep
 
@@ -39,9 +40,13 @@ __all__ = [
     "GradientNoiseScale",
     "measure",
     "MeasureResult",
-    "Measurement",
+    "Update",
+    "Subscription",
+    "Estimate",
+    "StepStats",
+    "make_step_stats",
+    "step_estimates",
     "estimate",
-    "pool_parts",
     "b_simple",
     "eps_opt",
     "dL_opt",

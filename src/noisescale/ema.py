@@ -22,13 +22,15 @@ step spread also contains the drift of the true values, which makes the interval
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
+
+import numpy as np
 
 from .estimators import b_simple as _b_simple
 from .estimators import fieller_interval, t_quantile
 
-__all__ = ["EMAState", "ema_update", "NoiseScaleEMA"]
+__all__ = ["EMAState", "Estimate", "ema_update", "NoiseScaleEMA", "state_b_simple", "state_interval", "state_reason"]
 
 
 @dataclass(frozen=True)
@@ -81,67 +83,124 @@ def ema_update(state: EMAState, g2: float, trace_sigma: float, beta: float) -> E
     )
 
 
+def state_b_simple(st: EMAState) -> float | None:
+    """``b_simple`` of one averaged series (``None`` before any measurement or while ``g2 <= 0``)."""
+    return _b_simple(st.g2, st.trace_sigma) if st.count else None
+
+
+def state_reason(st: EMAState) -> str | None:
+    """Why :func:`state_b_simple` is ``None``, or ``None`` when it is defined."""
+    if not st.count:
+        return "no measurement has been averaged yet"
+    if st.g2 == 0 and st.trace_sigma == 0:
+        return ("every measured gradient was exactly zero (|G|^2 = tr(Sigma) = 0): the loss does not "
+                "depend on the measured parameters; check that loss.backward() reaches them")
+    if not st.g2 > 0:
+        return (f"the averaged estimate of |G|^2 is {st.g2:.3g} <= 0: the gradient is not "
+                "yet resolved above its noise (B_simple is then beyond what these batch sizes can "
+                "measure); average more steps (beta closer to 1) or measure with larger batches")
+    return None
+
+
+def state_variances(st: EMAState) -> tuple[float, float, float] | None:
+    """Estimated ``(Var(mean g2), Var(mean trace_sigma), Cov)`` of one series' averages."""
+    if st.count < 3 or st.weight_sq <= 0:
+        return None
+    denom = st.weight - st.weight_sq / st.weight  # reliability-weights correction
+    if denom <= 0:
+        return None
+    n_eff = st.n_eff
+    return st.m2_g2 / denom / n_eff, st.m2_trace_sigma / denom / n_eff, st.c_cross / denom / n_eff
+
+
+def state_interval(st: EMAState, level: float = 0.95) -> tuple[float, float] | None:
+    """Fieller interval for one series' ``b_simple`` at confidence ``level`` (``None`` below 3 steps)."""
+    if not (isinstance(level, (int, float)) and 0.0 < level < 1.0):
+        raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level!r}")
+    v = state_variances(st)
+    if v is None:
+        return None
+    var_g, var_s, cov = v
+    q = t_quantile(0.5 + level / 2.0, max(st.n_eff - 1.0, 1.0))
+    low, high = fieller_interval(st.trace_sigma, st.g2, var_s, var_g, cov, q)
+    return max(low, 0.0), high
+
+
+_SERIES = ("g2", "trace_sigma", "m2_g2", "m2_trace_sigma", "c_cross")
+
+
 class NoiseScaleEMA:
-    """Keeps the :class:`EMAState` and answers for ``b_simple`` and its interval.
+    """Debiased EMAs of ``size`` series of ``(g2, trace_sigma)`` that share their weights.
+
+    Series 0 is what the scalar properties report; a tracker keeps the total in series 0 and
+    one series per group after it. The update is linear with the same weights for every series,
+    so series that add up per step (groups to the total) add up in the average too.
 
     Args:
         beta: decay per measurement, in ``(0, 1]``; ``1`` is the plain mean. The average spans
             about ``(1 + beta)/(1 - beta)`` measurements in steady state.
+        size: number of series.
     """
 
-    def __init__(self, beta: float = 0.99) -> None:
+    def __init__(self, beta: float = 0.99, size: int = 1) -> None:
         if not (isinstance(beta, (int, float)) and 0.0 < beta <= 1.0):
             raise ValueError(f"beta must be in (0, 1], got {beta!r} (use 1.0 for a plain mean)")
+        if not (isinstance(size, int) and size >= 1):
+            raise ValueError(f"size must be a positive integer, got {size!r}")
         self.beta = float(beta)
-        self.state = EMAState()
+        self.size = size
+        self.count = 0
+        self.weight = 0.0
+        self.weight_sq = 0.0
+        self._arrays = {k: np.zeros(size) for k in _SERIES}
 
-    def update(self, g2: float, trace_sigma: float) -> None:
-        self.state = ema_update(self.state, g2, trace_sigma, self.beta)
+    def update(self, g2: Any, trace_sigma: Any) -> None:
+        """Fold one step's estimates (numbers, or arrays of ``size``) into every series."""
+        g = np.broadcast_to(np.asarray(g2, dtype=np.float64), (self.size,))
+        s = np.broadcast_to(np.asarray(trace_sigma, dtype=np.float64), (self.size,))
+        if not (np.isfinite(g).all() and np.isfinite(s).all()):
+            raise ValueError(f"non-finite estimate (g2={g2!r}, trace_sigma={trace_sigma!r}); skip it instead")
+        beta, a = self.beta, self._arrays
+        w_new = self.weight * beta + 1.0
+        d_g, d_s = g - a["g2"], s - a["trace_sigma"]
+        a["g2"] = a["g2"] + d_g / w_new
+        a["trace_sigma"] = a["trace_sigma"] + d_s / w_new
+        a["m2_g2"] = a["m2_g2"] * beta + d_g * (g - a["g2"])
+        a["m2_trace_sigma"] = a["m2_trace_sigma"] * beta + d_s * (s - a["trace_sigma"])
+        a["c_cross"] = a["c_cross"] * beta + d_g * (s - a["trace_sigma"])
+        self.count += 1
+        self.weight = w_new
+        self.weight_sq = self.weight_sq * beta * beta + 1.0
+
+    def series(self, i: int = 0) -> EMAState:
+        """The averages of series ``i`` as an :class:`EMAState`."""
+        return EMAState(self.count, self.weight, self.weight_sq, *(float(self._arrays[k][i]) for k in _SERIES))
 
     @property
-    def count(self) -> int:
-        return self.state.count
+    def state(self) -> EMAState:
+        return self.series(0)
 
     @property
     def g2(self) -> float | None:
         """Averaged estimate of ``|G|^2`` (``None`` before any measurement)."""
-        return self.state.g2 if self.state.count else None
+        return float(self._arrays["g2"][0]) if self.count else None
 
     @property
     def trace_sigma(self) -> float | None:
         """Averaged estimate of ``tr(Sigma)`` (``None`` before any measurement)."""
-        return self.state.trace_sigma if self.state.count else None
+        return float(self._arrays["trace_sigma"][0]) if self.count else None
 
     @property
     def b_simple(self) -> float | None:
-        if not self.state.count:
-            return None
-        return _b_simple(self.state.g2, self.state.trace_sigma)
+        return state_b_simple(self.state)
 
     def reason(self) -> str | None:
         """Why :attr:`b_simple` is ``None``, or ``None`` when it is defined."""
-        if not self.state.count:
-            return "no measurement has been averaged yet"
-        if self.state.g2 == 0 and self.state.trace_sigma == 0:
-            return ("every measured gradient was exactly zero (|G|^2 = tr(Sigma) = 0): the loss does not "
-                    "depend on the measured parameters; check that loss.backward() reaches them")
-        if not self.state.g2 > 0:
-            return (f"the averaged estimate of |G|^2 is {self.state.g2:.3g} <= 0: the gradient is not "
-                    "yet resolved above its noise (B_simple is then beyond what these batch sizes can "
-                    "measure); average more steps (beta closer to 1) or measure with larger batches")
-        return None
+        return state_reason(self.state)
 
     def variances(self) -> tuple[float, float, float] | None:
         """Estimated ``(Var(mean g2), Var(mean trace_sigma), Cov)`` of the averages."""
-        st = self.state
-        if st.count < 3 or st.weight_sq <= 0:
-            return None
-        denom = st.weight - st.weight_sq / st.weight  # reliability-weights correction
-        if denom <= 0:
-            return None
-        var_g, var_s, cov = st.m2_g2 / denom, st.m2_trace_sigma / denom, st.c_cross / denom
-        n_eff = st.n_eff
-        return var_g / n_eff, var_s / n_eff, cov / n_eff
+        return state_variances(self.state)
 
     def interval(self, level: float = 0.95) -> tuple[float, float] | None:
         """Fieller interval for ``b_simple`` at confidence ``level``.
@@ -149,24 +208,61 @@ class NoiseScaleEMA:
         Returns ``(low, high)`` with ``low >= 0``; ``high`` is ``inf`` when ``|G|^2`` is not
         resolved at this level. ``None`` with fewer than 3 measurements.
         """
-        if not (isinstance(level, (int, float)) and 0.0 < level < 1.0):
-            raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level!r}")
-        v = self.variances()
-        if v is None:
-            return None
-        var_g, var_s, cov = v
-        df = max(self.state.n_eff - 1.0, 1.0)
-        q = t_quantile(0.5 + level / 2.0, df)
-        low, high = fieller_interval(self.state.trace_sigma, self.state.g2, var_s, var_g, cov, q)
-        return max(low, 0.0), high
+        return state_interval(self.state, level)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"beta": self.beta, **asdict(self.state)}
+        """Numbers only: scalars for one series, lists of ``size`` numbers otherwise."""
+        out: dict[str, Any] = {"beta": self.beta, "count": self.count, "weight": self.weight,
+                               "weight_sq": self.weight_sq}
+        for k in _SERIES:
+            out[k] = float(self._arrays[k][0]) if self.size == 1 else self._arrays[k].tolist()
+        return out
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        names = {f.name for f in fields(EMAState)}
+        names = {f.name for f in fields(EMAState)} | {"beta"}
         missing = names - set(sd)
-        if missing or "beta" not in sd:
-            raise ValueError(f"not a NoiseScaleEMA state_dict: missing keys {sorted(missing | ({'beta'} - set(sd)))}")
+        if missing:
+            raise ValueError(f"not a NoiseScaleEMA state_dict: missing keys {sorted(missing)}")
+        arrays = {k: np.atleast_1d(np.asarray(sd[k], dtype=np.float64)) for k in _SERIES}
+        for k, arr in arrays.items():
+            if arr.shape != (self.size,):
+                raise ValueError(f"state_dict entry {k!r} has {arr.size} series but this average has {self.size}")
         self.beta = float(sd["beta"])
-        self.state = replace(EMAState(), **{k: (int(sd[k]) if k == "count" else float(sd[k])) for k in names})
+        self.count, self.weight, self.weight_sq = int(sd["count"]), float(sd["weight"]), float(sd["weight_sq"])
+        self._arrays = {k: arr.copy() for k, arr in arrays.items()}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The averaged noise scale of one series (the total, or one group): a snapshot."""
+
+    state: EMAState
+
+    @property
+    def b_simple(self) -> float | None:
+        """``tr(Sigma)/|G|^2`` of the averages; ``None`` while undefined (see :attr:`reason`)."""
+        return state_b_simple(self.state)
+
+    @property
+    def g2(self) -> float | None:
+        return self.state.g2 if self.state.count else None
+
+    @property
+    def trace_sigma(self) -> float | None:
+        return self.state.trace_sigma if self.state.count else None
+
+    @property
+    def n_eff(self) -> float:
+        return self.state.n_eff
+
+    @property
+    def reason(self) -> str | None:
+        return state_reason(self.state)
+
+    def interval(self, level: float = 0.95) -> tuple[float, float] | None:
+        """Fieller interval for :attr:`b_simple` (``None`` below 3 measurements)."""
+        return state_interval(self.state, level)
+
+    def __repr__(self) -> str:
+        b = self.b_simple
+        return f"Estimate(b_simple={b:.4g})" if b is not None else f"Estimate(b_simple=None: {self.reason})"

@@ -15,20 +15,23 @@ carry the same unit.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Sequence, TypeVar, Union
 
+import numpy as np
 import torch
 
 Number = TypeVar("Number", float, "torch.Tensor", Any)  # elementwise: floats, arrays, tensors
 Scalar = Union[float, torch.Tensor]
 
 __all__ = [
-    "Measurement",
+    "StepStats",
+    "make_step_stats",
+    "step_estimates",
     "estimate",
-    "pool_parts",
     "pooling_moments",
+    "part_weights",
     "b_simple",
     "eps_opt",
     "dL_opt",
@@ -42,37 +45,6 @@ __all__ = [
     "t_quantile",
     "fieller_interval",
 ]
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One paired observation of squared gradient norms at two batch sizes.
-
-    The one contract between probes (where norms come from) and the math (what they mean):
-    ``E[sq_norm_small] = |G|^2 + tr(Sigma)/b_small`` and
-    ``E[sq_norm_big] = |G|^2 + tr(Sigma)/b_big`` with ``b_small < b_big`` (McCandlish Eq. A.1).
-
-    ``b_small``/``b_big`` may be *effective* sizes (see :func:`pool_parts`) and need not be
-    integers. The norm fields may be 0-d tensors still on the device; they are read
-    (one host sync for many measurements) only when the tracker folds them into its averages.
-    ``source`` names the probe that produced the record.
-    """
-
-    sq_norm_small: Scalar
-    b_small: float
-    sq_norm_big: Scalar
-    b_big: float
-    source: str = ""
-
-    def as_floats(self) -> "Measurement":
-        """The same record with the norms read into Python floats."""
-        return Measurement(
-            float(self.sq_norm_small), float(self.b_small), float(self.sq_norm_big),
-            float(self.b_big), self.source,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self.as_floats())
 
 
 def _check_sizes(b_small: float, b_big: float) -> None:
@@ -100,68 +72,64 @@ def estimate(sq_norm_small: Number, b_small: float, sq_norm_big: Number, b_big: 
     before forming a ratio, and never clamp before averaging.
     Works elementwise on floats, NumPy arrays and torch tensors.
     """
-    _check_sizes(b_small, b_big)
+    _check_sizes(float(b_small), float(b_big))
     g2 = (b_big * sq_norm_big - b_small * sq_norm_small) / (b_big - b_small)
     trace_sigma = (sq_norm_small - sq_norm_big) / (1.0 / b_small - 1.0 / b_big)
     return g2, trace_sigma
 
 
-def pool_parts(sq_norms: Sequence[Scalar] | torch.Tensor, sizes: Sequence[float],
-               sq_norm_total: Scalar, *, reduction: str = "mean", source: str = "") -> Measurement:
-    """Pool ``k >= 2`` disjoint parts of one step into a single :class:`Measurement`.
+# ---------------------------------------------------------------------------------------
+# The one contract between probes and the math: additive step statistics.
 
-    Part ``j`` has ``sizes[j]`` examples and its own gradient ``v_j`` with squared norm
-    ``sq_norms[j]``; the step's gradient is ``V = sum_j v_j`` with squared norm
-    ``sq_norm_total``. ``reduction`` says how each ``v_j`` relates to that part's mean
-    per-example gradient ``G_j``:
+# Layout of a step-statistics vector (float64). A head of scalars shared by every group, then
+# per group ``g``: ``sq_parts[g] = sum_j |u_j|_g^2`` and ``sq_total[g] = |V|_g^2``, where ``u_j`` is
+# part ``j``'s contribution to the step's gradient ``V = sum_j u_j`` and ``|.|_g`` is the norm
+# restricted to the group's elements (after any elementwise weighting by a preconditioner).
+SUM_A2, SUM_A2_OVER_B, EXAMPLES, PARTS, RANKS, ERRORS = range(6)
+HEAD = 6
+HEAD_NAMES = ("sum_a2", "sum_a2_over_b", "examples", "parts", "ranks", "errors")
 
-    - ``"mean"``: ``v_j = c G_j`` (every part weighted equally, e.g. mean loss per
-      micro-batch divided by the number of micro-batches);
-    - ``"sum"``: ``v_j = c b_j G_j`` (every example weighted equally, e.g. summed loss, or
-      a token-sum divided by the step's token count).
 
-    A common factor ``c`` cancels from ``b_simple``; ``g2`` and ``trace_sigma`` are expressed
-    in the units of ``V`` taken as an average gradient (exact when the accumulated gradient
-    is the mean over the step, the usual convention).
+@dataclass
+class StepStats:
+    """Sufficient statistics of one optimizer step, as sums: they add across micro-batches, ranks
+    and merges (torchmetrics' ``dist_reduce_fx="sum"`` state), and ratios are formed only in
+    :func:`step_estimates`.
 
-    Derivation. With normalised weights ``a_j`` (``sum a_j = 1``), ``V = sum a_j G_j``, so
-    ``E|V|^2 = |G|^2 + tr(Sigma) sum a_j^2/b_j`` and the cross terms
-    ``|V|^2 - sum |v_j|^2 = sum_{j != l} v_j . v_l`` have mean ``(1 - sum a_j^2)|G|^2``.
-    Solving the two moment equations is the same as App. A.1 applied to the effective pair
-    ``b_big = 1/sum(a_j^2/b_j)``, ``b_small = sum(a_j^2)/sum(a_j^2/b_j)``,
-    ``|G_small|^2 = sum|v_j|^2 / sum a_j^2`` — for equal parts this is exactly the paper's
-    recipe (mean of the micro-batch norms at ``b``, the step norm at ``k b``); for
-    ``b_j = 1`` it is the per-example (Bessel-corrected) estimator.
+    ``vec`` is a float64 tensor (possibly still on the device, possibly the buffer of an
+    all-reduce in flight: ``work``) with the layout ``[HEAD scalars, sq_parts[G], sq_total[G]]``:
+
+    - ``sum_a2 = sum_j a_j^2`` and ``sum_a2_over_b = sum_j a_j^2 / b_j`` over the step's parts
+      (micro-batches, examples, (rank, micro-batch) pairs) of sizes ``b_j`` with weights ``a_j``
+      in ``V = sum_j a_j G_j`` (normalised over the whole step: ``sum_j a_j = 1``);
+    - ``examples``: the step's size in the tracker's unit; ``parts``: how many parts;
+    - ``ranks``: how many ranks contributed (1 on one process); ``errors``: ranks that failed.
+
+    ``reason`` says why the step cannot be measured when the probe knows it locally.
     """
-    k = len(sizes)
-    if k < 2:
-        raise ValueError(f"pooling needs at least 2 parts (micro-batches or examples), got {k}")
-    if len(sq_norms) != k:
-        raise ValueError(f"got {len(sq_norms)} squared norms for {k} sizes; they must pair up")
-    b = [float(x) for x in sizes]
-    for j, bj in enumerate(b):
-        if not (math.isfinite(bj) and bj > 0):
-            raise ValueError(f"part {j} has size {sizes[j]!r}; sizes must be finite and positive")
-    if reduction == "mean":
-        w = [1.0] * k
-    elif reduction == "sum":
-        w = b
-    else:
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    sum_a2, sum_a2_over_b = pooling_moments(b, w)
-    if isinstance(sq_norms, torch.Tensor):
-        sum_parts = sq_norms.sum()
-    elif sq_norms and isinstance(sq_norms[0], torch.Tensor):
-        sum_parts = torch.stack(list(sq_norms)).sum()
-    else:
-        sum_parts = float(sum(sq_norms))  # type: ignore[arg-type]
-    return Measurement(
-        sq_norm_small=sum_parts / sum_a2,
-        b_small=sum_a2 / sum_a2_over_b,
-        sq_norm_big=sq_norm_total,
-        b_big=1.0 / sum_a2_over_b,
-        source=source,
-    )
+
+    vec: torch.Tensor
+    n_groups: int
+    reason: str | None = None
+    work: Any = None
+
+    def __post_init__(self) -> None:
+        if self.vec.shape != (HEAD + 2 * self.n_groups,):
+            raise ValueError(f"a StepStats vector for {self.n_groups} groups has {HEAD + 2 * self.n_groups} "
+                             f"entries, got shape {tuple(self.vec.shape)}")
+
+    def __add__(self, other: StepStats) -> StepStats:
+        """The statistics of the union of two disjoint sets of parts (e.g. two ranks)."""
+        if other.n_groups != self.n_groups:
+            raise ValueError(f"cannot add step statistics of {self.n_groups} and {other.n_groups} groups")
+        return StepStats(self.vec + other.vec.to(self.vec.device), self.n_groups, self.reason or other.reason)
+
+    def read(self) -> np.ndarray:
+        """The numbers as a host float64 array (waits for a reduction in flight: a host sync)."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.vec.detach().to("cpu", torch.float64).numpy()
 
 
 def pooling_moments(sizes: Sequence[float], weights: Sequence[float],
@@ -169,9 +137,8 @@ def pooling_moments(sizes: Sequence[float], weights: Sequence[float],
     """``(sum_j a_j^2, sum_j a_j^2 / b_j)`` for parts of sizes ``b_j`` weighted by ``w_j``.
 
     ``a = w / sum(w)`` are the normalised weights of the parts in the step's gradient
-    ``V = sum_j a_j G_j`` (see :func:`pool_parts`); ``counts[j]`` repeats part ``j`` that many
-    times (e.g. every example of a micro-batch). The effective pair of App. A.1 is then
-    ``b_small = sum a^2 / sum a^2/b`` and ``b_big = 1 / sum a^2/b``.
+    ``V = sum_j a_j G_j``; ``counts[j]`` repeats part ``j`` that many times (e.g. every example
+    of a micro-batch). See :func:`step_estimates` for how they enter the estimator.
     """
     c = counts if counts is not None else [1] * len(sizes)
     total_w = sum(n * wj for n, wj in zip(c, weights))
@@ -181,6 +148,82 @@ def pooling_moments(sizes: Sequence[float], weights: Sequence[float],
         sum_a2 += n * a * a
         sum_a2_over_b += n * a * a / bj
     return sum_a2, sum_a2_over_b
+
+
+def part_weights(sizes: Sequence[float], reduction: str) -> list[float]:
+    """Unnormalised weight of each part in the step's gradient under a loss convention.
+
+    ``"mean"``: each part's loss is a mean over its examples and parts weigh equally
+    (``v_j = c G_j``); ``"sum"``: every example weighs equally (``v_j = c b_j G_j``).
+    """
+    if reduction == "mean":
+        return [1.0] * len(sizes)
+    if reduction == "sum":
+        return [float(b) for b in sizes]
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def make_step_stats(sq_parts: Any, sq_total: Any, sizes: Sequence[float], *, reduction: str = "mean",
+                    counts: Sequence[int] | None = None, weights: Sequence[float] | None = None,
+                    parts: int | None = None, examples: float | None = None,
+                    device: torch.device | str = "cpu") -> StepStats:
+    """Build the :class:`StepStats` of one process from per-group sums.
+
+    ``sq_parts``/``sq_total``: per group (a sequence, a 1-d tensor, or a number for one group)
+    ``sum_j |u_j|^2`` and ``|V|^2``; ``sizes`` (with ``counts`` repeating entries) the parts'
+    sizes; ``weights`` their weights (default: from ``reduction``). Device tensors stay on the
+    device (no host sync).
+    """
+    for j, bj in enumerate(sizes):
+        if not (isinstance(bj, (int, float)) and math.isfinite(bj) and bj > 0):
+            raise ValueError(f"part {j} has size {bj!r}; sizes must be finite and positive")
+    w = list(weights) if weights is not None else part_weights(sizes, reduction)
+    a2, a2b = pooling_moments(sizes, w, counts)
+    n_parts = parts if parts is not None else (sum(counts) if counts is not None else len(sizes))
+    ex = examples if examples is not None else float(sum(n * b for n, b in zip(counts or [1] * len(sizes), sizes)))
+    head = torch.tensor([a2, a2b, ex, float(n_parts), 1.0, 0.0], dtype=torch.float64, device=device)
+    sp = torch.as_tensor(sq_parts, dtype=torch.float64, device=device).reshape(-1)
+    st = torch.as_tensor(sq_total, dtype=torch.float64, device=device).reshape(-1)
+    if sp.shape != st.shape:
+        raise ValueError(f"sq_parts has {sp.numel()} groups but sq_total has {st.numel()}")
+    return StepStats(torch.cat([head, sp, st]), sp.numel())
+
+
+def step_estimates(v: np.ndarray, n_groups: int, ranks: int = 1
+                   ) -> tuple[np.ndarray, np.ndarray, str, str | None]:
+    """Per-group unbiased ``(g2, trace_sigma)`` of one step from its summed statistics.
+
+    The only place the pooling is written (McCandlish App. A.1, generalised to weighted parts).
+    With normalised weights ``a_j`` the step gradient is ``V = sum_j a_j G_j``, so
+    ``E|V|^2 = |G|^2 + tr(Sigma) sum_j a_j^2/b_j`` and ``E sum_j |u_j|^2 = |G|^2 sum_j a_j^2 +
+    tr(Sigma) sum_j a_j^2/b_j``. Solving the two moment equations is App. A.1 applied to the
+    effective pair ``b_big = 1/sum(a^2/b)``, ``b_small = sum(a^2)/sum(a^2/b)``,
+    ``|G_small|^2 = sum|u_j|^2/sum(a^2)``: for ``k`` equal micro-batches exactly the paper's
+    recipe (mean micro-batch norm at ``b``, step norm at ``k b``); for ``b_j = 1`` the
+    Bessel-corrected per-example variance. Linear in the norms, so groups add up to the total.
+
+    ``ranks``: how many ranks must have contributed (a step some rank missed, e.g. under Join, is
+    skipped). Returns ``(g2[G], trace_sigma[G], reason)``; when ``reason`` is not ``None`` the
+    step is not measurable and the arrays are NaN.
+    """
+    nan = np.full(n_groups, np.nan)
+    a2, a2b, parts, n, err = v[SUM_A2], v[SUM_A2_OVER_B], v[PARTS], v[RANKS], v[ERRORS]
+    if err > 0:
+        return nan, nan, "skipped", ("a rank failed to compute its statistics for a step (it raised an error); the step "
+                          "is skipped on every rank")
+    if n < ranks:
+        return nan, nan, "skipped", ("steps where some ranks had already run out of data (Join) are skipped: the global "
+                          "norm is computed in shares across all ranks")
+    if not (a2b > 0 and a2 < 1.0 - 1e-12):
+        return nan, nan, "unmeasurable", (f"the step had fewer than 2 gradient parts ({parts:.0f}): there is no smaller batch to "
+                          "compare with")
+    sq_small = v[HEAD:HEAD + n_groups] / a2
+    sq_big = v[HEAD + n_groups:HEAD + 2 * n_groups]
+    if not (np.isfinite(sq_small).all() and np.isfinite(sq_big).all()):
+        return nan, nan, "skipped", (f"a squared gradient norm was non-finite (small={float(sq_small.sum())!r}, "
+                          f"big={float(sq_big.sum())!r}): skipped, not averaged")
+    g2, trace_sigma = estimate(sq_small, a2 / a2b, sq_big, 1.0 / a2b)
+    return g2, trace_sigma, "measured", None
 
 
 def b_simple(g2: float, trace_sigma: float) -> float | None:

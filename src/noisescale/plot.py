@@ -12,7 +12,7 @@ from typing import Any
 
 from .runlog import RunLog, read_run_log
 
-__all__ = ["plot_b_simple", "plot_components", "plot_loss", "plot_run"]
+__all__ = ["plot_b_simple", "plot_groups", "plot_components", "plot_loss", "plot_run"]
 
 _X_LABEL = {"step": "optimizer step", "examples": "{unit} seen"}
 
@@ -60,7 +60,9 @@ def plot_b_simple(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "
     # An unbounded upper end (|G|^2 not resolved) is drawn to the top of the axis, which is
     # set from B_simple itself so that one wild interval does not flatten the curve.
     finite_top = max([v for v in b if math.isfinite(v) and v > 0], default=1.0)
-    hi_drawn = [v if math.isfinite(v) else (finite_top * 100 if math.isfinite(l) else math.nan) for v, l in zip(hi, lo)]
+    hi_drawn = [
+        v if math.isfinite(v) else (finite_top * 100 if math.isfinite(v_lo) else math.nan) for v, v_lo in zip(hi, lo)
+    ]
     ax.fill_between(xs, lo, hi_drawn, alpha=0.25, color="C0", linewidth=0, label="95% interval")
     ax.plot(xs, b, color="C0", label="$B_{simple}$")
     _positive_log_scale(ax, b)
@@ -70,6 +72,32 @@ def plot_b_simple(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "
     ax.set_ylabel(f"$B_{{simple}}$ [{log.unit}]")
     ax.set_title("Simple noise scale $tr(\\Sigma)/|G|^2$")
     ax.legend(loc="best")
+    return fig, ax
+
+
+def _groups(log: RunLog) -> list[str]:
+    names = log.header.get("groups") or []
+    return [str(n) for n in names if any(f"group/{n}/b_simple" in r for r in log.records)]
+
+
+def plot_groups(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "step") -> tuple[Any, Any]:
+    """``B_simple`` of each group (a log written with ``groups=``) and of the total (dashed)."""
+    log = _run(run)
+    names = _groups(log)
+    if not names:
+        raise ValueError("the run log has no groups; create the tracker with groups=... to record them")
+    fig, ax = _axes(ax)
+    xs, xlabel = _xs(log, x)
+    series = [log.column(f"group/{n}/b_simple") for n in names]
+    for i, (n, b) in enumerate(zip(names, series)):
+        ax.plot(xs, b, color=f"C{i % 10}", label=n, linewidth=1.2)
+    total = log.column("b_simple")
+    ax.plot(xs, total, color="k", linestyle="--", linewidth=1, label="total")
+    _positive_log_scale(ax, total, *series)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"$B_{{simple}}$ [{log.unit}]")
+    ax.set_title("Per-group simple noise scale")
+    ax.legend(loc="best", fontsize="small", ncol=2 if len(names) > 6 else 1)
     return fig, ax
 
 
@@ -104,18 +132,21 @@ def plot_loss(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "step
     return fig, ax
 
 
-def plot_run(run: RunLog | str | os.PathLike, path: str | os.PathLike | None = None, *, x: str = "step"
-             ) -> Any:
-    """Three panels (``B_simple``; ``|G|^2`` and ``tr(Sigma)``; loss if logged). Saves a PNG if ``path``."""
+def plot_run(run: RunLog | str | os.PathLike, path: str | os.PathLike | None = None, *, x: str = "step") -> Any:
+    """Panels: ``B_simple``; per-group ``B_simple`` if the log has groups; ``|G|^2`` and ``tr(Sigma)``;
+    the loss if logged. Saves a PNG if ``path``."""
     log = _run(run)
     has_loss = any(math.isfinite(v) for v in log.column("loss"))
+    has_groups = bool(_groups(log))
     plt = _plt()
-    n = 3 if has_loss else 2
+    n = 2 + has_loss + has_groups
     fig, axes = plt.subplots(n, 1, figsize=(7, 3.2 * n), sharex=True)
     plot_b_simple(log, axes[0], x=x)
-    plot_components(log, axes[1], x=x)
+    if has_groups:
+        plot_groups(log, axes[1], x=x)
+    plot_components(log, axes[1 + has_groups], x=x)
     if has_loss:
-        plot_loss(log, axes[2], x=x)
+        plot_loss(log, axes[-1], x=x)
     for a in axes[:-1]:
         a.set_xlabel("")
     fig.tight_layout()

@@ -1,11 +1,15 @@
 """``GradientNoiseScale``: the object a training loop holds.
 
-It picks a probe (where the squared norms come from), turns each step's
-:class:`~noisescale.estimators.Measurement` into unbiased ``(g2, trace_sigma)`` (App. A.1),
-averages them separately (:mod:`noisescale.ema`) and reports ``b_simple`` with an interval.
+It picks a probe (where the squared norms come from; :mod:`noisescale.probes`), turns each step's
+additive :class:`~noisescale.estimators.StepStats` into unbiased per-group ``(g2, trace_sigma)``
+(:func:`~noisescale.estimators.step_estimates`, App. A.1), averages them separately
+(:mod:`noisescale.ema`) and reports ``b_simple`` with an interval, in total and per group.
 
-Device discipline: ``step()`` only queues 0-d tensors; they are read in one host sync when a
-value is asked for (``b_simple``, ``metrics()``, ...) or when ``max_pending`` steps have queued.
+Device discipline: ``step()`` only queues the step's statistics (still on the device, or in an
+all-reduce in flight). They are read in one host transfer when a subscriber is due, when a value
+is read (``b_simple``, ``metrics()``, ...), or when ``max_pending`` steps have queued.
+Subscribers (:meth:`GradientNoiseScale.subscribe`) are pushed the latest estimates every N steps;
+the run log is one of them.
 """
 
 from __future__ import annotations
@@ -13,73 +17,85 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any, Sequence
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
-from .ema import NoiseScaleEMA
-from .estimators import Measurement, estimate
-from .probes import PROBES, make_probe
-from .probes.base import StepContext, trainable_parameters
+from .ema import Estimate, NoiseScaleEMA
+from .estimators import EXAMPLES, HEAD, PARTS, RANKS, SUM_A2, SUM_A2_OVER_B, StepStats, step_estimates
+from .probes import make_probe, select_probe
+from .probes.base import Preconditioner, ProbeConfig, StepContext, resolve_groups, trainable_parameters
 from .runlog import RunLogWriter
 
-__all__ = ["GradientNoiseScale"]
+__all__ = ["GradientNoiseScale", "Update", "Subscription"]
 
 STATE_FORMAT = "noisescale-tracker"
-STATE_VERSION = 1
+STATE_VERSION = 2
+HISTORY = 10000  # step records kept in GradientNoiseScale.history
 
 
-_WRAPPER_NAMES = {"ddp": "DistributedDataParallel", "fsdp1": "FullyShardedDataParallel",
-                  "fsdp2": "fully_shard (FSDP2)"}
+@dataclass
+class Update:
+    """What a subscriber is pushed: the estimates after ``step`` and the step records since its last call.
+
+    ``records`` are the per-step dicts of :attr:`GradientNoiseScale.history` (one per ``step()``,
+    measured or not, in order). ``final`` is True for the last push, from ``close()``.
+    """
+
+    step: int
+    examples: float
+    total: Estimate
+    groups: dict[str, Estimate]
+    metrics: dict[str, float]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    final: bool = False
+
+    @property
+    def b_simple(self) -> float | None:
+        return self.total.b_simple
+
+    def interval(self, level: float = 0.95) -> tuple[float, float] | None:
+        return self.total.interval(level)
 
 
-def _distributed_wrapper(model: torch.nn.Module) -> str | None:
-    """Name of the data-parallel wrapper around ``model`` when more than one rank is running."""
-    import torch.distributed as dist
+class Subscription:
+    """Handle returned by :meth:`GradientNoiseScale.subscribe`; :meth:`remove` stops the pushes."""
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-    from .probes.distributed import distributed_kind
+    def __init__(self, tracker: GradientNoiseScale, fn: Callable[[Update], Any], every: int) -> None:
+        self.tracker, self.fn, self.every = tracker, fn, every
+        self.records: list[dict[str, Any]] = []
 
-    kind = distributed_kind(model)
-    return _WRAPPER_NAMES[kind] if kind is not None else None
-
-
-_DISTRIBUTED_METHODS = ("ddp", "ddp_per_example", "fsdp")
-
-
-def _auto_method(model: torch.nn.Module, params: Sequence[torch.nn.Parameter] | None = None) -> str:
-    """The probe ``method="auto"`` picks for ``model``."""
-    wrapper = _distributed_wrapper(model)
-    if wrapper is not None:  # several ranks: local norms before the reduction, global after
-        return "ddp" if wrapper == "DistributedDataParallel" else "fsdp"
-    # One device: exact per-example norms (works from one micro-batch per step, lowest variance)
-    # when they cover >= 90% of the trainable elements and no batch norm couples the examples.
-    from .probes.per_example import auto_method
-
-    return auto_method(model, params)
+    def remove(self) -> None:
+        if self in self.tracker._subscribers:
+            self.tracker._subscribers.remove(self)
 
 
 class _Entry:
     """One ``step()`` waiting to be folded in (its tensors not yet read)."""
 
-    __slots__ = ("step", "examples", "measurement", "reason", "loss")
+    __slots__ = ("step", "stats", "loss")
 
-    def __init__(self, step: int, examples: float | None, measurement: Measurement | None,
-                 reason: str | None, loss: Any) -> None:
-        self.step, self.examples, self.measurement, self.reason, self.loss = step, examples, measurement, reason, loss
+    def __init__(self, step: int, stats: StepStats, loss: Any) -> None:
+        self.step, self.stats, self.loss = step, stats, loss
 
 
 class GradientNoiseScale:
     """Tracks the simple noise scale ``B_simple = tr(Sigma)/|G|^2`` of a training run.
 
     Call :meth:`step` once per optimizer step, after all backward passes of the step (and after
-    ``scaler.unscale_(optimizer)`` when you use a GradScaler) and **before** gradient clipping
-    and ``optimizer.zero_grad()``.
+    ``scaler.unscale_(optimizer)`` when you use a GradScaler) and before ``optimizer.step()``.
+    Gradient clipping may come before or after it: the step gradient's norm is captured when the
+    last backward pass ends.
 
     Args:
         model: the module being trained (its trainable parameters are measured).
-        method: ``"auto"`` or ``"microbatch"`` (gradient accumulation with >= 2 micro-batches).
+        method: ``"auto"`` (the best applicable probe), ``"microbatch"`` (gradient accumulation
+            with >= 2 micro-batches), ``"per_example"`` (exact per-example norms from one
+            backward), ``"ddp"`` / ``"fsdp"`` (data parallel: local gradients against the
+            synchronized one) or ``"ddp_per_example"``. :attr:`method` says which is used.
         beta: EMA decay per measured step, in ``(0, 1]`` (``1``: plain mean). The average spans
             about ``(1+beta)/(1-beta)`` steps.
         unit: what a batch size counts: ``"examples"`` (inferred from the inputs' leading
@@ -92,78 +108,86 @@ class GradientNoiseScale:
         scaler: the ``torch.amp.GradScaler`` in use, if any: norms taken from scaled gradients
             are divided by the scale squared.
         params: measure only these parameters (default: all trainable ones).
-        log: path of a JSON-lines run log to write (see :mod:`noisescale.runlog`).
+        groups: also measure per group: ``"layers"`` (one group per module that owns parameters),
+            an optimizer (its param groups), a dict ``name -> parameters`` or a callable
+            ``parameter name -> group name``; see :meth:`by_group`. The groups add up to the total.
+        preconditioner: an Adam-family optimizer: measure the noise scale of its preconditioned
+            update, every gradient weighted by ``1/(sqrt(v_hat) + eps)`` read from its state
+            before this step's update (docs/method.md).
+        precondition: ``"update"`` (``tr(P Sigma P)/|P G|^2``, default) or ``"curvature"``
+            (``tr(P Sigma)/(G^T P G)``, for a Hessian that ``P`` preconditions well).
+        log: path of a JSON-lines run log to write (see :mod:`noisescale.runlog`); it is
+            written every ``max_pending`` steps and at :meth:`close`.
         max_pending: steps queued on the device before they are read anyway.
+        **probe_options: options of the chosen probe (``strict``, ``layers``, ``fused`` for
+            per-example norms; ``process_group`` for the distributed methods).
     """
 
     def __init__(self, model: torch.nn.Module, method: str = "auto", *, beta: float = 0.99,
                  unit: str = "examples", reduction: str = "mean", scaler: Any = None,
-                 params: Sequence[torch.nn.Parameter] | None = None,
+                 params: Sequence[torch.nn.Parameter] | None = None, groups: Any = None,
+                 preconditioner: Any = None, precondition: str = "update",
                  log: str | os.PathLike | None = None, max_pending: int = 64, **probe_options: Any) -> None:
-        methods = ("auto",) + tuple(PROBES)
-        if method in _DISTRIBUTED_METHODS and method not in PROBES:
-            raise NotImplementedError(
-                f"method={method!r} needs torch.distributed, which this torch build lacks; use one of {methods}"
-            )
-        if method not in methods:
-            raise ValueError(f"unknown method {method!r}; choose one of {methods}")
         if not isinstance(unit, str) or not unit:
             raise ValueError(f"unit must be a non-empty string such as 'examples' or 'tokens', got {unit!r}")
         if not (isinstance(max_pending, int) and max_pending >= 1):
             raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
-        wrapper = _distributed_wrapper(model)
-        if wrapper is not None and method not in ("auto",) + _DISTRIBUTED_METHODS:
-            raise ValueError(
-                f"the model is wrapped in {wrapper} with several ranks: method={method!r} would "
-                "compare this rank's local norms with the all-reduced gradient and report a wrong "
-                "noise scale. Use method='auto' (or 'ddp' / 'fsdp'), which pools every rank's local "
-                "norms with the global one."
-            )
-        if params is None:
-            self.params = trainable_parameters(model)
-        else:
-            seen: dict[int, torch.nn.Parameter] = {}
-            for p in params:
-                if not isinstance(p, torch.Tensor) or not p.requires_grad:
-                    raise ValueError("params= must contain tensors with requires_grad=True")
-                seen.setdefault(id(p), p)
-            if not seen:
-                raise ValueError("params= is empty: give at least one trainable parameter")
-            self.params = list(seen.values())
-        self.method = _auto_method(model, self.params) if method == "auto" else method
-        if probe_options and self.method == "microbatch":
-            raise TypeError(f"options {sorted(probe_options)} apply to method='per_example' only, and "
-                            f"process_group= to the distributed methods (this tracker uses method={self.method!r})")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.params = self._tracked(model, params)
+        cls = select_probe(method, model, self.params)
+        self.method: str = cls.name
         self._explicit = method != "auto"
         self.unit = unit
         self.reduction = reduction
         self.scaler = scaler
         self.max_pending = max_pending
-        self._ema = NoiseScaleEMA(beta)
-        if method == "auto" and self.method == "per_example":
-            # chosen for the user: exclude layers that turn out not to fit (with a warning) rather than raise
-            probe_options = {"lenient": True, **probe_options}
-        self._probe = make_probe(self.method, model, self.params, reduction=reduction, unit=unit, **probe_options)
+        self.groups = resolve_groups(model, self.params, groups)
+        pre = Preconditioner(preconditioner, self.params, precondition) if preconditioner is not None else None
+        self.preconditioned = None if pre is None else precondition
+        config = ProbeConfig(reduction=reduction, unit=unit, groups=self.groups, preconditioner=pre,
+                             auto=not self._explicit)
+        self.probe = make_probe(cls, model, self.params, config, probe_options)
+        self._ema = NoiseScaleEMA(beta, 1 + len(self.groups) if self.groups.grouped else 1)
         self._pending: list[_Entry] = []
+        self._subscribers: list[Subscription] = []
+        self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.steps = 0
+        self.device_reads = 0  # host transfers of queued statistics (one per flush and device)
         self._measured = 0  # read through the properties, which fold pending steps first
         self._skipped = 0
-        self.unmeasurable = 0
+        self._unmeasurable = 0
         self._examples = 0.0
         self._last_reason: str | None = None
         self._warned: set[str] = set()
         self._closed = False
         self._log: RunLogWriter | None = None
         if log is not None:
-            self._log = RunLogWriter(log, {"unit": unit, "method": self.method, "beta": beta,
-                                           "reduction": reduction,
-                                           "fields": {"b_simple": f"simple noise scale [{unit}]",
-                                                      "g2": "|G|^2 (EMA)", "trace_sigma": "tr(Sigma) (EMA)",
-                                                      "examples": f"cumulative batch size [{unit}]"}})
+            self._log = RunLogWriter(log, {
+                "unit": unit, "method": self.method, "beta": beta, "reduction": reduction,
+                "groups": self.groups.names if self.groups.grouped else [],
+                "preconditioned": self.preconditioned,
+                "fields": {"b_simple": f"simple noise scale [{unit}]", "g2": "|G|^2 (EMA)",
+                           "trace_sigma": "tr(Sigma) (EMA)", "examples": f"cumulative batch size [{unit}]",
+                           "group/<name>/b_simple": f"simple noise scale of a group [{unit}]"}})
+            self.subscribe(self._write_log, every=max_pending)
+
+    @staticmethod
+    def _tracked(model: torch.nn.Module, params: Sequence[torch.nn.Parameter] | None) -> list[torch.nn.Parameter]:
+        if params is None:
+            return trainable_parameters(model)
+        seen: dict[int, torch.nn.Parameter] = {}
+        for p in params:
+            if not isinstance(p, torch.Tensor) or not p.requires_grad:
+                raise ValueError("params= must contain tensors with requires_grad=True")
+            seen.setdefault(id(p), p)
+        if not seen:
+            raise ValueError("params= is empty: give at least one trainable parameter")
+        return list(seen.values())
 
     # -- the loop ----------------------------------------------------------------------
 
-    def step(self, sizes: Sequence[float] | None = None, *, loss: Any = None) -> None:
+    def step(self, sizes: Sequence[Any] | None = None, *, loss: Any = None) -> None:
         """Record this optimizer step.
 
         Args:
@@ -173,25 +197,26 @@ class GradientNoiseScale:
                 (a tensor is not read until the log is written).
         """
         self._check_open()
-        # examples: this step's count, None if unknown, or a callable when it is only known after a
-        # reduction still in flight (distributed probes: the sum over ranks); added up in _flush
-        m, reason, examples = self._probe.collect(self._context(sizes))
+        stats = self.probe.collect(self._context(sizes))
         self.steps += 1
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
-        if m is None:
-            self.unmeasurable += 1
-            self._last_reason = reason
-            if self._explicit and self._measured == 0 and not any(e.measurement for e in self._pending):
+        if stats.reason is not None:
+            reason = stats.reason
+            if self._explicit and self._measured == 0 and not any(
+                    e.stats.reason is None for e in self._pending) and self.steps == 1:
                 raise ValueError(f"method={self.method!r} cannot measure: {reason}")
             if reason not in self._warned:
-                self._warned.add(reason or "")
+                self._warned.add(reason)
                 warnings.warn(f"noisescale: step {self.steps} not measured: {reason}", stacklevel=2)
-        self._pending.append(_Entry(self.steps, examples, m, reason, loss))
-        if len(self._pending) >= self.max_pending:
+        self._pending.append(_Entry(self.steps, stats, loss))
+        due = [s for s in self._subscribers if self.steps % s.every == 0]
+        if due or len(self._pending) >= self.max_pending:
             self._flush()
+        if due:
+            self._notify(due)
 
-    def _context(self, sizes: Sequence[float] | None) -> StepContext:
+    def _context(self, sizes: Sequence[Any] | None) -> StepContext:
         if sizes is not None and isinstance(sizes, (int, float)):
             raise TypeError(f"sizes must be a sequence with one size per micro-batch, got the number {sizes!r}")
         s = self.scaler
@@ -201,6 +226,8 @@ class GradientNoiseScale:
         if scale is None:
             scale = torch.tensor(float(s.get_scale()), dtype=torch.float64)
         inv2 = scale.detach().to(torch.float64).reciprocal().square()  # a new tensor: update() may mutate the scale
+        # norms taken in backward (per micro-batch, and the step gradient's when the last backward
+        # ended) saw scaled gradients; a norm read now, after unscale_, does not
         return StepContext(sizes, inv2, 1.0 if self._grads_unscaled() else inv2)
 
     def _grads_unscaled(self) -> bool:
@@ -208,51 +235,131 @@ class GradientNoiseScale:
         try:
             from torch.amp.grad_scaler import OptState
 
-            states = self.scaler._per_optimizer_states  # type: ignore[union-attr]
+            states = self.scaler._per_optimizer_states
             return any(st.get("stage") is OptState.UNSCALED for st in states.values())
         except Exception:  # an unknown scaler: trust the documented call order
             return True
+
+    def subscribe(self, fn: Callable[[Update], Any], every: int = 100) -> Subscription:
+        """Call ``fn(update)`` every ``every`` steps (and once more at :meth:`close`) with the latest
+        estimates (:class:`Update`). The device values are read once per push, not per step.
+        Returns a handle whose ``remove()`` stops the pushes."""
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"every must be a positive integer number of steps, got {every!r}")
+        if not callable(fn):
+            raise TypeError(f"subscribe() needs a callable, got {type(fn).__name__}")
+        sub = Subscription(self, fn, every)
+        self._subscribers.append(sub)
+        return sub
+
+    def _notify(self, subs: list[Subscription], final: bool = False) -> None:
+        total = Estimate(self._ema.series(0))
+        groups = self._group_estimates()
+        metrics = self._metrics_now("gns/", 0.95)
+        for sub in subs:
+            records, sub.records = sub.records, []
+            sub.fn(Update(self.steps, self._examples, total, groups, metrics, records, final))
+
+    def _write_log(self, update: Update) -> None:
+        assert self._log is not None
+        for r in update.records:
+            self._log.write(r)
+
+    # -- folding queued steps in ---------------------------------------------------------
 
     def _flush(self) -> None:
         if not self._pending:
             return
         entries, self._pending = self._pending, []
-        values = _read_scalars(entries)
-        for e in entries:
-            add = e.examples() if callable(e.examples) else e.examples
-            if add is not None:
-                self._examples += add
+        rows = self._read(entries)
+        G = len(self.groups)
+        grouped = self.groups.grouped
+        ranks = getattr(self.probe, "world_size", 1)
+        for e, v, loss in rows:
+            ex = float(v[EXAMPLES])
+            if math.isfinite(ex):
+                self._examples += ex
             record: dict[str, Any] = {"type": "step", "step": e.step,
-                                      "examples": self._examples if add is not None else None}
-            if e.loss is not None:
-                record["loss"] = values.get(id(e.loss), e.loss if not isinstance(e.loss, torch.Tensor) else None)
-            m = e.measurement
-            if m is None:
-                record.update(status="unmeasurable", reason=e.reason)
-            else:
-                small = values.get(id(m.sq_norm_small), m.sq_norm_small)
-                big = values.get(id(m.sq_norm_big), m.sq_norm_big)
-                g2_t, ts_t = estimate(float(small), m.b_small, float(big), m.b_big)
-                if math.isfinite(g2_t) and math.isfinite(ts_t):
-                    self._ema.update(g2_t, ts_t)
-                    self._measured += 1
-                    record.update(status="measured", g2_step=g2_t, trace_sigma_step=ts_t,
-                                  b_small=m.b_small, b_big=m.b_big)
+                                      "examples": self._examples if math.isfinite(ex) else None}
+            if loss is not None:
+                record["loss"] = loss
+            a2, a2b = float(v[SUM_A2]), float(v[SUM_A2_OVER_B])
+            sq_parts, sq_total = float(v[HEAD:HEAD + G].sum()), float(v[HEAD + G:].sum())
+            record.update(parts=float(v[PARTS]), ranks=float(v[RANKS]), sum_a2=a2, sum_a2_over_b=a2b,
+                          sq_parts=sq_parts, sq_total=sq_total)
+            g2, ts, status, reason = step_estimates(v, G, ranks)
+            if e.stats.reason is not None:
+                status, reason = "unmeasurable", e.stats.reason
+            if status == "measured":
+                if grouped:
+                    self._ema.update(np.concatenate([[g2.sum()], g2]), np.concatenate([[ts.sum()], ts]))
                 else:
+                    self._ema.update(g2.sum(), ts.sum())
+                self._measured += 1
+                # the effective App. A.1 pair of the step (see estimators.step_estimates)
+                record.update(status="measured", g2_step=float(g2.sum()), trace_sigma_step=float(ts.sum()),
+                              b_small=a2 / a2b, b_big=1.0 / a2b, sq_small=sq_parts / a2, sq_big=sq_total)
+            else:
+                if status == "skipped":
                     self._skipped += 1
-                    why = getattr(m, "skip_reason", None)  # a probe may know better than "non-finite"
-                    self._last_reason = (f"step {e.step}: {why}" if why else
-                                         f"step {e.step} had a non-finite squared gradient norm "
-                                         f"(small={small}, big={big}): skipped, not averaged")
-                    record.update(status="skipped", reason=self._last_reason)
-            if self._log is not None:
-                iv = self._ema.interval(0.95)
-                record.update(b_simple=self._ema.b_simple, b_simple_low=iv[0] if iv else None,
-                              b_simple_high=iv[1] if iv else None, g2=self._ema.g2,
-                              trace_sigma=self._ema.trace_sigma, n_eff=self._ema.state.n_eff)
-                self._log.write(record)
+                    reason = f"step {e.step}: {reason}"
+                    if reason not in self._warned and "non-finite" not in (reason or ""):
+                        self._warned.add(reason)
+                else:
+                    self._unmeasurable += 1
+                self._last_reason = reason
+                record.update(status=status, reason=reason,
+                              sq_small=sq_parts / a2 if a2 > 0 else None, sq_big=sq_total)
+            total = self._ema.series(0)
+            est = Estimate(total)
+            iv = est.interval(0.95)
+            record.update(b_simple=est.b_simple, b_simple_low=iv[0] if iv else None,
+                          b_simple_high=iv[1] if iv else None, g2=est.g2, trace_sigma=est.trace_sigma,
+                          n_eff=total.n_eff)
+            if grouped:
+                for i, name in enumerate(self.groups.names):
+                    gst = Estimate(self._ema.series(i + 1))
+                    record[f"group/{name}/b_simple"] = gst.b_simple
+                    record[f"group/{name}/g2"] = gst.g2
+                    record[f"group/{name}/trace_sigma"] = gst.trace_sigma
+            self._history.append(record)
+            for sub in self._subscribers:
+                sub.records.append(record)
+
+    def _read(self, entries: list[_Entry]) -> list[tuple[_Entry, np.ndarray, float | None]]:
+        """Every queued vector and loss, waited for and read with one transfer per device."""
+        for e in entries:
+            if e.stats.work is not None:
+                e.stats.work.wait()
+                e.stats.work = None
+        by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+        for j, e in enumerate(entries):
+            by_device.setdefault(e.stats.vec.device, []).append((2 * j, e.stats.vec))
+            if isinstance(e.loss, torch.Tensor):
+                by_device.setdefault(e.loss.device, []).append((2 * j + 1, e.loss.reshape(1)))
+        values: dict[int, np.ndarray] = {}
+        for items in by_device.values():
+            flat = torch.cat([t.to(torch.float64) for _, t in items]).cpu().numpy()
+            self.device_reads += 1
+            off = 0
+            for key, t in items:
+                values[key] = flat[off:off + t.numel()]
+                off += t.numel()
+        return [(e, values[2 * j], float(values[2 * j + 1][0]) if 2 * j + 1 in values else e.loss)
+                for j, e in enumerate(entries)]
 
     # -- reading -----------------------------------------------------------------------
+
+    @property
+    def history(self) -> deque[dict[str, Any]]:
+        """The last 10000 step records, one per ``step()`` (what the run log writes): ``step``,
+        ``examples``, ``status`` (``"measured"``, ``"skipped"`` or ``"unmeasurable"`` with a
+        ``reason``); the step's summed statistics (``parts``, ``ranks``, ``sum_a2``,
+        ``sum_a2_over_b``, ``sq_parts``, ``sq_total``: see :class:`~noisescale.estimators.StepStats`);
+        its App. A.1 pair ``sq_small`` at ``b_small`` and ``sq_big`` at ``b_big`` and own estimates
+        ``g2_step``, ``trace_sigma_step``; and the averages after it (``b_simple``, its interval, ...)."""
+        self._flush()
+        return self._history
 
     @property
     def examples(self) -> float:
@@ -286,9 +393,15 @@ class GradientNoiseScale:
 
     @property
     def skipped(self) -> int:
-        """Steps skipped because a squared norm was NaN or inf (overflow, NaN loss)."""
+        """Steps skipped because a squared norm was NaN or inf (overflow, NaN loss) or a rank failed."""
         self._flush()
         return self._skipped
+
+    @property
+    def unmeasurable(self) -> int:
+        """Steps with nothing to compare (e.g. a single micro-batch)."""
+        self._flush()
+        return self._unmeasurable
 
     @property
     def n_eff(self) -> float:
@@ -301,8 +414,8 @@ class GradientNoiseScale:
         """Why :attr:`b_simple` is ``None`` (``None`` when it is defined)."""
         self._flush()
         if self._measured == 0:
-            if self._skipped or self.unmeasurable:
-                return (f"no step measured yet ({self._skipped} skipped as non-finite, {self.unmeasurable} "
+            if self._skipped or self._unmeasurable:
+                return (f"no step measured yet ({self._skipped} skipped, {self._unmeasurable} "
                         f"unmeasurable); last: {self._last_reason}")
             return "no step() has been recorded yet"
         return self._ema.reason()
@@ -315,26 +428,45 @@ class GradientNoiseScale:
         self._flush()
         return self._ema.interval(level)
 
-    def metrics(self, prefix: str = "gns/", level: float = 0.95) -> dict[str, float]:
-        """Flat dict of floats for any logger (``nan`` for undefined values)."""
+    def _group_estimates(self) -> dict[str, Estimate]:
+        if not self.groups.grouped:
+            return {"all": Estimate(self._ema.series(0))}
+        return {name: Estimate(self._ema.series(i + 1)) for i, name in enumerate(self.groups.names)}
+
+    def by_group(self) -> dict[str, Estimate]:
+        """``{group name: Estimate}`` with ``.b_simple``, ``.g2``, ``.trace_sigma``, ``.interval(level)``.
+
+        The groups' ``g2`` and ``trace_sigma`` add up to the total's. Without ``groups=`` there is
+        one group, ``"all"``.
+        """
         self._flush()
-        nan = math.nan
-        iv = self._ema.interval(level)
-        b = self._ema.b_simple
-        out = {
-            "b_simple": b if b is not None else nan,
-            "b_simple_low": iv[0] if iv else nan,
-            "b_simple_high": iv[1] if iv else nan,
-            "g2": self._ema.g2 if self._ema.g2 is not None else nan,
-            "trace_sigma": self._ema.trace_sigma if self._ema.trace_sigma is not None else nan,
-            "n_eff": self._ema.state.n_eff,
-            "steps": float(self.steps),
-            "measured": float(self._measured),
-            "skipped": float(self._skipped),
-            "unmeasurable": float(self.unmeasurable),
-            "examples": float(self.examples),
-        }
-        out.update(getattr(self._probe, "metrics", dict)())  # e.g. per_example: coverage fraction
+        return self._group_estimates()
+
+    def metrics(self, prefix: str = "gns/", level: float = 0.95) -> dict[str, float]:
+        """Flat dict of floats for any logger (``nan`` for undefined values); with ``groups=`` also
+        ``<prefix><group>/b_simple``, ``.../b_simple_low``, ``.../b_simple_high``, ``.../g2``,
+        ``.../trace_sigma``."""
+        self._flush()
+        return self._metrics_now(prefix, level)
+
+    def _metrics_now(self, prefix: str, level: float) -> dict[str, float]:
+        def f(x: float | None) -> float:
+            return math.nan if x is None else float(x)
+
+        def series(est: Estimate, pre: str) -> dict[str, float]:
+            iv = est.interval(level)
+            return {pre + "b_simple": f(est.b_simple), pre + "b_simple_low": iv[0] if iv else math.nan,
+                    pre + "b_simple_high": iv[1] if iv else math.nan, pre + "g2": f(est.g2),
+                    pre + "trace_sigma": f(est.trace_sigma)}
+
+        out = series(Estimate(self._ema.series(0)), "")
+        out.update({"n_eff": self._ema.state.n_eff, "steps": float(self.steps), "measured": float(self._measured),
+                    "skipped": float(self._skipped), "unmeasurable": float(self._unmeasurable),
+                    "examples": float(self._examples)})
+        out.update(self.probe.metrics())
+        if self.groups.grouped:
+            for name, est in self._group_estimates().items():
+                out.update(series(est, name + "/"))
         return {prefix + k: float(v) for k, v in out.items()}
 
     def summary(self, level: float = 0.95) -> str:
@@ -353,26 +485,30 @@ class GradientNoiseScale:
         self._flush()
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "method": self.method, "unit": self.unit,
-            "reduction": self.reduction, "ema": self._ema.state_dict(),
+            "reduction": self.reduction, "groups": list(self.groups.names), "preconditioned": self.preconditioned,
+            "ema": self._ema.state_dict(),
             "counters": {"steps": self.steps, "measured": self._measured, "skipped": self._skipped,
-                         "unmeasurable": self.unmeasurable, "examples": self.examples},
+                         "unmeasurable": self._unmeasurable, "examples": self._examples},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore averages and counters saved by :meth:`state_dict` (same method and unit)."""
+        """Restore averages and counters saved by :meth:`state_dict` (same method, unit, groups)."""
         if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
             raise ValueError("not a GradientNoiseScale state_dict (missing format='noisescale-tracker')")
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"state_dict version {sd.get('version')!r} is not supported (expected {STATE_VERSION})")
-        for key in ("method", "unit", "reduction"):
+        for key in ("method", "unit", "reduction", "preconditioned"):
             if sd.get(key) != getattr(self, key):
                 raise ValueError(f"state_dict was saved with {key}={sd.get(key)!r} but this tracker has "
                                  f"{key}={getattr(self, key)!r}; construct the tracker with the same {key}")
+        if list(sd.get("groups", [])) != list(self.groups.names):
+            raise ValueError(f"state_dict was saved with groups {sd.get('groups')!r} but this tracker has "
+                             f"{self.groups.names!r}; construct the tracker with the same groups=")
         self._flush()
         self._ema.load_state_dict(sd["ema"])
         c = sd["counters"]
         self.steps, self._measured, self._skipped = int(c["steps"]), int(c["measured"]), int(c["skipped"])
-        self.unmeasurable, self._examples = int(c["unmeasurable"]), float(c["examples"])
+        self._unmeasurable, self._examples = int(c["unmeasurable"]), float(c["examples"])
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -381,16 +517,18 @@ class GradientNoiseScale:
             raise RuntimeError("this GradientNoiseScale is closed (its hooks were removed); create a new one")
 
     def close(self) -> None:
-        """Fold pending steps, remove every hook and close the run log. Idempotent."""
+        """Fold pending steps, push them to subscribers, remove every hook, close the run log. Idempotent."""
         if self._closed:
             return
         self._flush()
-        self._probe.close()
+        if self._subscribers:
+            self._notify(list(self._subscribers), final=True)
+        self.probe.close()
         if self._log is not None:
             self._log.close()
         self._closed = True
 
-    def __enter__(self) -> "GradientNoiseScale":
+    def __enter__(self) -> GradientNoiseScale:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -399,18 +537,3 @@ class GradientNoiseScale:
     def __repr__(self) -> str:
         return f"GradientNoiseScale(method={self.method!r}, unit={self.unit!r}, steps={self.steps})"
 
-
-def _read_scalars(entries: list[_Entry]) -> dict[int, float]:
-    """Read every 0-d tensor queued in ``entries`` with one transfer per device."""
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for e in entries:
-        ts = [e.loss] if isinstance(e.loss, torch.Tensor) else []
-        if e.measurement is not None:
-            ts += [x for x in (e.measurement.sq_norm_small, e.measurement.sq_norm_big) if isinstance(x, torch.Tensor)]
-        for t in ts:
-            by_device.setdefault(t.device, []).append(t)
-    out: dict[int, float] = {}
-    for ts in by_device.values():
-        vals = torch.stack([t.reshape(()).to(torch.float64) for t in ts]).tolist()
-        out.update({id(t): v for t, v in zip(ts, vals)})
-    return out

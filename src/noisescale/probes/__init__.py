@@ -1,50 +1,76 @@
-"""Probes: where squared gradient norms come from. Each yields :class:`~noisescale.estimators.Measurement` records.
+"""Probes: where squared gradient norms come from. Each returns additive
+:class:`~noisescale.estimators.StepStats` per optimizer step.
 
-A probe is registered under a method name with :func:`register_probe`; the tracker builds it
-with ``factory(model, params, reduction=..., unit=...)``. Probe modules register themselves
-when imported below.
+A probe class declares what it is (``name``), which keyword options it takes (``options``), which
+tracker features it supports (``supports``: ``"groups"``, ``"preconditioner"``), whether it can
+measure a model (``applicable``) and how ``method="auto"`` ranks it (``auto_score``); it is built
+with ``from_config(model, params, config, **options)``. The tracker has no per-probe branches:
+:func:`select_probe` and :func:`make_probe` are all it calls.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from .base import Probe, StepContext
+from .base import Probe, ProbeConfig, StepContext
 from .microbatch import MicroBatchProbe
+from .per_example import PerExampleProbe
 
-__all__ = ["Probe", "StepContext", "MicroBatchProbe", "register_probe", "make_probe", "PROBES"]
+__all__ = ["Probe", "ProbeConfig", "StepContext", "MicroBatchProbe", "PerExampleProbe", "register_probe",
+           "select_probe", "make_probe", "PROBES"]
 
-ProbeFactory = Callable[..., Probe]
-PROBES: dict[str, ProbeFactory] = {}
-
-
-def register_probe(name: str, factory: ProbeFactory) -> None:
-    """Make ``GradientNoiseScale(model, method=name)`` build ``factory(model, params, **options)``."""
-    PROBES[name] = factory
+PROBES: dict[str, Any] = {}
+_NEEDS_DISTRIBUTED = ("ddp", "ddp_per_example", "fsdp")
 
 
-def make_probe(method: str, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], **options: Any) -> Probe:
+def register_probe(cls: Any) -> None:
+    """Make ``GradientNoiseScale(model, method=cls.name)`` use ``cls`` (and ``auto`` consider it)."""
+    PROBES[cls.name] = cls
+
+
+register_probe(MicroBatchProbe)
+register_probe(PerExampleProbe)
+if torch.distributed.is_available():  # data-parallel probes (DDP, FSDP1, FSDP2)
+    from .distributed import DDPPerExampleProbe, DDPProbe, FSDPProbe
+
+    for _cls in (DDPProbe, FSDPProbe, DDPPerExampleProbe):
+        register_probe(_cls)
+
+
+def select_probe(method: str, model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> Any:
+    """The probe class for ``method`` (``"auto"``: the applicable probe with the highest score)."""
+    methods = ("auto", *PROBES)
+    if method in _NEEDS_DISTRIBUTED and method not in PROBES:
+        raise NotImplementedError(f"method={method!r} needs torch.distributed, which this torch build lacks; "
+                                  f"use one of {methods}")
+    if method == "auto":
+        scored = [(cls.auto_score(model, params), cls) for cls in PROBES.values()
+                  if cls.applicable(model, params) is None]
+        score, best = max(scored, key=lambda sc: sc[0], default=(0.0, None))
+        if best is None or score <= 0:  # pragma: no cover - microbatch always applies on one process
+            raise ValueError(f"no probe can measure {type(model).__name__}; choose one of {methods}")
+        return best
     if method not in PROBES:
-        raise ValueError(f"unknown method {method!r}; choose one of {('auto',) + tuple(PROBES)}")
-    return PROBES[method](model, params, **options)
+        raise ValueError(f"unknown method {method!r}; choose one of {methods}")
+    cls = PROBES[method]
+    why = cls.applicable(model, params)
+    if why is not None:
+        raise ValueError(f"method={method!r} cannot measure this model: {why}")
+    return cls
 
 
-def _microbatch(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], *, reduction: str = "mean",
-                unit: str = "examples", **_: Any) -> Probe:
-    return MicroBatchProbe(model, params, reduction=reduction, infer_sizes=(unit == "examples"))
-
-
-register_probe("microbatch", _microbatch)
-
-# Data-parallel probes (DDP, FSDP1, FSDP2): "ddp", "fsdp", "ddp_per_example".
-if torch.distributed.is_available():
-    from .distributed import register as _register_distributed
-
-    _register_distributed(register_probe)
-
-# Exact per-example squared norms from one batch: "per_example".
-from .per_example import PerExampleProbe, _factory as _per_example_factory  # noqa: E402
-
-register_probe("per_example", _per_example_factory)
+def make_probe(cls: Any, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], config: ProbeConfig,
+               options: dict[str, Any]) -> Probe:
+    """Build ``cls`` after checking that it takes ``options`` and supports what ``config`` asks for."""
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        takes = f"it takes {sorted(cls.options)}" if cls.options else "it takes none"
+        raise TypeError(f"method={cls.name!r} does not take the options {unknown} ({takes})")
+    if config.groups is not None and config.groups.grouped and "groups" not in cls.supports:
+        raise NotImplementedError(f"method={cls.name!r} does not support groups=")
+    if config.preconditioner is not None and "preconditioner" not in cls.supports:
+        raise NotImplementedError(f"method={cls.name!r} does not support preconditioner=")
+    probe: Probe = cls.from_config(model, params, config, **options)
+    return probe

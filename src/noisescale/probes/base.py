@@ -3,54 +3,330 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Protocol, Sequence
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
+from torch.autograd import Variable
 
-from ..estimators import Measurement
+from ..estimators import StepStats
 
-__all__ = ["Probe", "StepContext", "sq_norm", "total_sq_norm", "sum_terms", "infer_batch_size", "trainable_parameters",
-           "check_sizes"]
+__all__ = ["Probe", "ProbeConfig", "StepContext", "Groups", "Hook", "resolve_groups", "Preconditioner", "EndOfBackward",
+           "sq_norm", "grouped_sq_norms", "group_sums", "sum_terms", "infer_batch_size", "trainable_parameters",
+           "check_sizes", "check_single_process", "StepTotal", "Piece"]
 
 
 class StepContext:
     """What the tracker knows at ``step()`` time and hands to the probe.
 
-    ``sizes``: per-part sizes the user gave (``None``: infer). ``inv_scale2_small`` /
-    ``inv_scale2_big``: factors (``1/S^2`` under a GradScaler) that bring squared norms taken
-    from scaled gradients back to true units; 0-d tensors or floats.
+    ``sizes``: per-part sizes the user gave (``None``: infer). ``inv_scale2_small``: the factor
+    (``1/S^2`` under a GradScaler) that brings squared norms taken during backward (scaled
+    gradients) back to true units; ``inv_scale2_big``: the factor for norms read from ``.grad``
+    at ``step()`` (``1`` once ``unscale_`` ran). 0-d tensors or floats.
     """
 
     __slots__ = ("sizes", "inv_scale2_small", "inv_scale2_big")
 
-    def __init__(self, sizes: Sequence[float] | None, inv_scale2_small: Any = 1.0,
-                 inv_scale2_big: Any = 1.0) -> None:
+    def __init__(self, sizes: Sequence[Any] | None, inv_scale2_small: Any = 1.0, inv_scale2_big: Any = 1.0) -> None:
         self.sizes = sizes
         self.inv_scale2_small = inv_scale2_small
         self.inv_scale2_big = inv_scale2_big
 
 
+class Groups:
+    """A partition of the measured parameters into named groups (one group ``"all"`` by default).
+
+    ``names[i]`` is group ``i``; ``index(p)`` the group of parameter ``p``. Every measured
+    parameter is in exactly one group, so the groups' statistics add up to the total.
+    """
+
+    def __init__(self, names: list[str], index: dict[int, int]) -> None:
+        self.names = names
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, p: torch.Tensor) -> int:
+        return self._index[id(p)]
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the user asked for groups (more than the single default group)."""
+        return self.names != ["all"]
+
+
+def _param_names(model: torch.nn.Module) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)
+    return names
+
+
+def resolve_groups(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], groups: Any) -> Groups:
+    """Turn the tracker's ``groups=`` into a :class:`Groups` over ``params``.
+
+    ``groups`` is ``None`` (one group), ``"layers"`` (one group per module that owns parameters,
+    named by its qualified name; ``"<root>"`` for the model's own), an optimizer (its param
+    groups, named by a ``"name"`` entry or ``"group<i>"``), a dict ``name -> parameters``, or a
+    callable ``parameter name -> group name``. Measured parameters that a dict or an optimizer
+    does not list go to a group ``"other"``.
+    """
+    pnames = _param_names(model)
+    ids = [id(p) for p in params]
+    if groups is None:
+        return Groups(["all"], {i: 0 for i in ids})
+    assign: dict[int, str] = {}
+    if isinstance(groups, str):
+        if groups != "layers":
+            raise ValueError(f"groups={groups!r} is not known; use 'layers', an optimizer, a dict "
+                             "{name: parameters} or a callable(parameter_name) -> group name")
+        for mname, mod in model.named_modules(remove_duplicate=True):
+            for p in mod._parameters.values():
+                if p is not None:
+                    assign.setdefault(id(p), mname or "<root>")
+    elif isinstance(groups, torch.optim.Optimizer):
+        for i, g in enumerate(groups.param_groups):
+            name = str(g.get("name", f"group{i}"))
+            for p in g["params"]:
+                assign.setdefault(id(p), name)
+    elif isinstance(groups, dict):
+        for name, ps in groups.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"groups= dict keys must be non-empty strings, got {name!r}")
+            if isinstance(ps, torch.Tensor):
+                ps = [ps]
+            for p in ps:
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"groups[{name!r}] must hold parameters (tensors), got {type(p).__name__}")
+                if id(p) in assign and assign[id(p)] != name:
+                    raise ValueError(f"parameter {pnames.get(id(p), tuple(p.shape))} is in two groups "
+                                     f"({assign[id(p)]!r} and {name!r}); groups must not overlap")
+                assign[id(p)] = name
+    elif callable(groups):
+        for i in ids:
+            if i not in pnames:
+                continue
+            name = groups(pnames[i])
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"groups(name) must return a non-empty string, got {name!r} for {pnames[i]!r}")
+            assign[i] = name
+    else:
+        raise TypeError(f"groups= must be None, 'layers', an optimizer, a dict or a callable, got "
+                        f"{type(groups).__name__}")
+    names: list[str] = []
+    index: dict[int, int] = {}
+    for i in ids:
+        name = assign.get(i, "other")
+        if name not in names:
+            names.append(name)
+        index[i] = names.index(name)
+    return Groups(names, index)
+
+
+class Preconditioner:
+    """Elementwise weights of an Adam-family optimizer, ``P = 1/(sqrt(v_hat) + eps)``.
+
+    ``v_hat = exp_avg_sq / (1 - beta2^step)`` is the bias-corrected second moment as it stands
+    when read: before this step's update, since the optimizer steps after ``gns.step()``
+    (``max_exp_avg_sq`` with ``amsgrad``). A parameter without optimizer state yet (before the
+    first update) gets ``P = 1``. ``mode="update"`` weights every gradient by ``P`` (the noise
+    scale of the preconditioned update, ``tr(P Sigma P)/|P G|^2``); ``mode="curvature"`` by
+    ``sqrt(P)`` (``tr(P Sigma)/(G^T P G)``, for a Hessian that ``P`` preconditions well).
+    See docs/method.md.
+
+    Weights live in buffers (one per parameter, its shape, float32 or float64) refreshed in place
+    by :meth:`refresh`, so compiled code can hold on to them.
+    """
+
+    MODES = ("update", "curvature")
+
+    def __init__(self, optimizer: Any, params: Sequence[torch.nn.Parameter], mode: str = "update") -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"preconditioner= must be a torch.optim.Optimizer of the Adam family (its state has "
+                            f"'exp_avg_sq'), got {type(optimizer).__name__}")
+        if mode not in self.MODES:
+            raise ValueError(f"preconditioner mode must be one of {self.MODES}, got {mode!r}")
+        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        missing = [tuple(p.shape) for p in params if id(p) not in groups]
+        if missing:
+            raise ValueError(f"preconditioner=: {len(missing)} measured parameters (shapes {missing[:4]}) are not "
+                             "optimised by this optimizer; pass the optimizer that trains them (or params=)")
+        for g in optimizer.param_groups:
+            if "eps" not in g or "betas" not in g:
+                raise TypeError(f"preconditioner=: {type(optimizer).__name__} has no 'betas'/'eps' in its param "
+                                "groups; only Adam-family optimizers (Adam, AdamW, ...) are supported")
+        self.optimizer = optimizer
+        self.mode = mode
+        self._groups = groups
+        self.params = list(params)
+        self.weights: dict[int, torch.Tensor] = {}
+        for p in self.params:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            self.weights[id(p)] = torch.ones(local.shape, dtype=dt, device=local.device)
+        self.stale = True
+
+    def refresh(self) -> None:
+        """Recompute every weight from the optimizer state now (call once per step, before norms)."""
+        with torch.no_grad():
+            for p in self.params:
+                w = self.weights[id(p)]
+                st = self.optimizer.state.get(p, {})
+                g = self._groups[id(p)]
+                v = st.get("max_exp_avg_sq") if g.get("amsgrad") else st.get("exp_avg_sq")
+                step = st.get("step")
+                if v is None or step is None or float(step) == 0:
+                    w.fill_(1.0)
+                    continue
+                if hasattr(v, "to_local"):
+                    raise NotImplementedError("preconditioner= with a sharded second moment (FSDP/DTensor) "
+                                              "is not supported")
+                bc2 = 1.0 - float(g["betas"][1]) ** float(step)
+                torch.div(v.to(w.dtype), bc2, out=w)
+                w.sqrt_().add_(float(g["eps"])).reciprocal_()
+                if self.mode == "curvature":
+                    w.sqrt_()
+        self.stale = False
+
+    def weight(self, p: torch.Tensor) -> torch.Tensor:
+        """The current weight of ``p`` (refreshed first if the step changed)."""
+        if self.stale:
+            self.refresh()
+        return self.weights[id(p)]
+
+
+class Hook:
+    """A tensor or module hook that a deep copy of the model does not carry along.
+
+    ``copy.deepcopy(model)`` (an EMA copy, a checkpoint snapshot) copies the hooks on its
+    parameters and modules; the copy's passes must not reach this tracker, so a copied hook
+    does nothing (and the probe itself is not copied).
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., None]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Callable[..., None]:
+        return _no_hook
+
+
+def _no_hook(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class EndOfBackward:
+    """Calls ``fn`` once at the end of every backward pass in which :meth:`arm` was called.
+
+    ``arm`` (from any hook that runs during backward) queues an engine callback; that callback
+    queues ``fn`` again, so ``fn`` runs after every callback queued during the pass, including
+    DDP's and FSDP's finalisation that writes the synchronized gradients into ``.grad``.
+    """
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+        self._queued = False
+        self._lock = threading.Lock()
+
+    def arm(self) -> None:
+        if self._queued or torch.compiler.is_compiling():
+            return
+        with self._lock:
+            if self._queued:
+                return
+            self._queued = True
+        Variable._execution_engine.queue_callback(self._requeue)
+
+    def _requeue(self) -> None:
+        Variable._execution_engine.queue_callback(self._run)
+
+    def _run(self) -> None:
+        self._queued = False
+        self.fn()
+
+
+@dataclass
+class ProbeConfig:
+    """What every probe is built with (besides the model and the measured parameters)."""
+
+    reduction: str = "mean"
+    unit: str = "examples"
+    groups: Groups | None = None  # None: one group of everything measured
+    preconditioner: Preconditioner | None = None
+    auto: bool = False  # chosen by method="auto": exclude what does not fit (with a warning) instead of raising
+
+    @property
+    def infer_sizes(self) -> bool:
+        return self.unit == "examples"
+
+    def resolved_groups(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> Groups:
+        return self.groups if self.groups is not None else resolve_groups(model, params, None)
+
+
 class Probe(Protocol):
-    """A source of :class:`Measurement` records. One per tracker; owns its hooks."""
+    """A source of :class:`~noisescale.estimators.StepStats`. One per tracker; owns its hooks.
+
+    Class attributes declare what the probe does: ``name``; ``options`` (the keyword options it
+    takes); ``supports`` (a subset of ``{"groups", "preconditioner"}``). ``applicable(model,
+    params)`` returns ``None`` or why the probe cannot measure ``model``; ``auto_score(model,
+    params)`` ranks it for ``method="auto"`` (the highest positive score wins).
+    """
 
     name: str
+    world_size: int
 
-    def collect(self, ctx: StepContext) -> tuple[Measurement | None, str | None, float | None]:
-        """End of an optimizer step: ``(measurement, reason_if_none, examples_in_step)``."""
+    def collect(self, ctx: StepContext) -> StepStats:
+        """End of an optimizer step: this step's statistics (``reason`` set if unmeasurable)."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """Probe-specific numbers for ``metrics()`` (e.g. coverage)."""
+        ...
+
+    def pending_parts(self) -> int:
+        """Backward passes seen since the last :meth:`collect`."""
+        ...
 
     def close(self) -> None:
         """Remove every hook; idempotent."""
+        ...
 
 
-def sq_norm(t: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm of a gradient as a 0-d tensor on its device.
+def check_single_process(model: torch.nn.Module, method: str) -> str | None:
+    """Why a single-process probe cannot measure ``model`` (wrapped for several ranks), or None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    from .distributed import distributed_kind
+
+    kind = distributed_kind(model)
+    if kind is None:
+        return None
+    return (f"the model is wrapped in {kind.upper()} with several ranks: method={method!r} would compare this "
+            "rank's local norms with the all-reduced gradient and report a wrong noise scale. Use method='auto' "
+            "(or 'ddp' / 'fsdp'), which pools every rank's local norms with the global one.")
+
+
+def sq_norm(t: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared L2 norm of a gradient (times ``weight`` elementwise, if given) as a 0-d tensor on its device.
 
     Reduced in float32 (float64 for float64 tensors): squaring fp16/bf16 values in their own
     dtype overflows or loses the small terms. Sparse gradients are coalesced first (repeated
     indices must be summed before squaring).
     """
     if t.is_sparse:
+        if weight is not None:
+            t = t.coalesce() * weight  # sparse * dense: the weights at the stored indices
         t = t.coalesce().values()
+    elif weight is not None:
+        t = t.detach() * weight
     t = t.detach()
     if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
         # BLAS dot: one pass over the gradient, measured 2.5x faster than vector_norm on CPU
@@ -72,22 +348,102 @@ def sum_terms(terms: Sequence[torch.Tensor | float], device: torch.device) -> to
     return torch.stack([torch.as_tensor(t, dtype=torch.float64, device=device) for t in terms]).sum()
 
 
-def total_sq_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor | float | None:
-    """``sum |g|^2`` in float64 (see :func:`sum_terms`: a float on CPU, else a 0-d tensor on the
-    first gradient's device); ``None`` if empty.
+def group_sums(terms: Sequence[torch.Tensor | float], index: Sequence[int], n_groups: int,
+               device: torch.device) -> torch.Tensor:
+    """Per-group sums of squared-norm terms (term ``j`` belongs to group ``index[j]``) as a float64
+    ``[n_groups]`` tensor on ``device``.
 
-    Dense tensors of one dtype on one accelerator: a single ``_foreach_norm`` (one fused pass,
-    fp32/fp64 accumulation). On CPU, one BLAS dot per tensor (:func:`sq_norm`) is faster.
+    On the CPU the terms are read as floats (nothing runs asynchronously there, and this saves the
+    tiny tensor ops of stacking); elsewhere one stack and one ``index_add_``, with no host sync.
     """
-    grads = list(grads)
-    if not grads:
-        return None
-    device = grads[0].device
-    if (device.type != "cpu" and not any(g.is_sparse for g in grads)
+    if all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in terms):
+        acc = [0.0] * n_groups
+        for t, i in zip(terms, index):
+            acc[i] += float(t)
+        return torch.tensor(acc, dtype=torch.float64, device=device)
+    out = torch.zeros(n_groups, dtype=torch.float64, device=device)
+    if not terms:
+        return out
+    vals = torch.stack([torch.as_tensor(t, dtype=torch.float64, device=device).reshape(()) for t in terms])
+    return out.index_add_(0, torch.tensor(list(index), device=device), vals)
+
+
+def grouped_sq_norms(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None], index: Sequence[int],
+                     n_groups: int, device: torch.device) -> torch.Tensor:
+    """``sum |w * g|^2`` per group as a float64 ``[n_groups]`` tensor on ``device``.
+
+    Dense unweighted tensors of one dtype on one accelerator: a single ``_foreach_norm`` (one fused
+    pass, fp32/fp64 accumulation). On the CPU one BLAS dot per tensor (:func:`sq_norm`) is faster.
+    """
+    if (grads and device.type != "cpu" and all(w is None for w in weights) and not any(g.is_sparse for g in grads)
             and len({(g.device, g.dtype) for g in grads}) == 1):
         dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-        return torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).to(torch.float64).square().sum()
-    return sum_terms([sq_norm(g) for g in grads], device)
+        norms = torch.stack(torch._foreach_norm(list(grads), 2, dtype=dtype)).to(torch.float64).square()
+        out = torch.zeros(n_groups, dtype=torch.float64, device=device)
+        return out.index_add_(0, torch.tensor(list(index), device=device), norms)
+    return group_sums([sq_norm(g, w) for g, w in zip(grads, weights)], index, n_groups, device)
+
+
+# A piece of the step gradient whose norm a process takes: (parameter, lo, hi, first) -- elements
+# [lo, hi) of its flattened gradient, or all of it when lo is None; ``first``: this process holds
+# element 0, and takes the whole gradient where it cannot be sliced (sparse, not contiguous).
+Piece = tuple[torch.nn.Parameter, "int | None", "int | None", bool]
+
+
+class StepTotal:
+    """Per-group ``|P * V|^2`` of the step's accumulated gradient ``V`` (``.grad``), over ``pieces``.
+
+    :meth:`capture` runs when a backward pass ends (see :class:`EndOfBackward`): the value of the
+    step's last pass is what :meth:`take` returns at ``step()``, so clipping or anything else that
+    rescales ``.grad`` in place between the backward and ``step()`` changes nothing. Without a
+    captured value (no backward reached the probe's hooks) :meth:`take` reads ``.grad`` now.
+    """
+
+    def __init__(self, pieces: Sequence[Piece], groups: Groups, preconditioner: Preconditioner | None,
+                 device: torch.device) -> None:
+        self.pieces = list(pieces)
+        self.groups = groups
+        self.preconditioner = preconditioner
+        self.device = device
+        self._index = [groups.index(p) for p, *_ in self.pieces]
+        self._value: torch.Tensor | None = None
+
+    def compute(self) -> torch.Tensor:
+        grads: list[torch.Tensor] = []
+        weights: list[torch.Tensor | None] = []
+        index: list[int] = []
+        pre = self.preconditioner
+        for (p, lo, hi, first), gi in zip(self.pieces, self._index):
+            g = p.grad
+            if g is None:
+                continue
+            if hasattr(g, "to_local"):
+                g = g.to_local()
+            g = g.detach()
+            w = pre.weight(p) if pre is not None else None
+            if lo is None or g.is_sparse or not g.is_contiguous() or (lo == 0 and hi == g.numel()):
+                if not (first and g.numel()):
+                    continue  # cannot be sliced (or need not be): the holder of element 0 takes it
+            elif lo < hi:  # (hi is set whenever lo is)
+                g = g.view(-1)[lo:hi]
+                w = w.reshape(-1)[lo:hi] if w is not None else None
+            else:
+                continue
+            grads.append(g)
+            weights.append(w)
+            index.append(gi)
+        return grouped_sq_norms(grads, weights, index, len(self.groups), self.device)
+
+    def capture(self) -> None:
+        self._value = self.compute()
+
+    def take(self, ctx: StepContext) -> torch.Tensor:
+        """Per-group squared norms in true units: the captured value (taken in backward, from scaled
+        gradients under a GradScaler), or ``.grad``'s now when nothing was captured."""
+        value, self._value = self._value, None
+        if value is not None:
+            return value * ctx.inv_scale2_small
+        return self.compute() * ctx.inv_scale2_big
 
 
 def check_sizes(given: Sequence[float], k: int, passes: str = "this step had") -> list[float]:

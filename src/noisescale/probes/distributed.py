@@ -23,65 +23,50 @@ What is measured, per optimizer step:
     ``|grad|^2`` of the unsharded local gradient and then runs FSDP's default reduce-scatter
     (same pre-/post-division, same collective).
 
-- **global**: the squared norm of the synchronized gradient. Under DDP ``.grad`` is the same on
-  every rank, so each rank takes the norm of its own size-balanced share of the parameters (1/world
-  of a pass); under FSDP each rank takes its gradient shards (``p.grad.to_local()``). The shares
-  are summed by the all-reduce below.
+- **global**: the squared norm of the synchronized gradient, captured when the backward pass
+  ends, after DDP's/FSDP's own final callbacks wrote it (so clipping before ``step()`` changes
+  nothing). Under DDP ``.grad`` is the same on every rank, so each rank takes the norm of its own
+  1/world of the elements; under FSDP each rank takes its gradient shards
+  (``p.grad.to_local()``). The shares are summed by the all-reduce below.
 
-At ``step()`` every rank contributes a vector of 8 numbers (sum of its parts' squared norms, the
-two weight sums the pooling needs, its examples, its part count, 1 for "active", its share of the
-global norm, an error flag) to **one asynchronous all-reduce (SUM)** on the data-parallel group. The
-tracker reads the result lazily (on the next value read, or every ``max_pending`` steps), so the
-host does not wait for it in the step. Every rank then forms the same :class:`Measurement` from
-the same reduced numbers: all ranks report the same ``b_simple`` and skip the same steps.
+At ``step()`` every rank contributes its additive :class:`~noisescale.estimators.StepStats` (the
+head of pooling sums, then per group its parts' squared norms and its share of the global norm)
+to **one asynchronous all-reduce (SUM)** of that one flat vector on the data-parallel group. The
+tracker reads the result lazily (when its subscribers are due, a value is read, or every
+``max_pending`` steps), so the host does not wait for it in the step. Every rank then forms the
+same estimate from the same reduced numbers: all ranks report the same ``b_simple`` and skip the
+same steps.
 
-Pooling (see :func:`noisescale.estimators.pool_parts`): parts are all (rank, micro-batch) pairs,
-the big batch is the step. DDP averages the ranks' gradients, so across ranks the convention is
-"mean": rank ``r``'s accumulated gradient ``U_r = sum_j alpha_rj G_rj`` (weights normalised within
-the rank by the tracker's ``reduction``) enters ``V = (1/n) sum_r U_r``. With normalised weights
-``a_rj = alpha_rj / n``::
-
-    |G_small|^2 = sum_rj |u_rj|^2 / sum_rj alpha_rj^2
-    b_small     = sum_rj alpha_rj^2 / sum_rj (alpha_rj^2 / b_rj)
-    b_big       = n^2 / sum_rj (alpha_rj^2 / b_rj)
-
-For ``n`` ranks with ``k`` equal micro-batches of ``m`` examples this is the paper's recipe
-(``b_small = m``, ``b_big = n k m``); unequal sizes across ranks are handled exactly.
+Pooling: parts are all (rank, micro-batch) pairs, the big batch is the step. DDP averages the
+ranks' gradients, so across ranks the convention is "mean": rank ``r``'s accumulated gradient
+``U_r = sum_j alpha_rj G_rj`` (weights normalised within the rank by the tracker's ``reduction``)
+enters ``V = (1/n) sum_r U_r``. Each rank therefore contributes its parts with weights
+``a_rj = alpha_rj / n`` and squared norms ``|u_rj / n|^2``; the sums over ranks are exactly the
+single-process statistics of the whole step, and :func:`noisescale.estimators.step_estimates`
+forms the estimate. For ``n`` ranks with ``k`` equal micro-batches of ``m`` examples this is the
+paper's recipe (``b_small = m``, ``b_big = n k m``); unequal sizes across ranks are handled exactly.
+With ``method="ddp_per_example"`` a rank's parts are its examples (the per-example probe's
+statistics, rescaled the same way).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import warnings
-from typing import Any, Sequence
-
-from collections import deque
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
-from ..estimators import Measurement, pooling_moments
-from .base import StepContext, check_sizes, infer_batch_size, sq_norm, sum_terms, total_sq_norm
+from ..estimators import ERRORS, HEAD, PARTS, SUM_A2, SUM_A2_OVER_B, StepStats, make_step_stats
+from .base import (EndOfBackward, Hook, Piece, ProbeConfig, StepContext, StepTotal, check_sizes, group_sums,
+                   infer_batch_size, sq_norm)
 
-__all__ = [
-    "DistributedProbe",
-    "DISTRIBUTED_METHODS",
-    "joinable",
-    "distributed_kind",
-]
+__all__ = ["DistributedProbe", "DDPProbe", "FSDPProbe", "DDPPerExampleProbe", "DISTRIBUTED_METHODS", "joinable",
+           "distributed_kind"]
 
 DISTRIBUTED_METHODS = ("ddp", "ddp_per_example", "fsdp")
-
-# A rank's part of the global norm: (parameter, lo, hi, first) -- elements [lo, hi) of its
-# gradient, or all of it when lo is None; first: this rank owns the parameter's element 0.
-_Slice = tuple[torch.nn.Parameter, "int | None", "int | None", bool]
-
-# Layout of the per-rank vector that is all-reduced (SUM) once per step.
-_A2, _A2B, _EX, _K, _N, _ERR, _S, _BIG = range(8)  # host-known fields first, then the two tensors
-_VEC_LEN = 8
-_NAMES = ("sum_alpha2", "sum_alpha2_over_b", "examples", "parts", "ranks", "errors", "sum_sq_local", "big_term")
 
 
 def distributed_kind(model: torch.nn.Module) -> str | None:
@@ -131,64 +116,6 @@ def _validate(model: torch.nn.Module, kind: str | None, method: str, process_gro
     return found, group, world
 
 
-class _DeferredMeasurement(Measurement):
-    """A :class:`Measurement` whose numbers come from an all-reduce still in flight.
-
-    The four fields resolve (wait for the reduction and read it, together with every other
-    outstanding step of the same probe: one host sync) the first time any of them is read.
-    """
-
-    def __init__(self, probe: "DistributedProbe", record: "_StepRecord", source: str) -> None:  # noqa: D107
-        object.__setattr__(self, "_probe", probe)
-        object.__setattr__(self, "_record", record)
-        object.__setattr__(self, "source", source)
-
-    def _values(self) -> tuple[float, float, float, float]:
-        rec = self._record
-        if rec.result is None:
-            self._probe._resolve_all()
-        assert rec.result is not None
-        return rec.result
-
-    @property  # type: ignore[override]
-    def sq_norm_small(self) -> float:  # type: ignore[override]
-        return self._values()[0]
-
-    @property  # type: ignore[override]
-    def b_small(self) -> float:  # type: ignore[override]
-        return self._values()[1]
-
-    @property  # type: ignore[override]
-    def sq_norm_big(self) -> float:  # type: ignore[override]
-        return self._values()[2]
-
-    @property  # type: ignore[override]
-    def b_big(self) -> float:  # type: ignore[override]
-        return self._values()[3]
-
-    def reduced_examples(self) -> float:
-        """The step's examples summed over the ranks (the all-reduced count)."""
-        self._values()
-        assert self._record.raw is not None
-        return self._record.raw[_EX]
-
-    @property
-    def skip_reason(self) -> str | None:
-        """Why this step cannot be used (the same on every rank); read by the tracker."""
-        self._values()
-        return self._record.reason
-
-
-class _StepRecord:
-    __slots__ = ("vec", "work", "result", "raw", "reason")
-
-    def __init__(self, vec: torch.Tensor, work: Any) -> None:
-        self.vec, self.work = vec, work
-        self.result: tuple[float, float, float, float] | None = None
-        self.raw: list[float] | None = None
-        self.reason: str | None = None  # why the step is skipped on every rank, if it is
-
-
 class _TapReduceScatter:
     """FSDP2 reduce-scatter comm that records ``|input|^2`` and then calls the original comm."""
 
@@ -205,7 +132,7 @@ class _TapReduceScatter:
             pre = self._predivide_factor(input_tensor, group)
             if pre is not None and pre != 1:
                 term = term * float(pre) ** 2  # FSDP divided the input before this call
-            self.probe._add(term)
+            self.probe._add(term, 0)
         return self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group, op=op,
                           async_op=async_op)
 
@@ -227,7 +154,7 @@ def _fsdp1_tap_hook(state: "_FSDP1HookState", grad: torch.Tensor, output: torch.
     from torch.distributed.algorithms._comm_hooks import default_hooks
 
     if state.probe._active:
-        state.probe._add(sq_norm(grad))
+        state.probe._add(sq_norm(grad), 0)
     default_hooks.reduce_scatter_hook(state.default, grad, output)
 
 
@@ -246,51 +173,65 @@ class DistributedProbe(Joinable):
         model: the wrapped module: ``DistributedDataParallel``, FSDP1
             ``FullyShardedDataParallel`` (root) or a module containing ``fully_shard`` modules.
         params: trainable parameters to measure (DDP: any subset; FSDP: all of them).
-        reduction: how each rank's micro-batch gradients combine into its gradient,
-            ``"mean"`` or ``"sum"`` (see :func:`noisescale.estimators.pool_parts`). Across ranks
-            the convention is always "mean" (DDP and FSDP average the ranks' gradients).
-        infer_sizes: record sizes from the leading dimension of forward inputs.
-        local: optional probe that yields this rank's *local* pooled measurement (e.g. the
-            per-example probe); its small-batch statistics are pooled across ranks and its big
-            norm (the synchronized ``.grad``) is the global one. DDP only.
+        config: reduction (how each rank's micro-batch gradients combine into its gradient; across
+            ranks the convention is always "mean", since DDP and FSDP average the ranks' gradients),
+            unit, groups and preconditioner (DDP only).
+        local: optional probe whose :class:`StepStats` are this rank's local parts (e.g. the
+            per-example probe); its total is replaced by this rank's share of the synchronized
+            gradient. DDP only.
         process_group: the data-parallel group (default: the wrapper's group).
+        kind: ``"ddp"`` or ``"fsdp"`` to insist on a wrapper.
     """
 
     name = "ddp"
+    options: ClassVar[frozenset[str]] = frozenset({"process_group"})
+    supports: ClassVar[frozenset[str]] = frozenset({"groups", "preconditioner"})
 
-    def __init__(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], *,
-                 reduction: str = "mean", infer_sizes: bool = True, local: Any = None,
-                 process_group: Any = None, kind: str | None = None) -> None:
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    def __init__(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
+                 config: ProbeConfig | None = None, *, local: Any = None, process_group: Any = None,
+                 kind: str | None = None) -> None:
+        self.config = config = config or ProbeConfig()
+        if config.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {config.reduction!r}")
         self.kind, self.group, self.world_size = _validate(
             model, kind, "ddp_per_example" if local is not None else (kind or "ddp"), process_group)
         found = self.kind
         self.name = "ddp_per_example" if local is not None else ("ddp" if found == "ddp" else "fsdp")
         self.model = model
-        self.reduction = reduction
+        self.reduction = config.reduction
+        self.groups = config.resolved_groups(model, params)
+        self.preconditioner = config.preconditioner
         self.device = self._device(params)
         self._local = local
         if local is not None and found != "ddp":
             raise NotImplementedError("composition with a local probe (per-example) is available under DDP only")
+        if found != "ddp" and self.groups.grouped:
+            raise NotImplementedError("groups= under FSDP is not supported: the local gradients reach the "
+                                      "reduce-scatter as flat buffers of whole FSDP units, not per group; use DDP "
+                                      "or measure per group on one process")
+        if found != "ddp" and self.preconditioner is not None:
+            raise NotImplementedError("preconditioner= under FSDP is not supported: the optimizer's second moment "
+                                      "is sharded while the local gradient is not, so P * g cannot be formed "
+                                      "exactly; use DDP, or measure on one process")
         self._lock = threading.Lock()
         self._active = True
         self._current: list[torch.Tensor] = []  # squared norms of the open part's gradients
+        self._current_index: list[int] = []  # their groups
         self._pending_sizes: list[int | None] = []
-        self._parts: list[tuple[torch.Tensor | float, list[int | None]]] = []
-        self._records: list[_StepRecord] = []
+        self._parts: list[tuple[torch.Tensor, list[int | None]]] = []
         self._handles: list[Any] = []
         self._restore: list[tuple[Any, Any]] = []
         self._warned: set[str] = set()
         Joinable.__init__(self)
-        self.history: deque[dict[str, float]] = deque(maxlen=10000)
+        pieces: list[Piece]
         if found == "ddp":
             ignore = getattr(model, "parameters_to_ignore", set()) or set()
             ignored = {id(p) for n, p in model.module.named_parameters() if n in ignore}
             self.params = [p for p in params if id(p) not in ignored]
-            self._global_share: list[_Slice] = _share(self.params, dist.get_rank(self.group), self.world_size)
-            if local is None:
-                self._handles += [p.register_hook(self._grad_hook) for p in self.params]
+            # .grad is the same synchronized gradient on every rank: each rank takes the norm of its
+            # own 1/world of the elements (1/world of a pass, balanced even when one tensor dominates)
+            pieces = _share(self.params, dist.get_rank(self.group), self.world_size)
+            self._handles += [p.register_hook(Hook(self._make_hook(p, measure=local is None))) for p in self.params]
         else:
             ids = {id(p) for p in params}
             all_trainable = [p for p in model.parameters() if p.requires_grad]
@@ -298,13 +239,17 @@ class DistributedProbe(Joinable):
                 raise ValueError("under FSDP the gradient is reduced as flat buffers: measure all trainable "
                                  "parameters (do not pass params=)")
             self.params = list(params)
-            self._global_share = [(p, None, None, True) for p in self.params]  # shards: each rank its own
+            pieces = [(p, None, None, True) for p in self.params]  # shards: each rank its own
             if found == "fsdp2":
                 self._install_fsdp2(model)
             else:
                 self._install_fsdp1(model)
-        if infer_sizes and local is None:
-            self._handles.append(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        # The global norm is captured when a backward pass ends, after DDP's/FSDP's own final
+        # callbacks wrote the synchronized gradient: clipping before step() changes nothing.
+        self._total = StepTotal(pieces, self.groups, self.preconditioner, self.device)
+        self._end = EndOfBackward(self._total.capture)
+        if config.infer_sizes and local is None:
+            self._handles.append(model.register_forward_pre_hook(Hook(self._pre_forward), with_kwargs=True))
 
     # -- setup -------------------------------------------------------------------------
 
@@ -373,21 +318,33 @@ class DistributedProbe(Joinable):
             self._close_part_locked()
             self._pending_sizes.append(infer_batch_size(args, kwargs))
 
-    def _grad_hook(self, grad: torch.Tensor) -> None:
-        self._add(sq_norm(grad))
+    def _make_hook(self, p: torch.nn.Parameter, measure: bool) -> Any:
+        gi = self.groups.index(p)
+        pre = self.preconditioner
 
-    def _add(self, term: torch.Tensor) -> None:
-        # One kernel per gradient here (the norm); summed when the part closes. A list append is
-        # atomic, the lock only orders it against _close_part_locked.
+        def hook(grad: torch.Tensor) -> None:
+            # this pass's local gradient of p, before AccumulateGrad and before DDP's reducer
+            # copies it into a bucket; nothing is returned: the gradient is untouched
+            if measure:
+                self._add(sq_norm(grad, pre.weight(p) if pre is not None else None), gi)
+            else:
+                self._end.arm()
+
+        return hook
+
+    def _add(self, term: torch.Tensor, group: int) -> None:
+        # One kernel per gradient here (the norm); summed when the part closes. The lock orders the
+        # appends against _close_part_locked.
         with self._lock:
             self._current.append(term)
+            self._current_index.append(group)
+        self._end.arm()
 
     def _close_part_locked(self) -> None:
         if self._current:
-            # a float on CPU, where the step's vector is then built from Python floats
-            self._parts.append((sum_terms(self._current, self._current[0].device), self._pending_sizes))
-            self._current = []
-            self._pending_sizes = []
+            part = group_sums(self._current, self._current_index, len(self.groups), self.device)
+            self._parts.append((part, self._pending_sizes))
+            self._current, self._current_index, self._pending_sizes = [], [], []
 
     # -- step --------------------------------------------------------------------------
 
@@ -395,100 +352,59 @@ class DistributedProbe(Joinable):
         """Closed local parts (micro-batches that reached the reduction) since the last step."""
         return len(self._parts) + bool(self._current)
 
-    def collect(self, ctx: StepContext) -> tuple[Measurement | None, str | None, float | None]:
-        error: BaseException | None = None
-        vec_host = [0.0] * _VEC_LEN
-        tensors: dict[int, torch.Tensor | float] = {}
-        examples: float | None = None
+    def metrics(self) -> dict[str, float]:
+        return self._local.metrics() if self._local is not None else {"coverage": 1.0}
+
+    def collect(self, ctx: StepContext) -> StepStats:
+        """This rank's statistics, all-reduced (SUM) asynchronously with every rank's: the returned
+        record's numbers are the step's over all ranks once its ``work`` completes."""
+        G = len(self.groups)
+        error: Exception | None = None
         try:
-            examples = self._local_stats(ctx, vec_host, tensors)
+            vec = self._local_stats(ctx).vec
         except Exception as e:  # all-reduce first (peers are waiting in it), raise after
-            error = e
-            vec_host = [0.0] * _VEC_LEN
-            tensors = {}
-            vec_host[_ERR] = 1.0
-        late = [tensors.get(i, 0.0) for i in (_S, _BIG)]
-        if not any(isinstance(t, torch.Tensor) for t in late):
-            vec = torch.tensor(vec_host[:_S] + late, dtype=torch.float64, device=self.device)
-        else:  # numbers still on the device: no host sync here
-            dev_part = torch.stack([torch.as_tensor(t, dtype=torch.float64, device=self.device).reshape(())
-                                    for t in late])
-            vec = torch.cat([torch.tensor(vec_host[:_S], dtype=torch.float64, device=self.device), dev_part])
+            vec = torch.zeros(HEAD + 2 * G, dtype=torch.float64, device=self.device)
+            vec[ERRORS] = 1.0  # every rank then skips the step
+            error = None if isinstance(e, _LocalSkip) else e
+        if self.preconditioner is not None:
+            self.preconditioner.stale = True
         work = dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-        rec = _StepRecord(vec, work)
-        self._records.append(rec)
         if error is not None:
+            work.wait()
             raise error
-        m = _DeferredMeasurement(self, rec, self.name)
-        # the step's examples over all ranks (ranks may differ), read with the reduced numbers
-        return m, None, (m.reduced_examples if examples is not None else None)
+        return StepStats(vec, G, work=work)
 
-    def _local_stats(self, ctx: StepContext, vec: list[float], tensors: dict[int, torch.Tensor | float]
-                     ) -> float | None:
-        """Fill this rank's contribution; return its examples (None if unknown)."""
-        vec[_N] = 1.0
+    def _local_stats(self, ctx: StepContext) -> StepStats:
+        """This rank's additive statistics: its parts with weights ``a = alpha / n`` in the global step
+        ``V = (1/n) sum_r U_r`` (DDP averages the ranks' gradients), and its share of ``|V|^2``."""
+        G = len(self.groups)
+        n = self.world_size
+        total = self._total.take(ctx)
         if self._local is not None:
-            return self._local_stats_from_probe(ctx, vec, tensors)
-        with self._lock:
-            self._close_part_locked()
-            parts, self._parts = self._parts, []
-            self._pending_sizes = []
-        k = len(parts)
-        sizes = self._resolve_sizes(ctx.sizes, [s for _, s in parts], k)
-        tensors[_BIG] = self._global_term() * ctx.inv_scale2_big
-        if k == 0:
-            return 0.0 if sizes is not None else None
-        vec[_A2], vec[_A2B] = pooling_moments(sizes, [1.0] * k if self.reduction == "mean" else sizes)
-        vec[_EX] = float(sum(sizes))
-        vec[_K] = float(k)
-        tensors[_S] = sum_terms([p for p, _ in parts], self.device) * ctx.inv_scale2_small
-        return float(sum(sizes))
-
-    def _local_stats_from_probe(self, ctx: StepContext, vec: list[float],
-                                tensors: dict[int, torch.Tensor | float]) -> float | None:
-        m, reason, examples = self._local.collect(ctx)
-        if m is None:
-            big = self._global_term(getattr(self._local, "params", self.params))  # same params as the probe's
-            tensors[_BIG] = big * ctx.inv_scale2_big / self.world_size
-            self._warn_once(f"local probe could not measure this rank's step: {reason}")
-            return examples
-        # Undo the local pooling: pool_parts gave sq_small = S/A2, b_small = A2/A2b, b_big = 1/A2b.
-        a2b = 1.0 / m.b_big
-        a2 = m.b_small / m.b_big
-        tensors[_S] = sum_terms([m.sq_norm_small], self.device) * a2
-        # the local probe's big norm is the full synchronized .grad on every rank: each adds 1/n of it
-        tensors[_BIG] = sum_terms([m.sq_norm_big], self.device) / self.world_size
-        vec[_A2], vec[_A2B] = a2, a2b
-        vec[_K] = float(examples) if examples else 2.0  # parts = examples (informational)
-        vec[_EX] = float(examples) if examples is not None else 0.0
-        return examples
-
-    def _global_term(self, params: Sequence[torch.nn.Parameter] | None = None) -> torch.Tensor | float:
-        """This rank's term of the global squared norm (the ranks' terms are summed by the all-reduce).
-
-        DDP: ``.grad`` is the same synchronized gradient on every rank, so each rank takes the norm
-        of its own 1/world of the gradient elements (:func:`_share`): 1/world of a pass over the
-        gradients, balanced even when one tensor (an embedding) dominates the model.
-        FSDP: the rank's gradient shards. With a local probe (``params`` given): that probe's params.
-        """
-        share = self._global_share if params is None else [(p, None, None, True) for p in params]
-        terms = []
-        for p, lo, hi, first in share:
-            g = p.grad
-            if g is None:
-                continue
-            if hasattr(g, "to_local"):
-                g = g.to_local()
-            g = g.detach()
-            if lo is None or g.is_sparse or not g.is_contiguous() or (lo == 0 and hi == g.numel()):
-                if first and g.numel():  # cannot be sliced (or need not be): the owner of element 0 takes it
-                    terms.append(g)
-            elif lo < hi:
-                terms.append(g.view(-1)[lo:hi])
-        total = total_sq_norm(terms)
-        if total is None:
-            return 0.0
-        return total if isinstance(total, float) else total.to(self.device)
+            st = self._local.collect(ctx)
+            if st.reason is not None:
+                self._warn_once(f"the local probe could not measure this rank's step: {st.reason}")
+                raise _LocalSkip(st.reason)
+        else:
+            with self._lock:
+                self._close_part_locked()
+                parts, self._parts = self._parts, []
+                self._pending_sizes = []
+            k = len(parts)
+            sizes = self._resolve_sizes(ctx.sizes, [sz for _, sz in parts], k)
+            if k == 0:
+                st = make_step_stats([0.0] * G, [0.0] * G, [1.0], parts=0, examples=0.0, device=self.device)
+                st.vec[SUM_A2] = st.vec[SUM_A2_OVER_B] = 0.0
+                st.vec[HEAD + G:] = total
+                return st
+            small = torch.stack([x for x, _ in parts]).sum(0) * ctx.inv_scale2_small
+            st = make_step_stats(small, total, sizes, reduction=self.reduction, device=self.device)
+        # a_rj = alpha_rj / n: the parts' weights and squared norms (u_rj / n in V's units) scale by 1/n^2
+        st.vec[SUM_A2] /= n * n
+        st.vec[SUM_A2_OVER_B] /= n * n
+        st.vec[HEAD:HEAD + G] /= n * n
+        st.vec[HEAD + G:] = total
+        return st
 
     def _resolve_sizes(self, given: Sequence[float] | None, seen: list[list[int | None]], k: int) -> list[float]:
         if given is not None:
@@ -502,47 +418,6 @@ class DistributedProbe(Joinable):
                     "micro-batch of this rank, in the tracker's unit")
             out.append(float(sum(group)))  # type: ignore[arg-type]
         return out
-
-    # -- resolving the all-reduced numbers --------------------------------------------
-
-    def _resolve_all(self) -> None:
-        records, self._records = self._records, []
-        if not records:
-            return
-        for r in records:
-            r.work.wait()
-        values = torch.stack([r.vec for r in records]).tolist()  # one host sync for all of them
-        for r, v in zip(records, values):
-            r.raw = v
-            r.result, r.reason = self._finish(v)
-            self.history.append(dict(zip(_NAMES, v), sq_norm_small=r.result[0], b_small=r.result[1],
-                                     sq_norm_big=r.result[2], b_big=r.result[3]))
-
-    def _finish(self, v: list[float]) -> tuple[tuple[float, float, float, float], str | None]:
-        """The pooled measurement from the all-reduced vector, or NaNs and the reason to skip it."""
-        skipped = (math.nan, 1.0, math.nan, 2.0)
-        n = v[_N]
-        if v[_ERR] > 0:
-            return skipped, self._warn_once("a rank failed to compute its statistics for a step (it raised "
-                                            "an error); the step is skipped on every rank")
-        if n < self.world_size:
-            # Some ranks have joined (uneven inputs): their share of the global norm is missing.
-            return skipped, self._warn_once("steps where some ranks had already run out of data (Join) are "
-                                            "skipped: the global norm is computed in shares across all ranks")
-        if n <= 0 or v[_A2B] <= 0 or not v[_A2] < n * n * (1 - 1e-12):
-            return skipped, self._warn_once(
-                f"a step had fewer than 2 gradient parts over all ranks ({v[_K]:.0f} micro-batches on "
-                f"{n:.0f} active ranks): no smaller batch to compare with; the step is skipped")
-        big = v[_BIG]  # DDP: sum of the ranks' shares; FSDP: sum of the shards' squared norms
-        sq_small = v[_S] / v[_A2]
-        b_small = v[_A2] / v[_A2B]
-        b_big = n * n / v[_A2B]
-        return (sq_small, b_small, big, b_big), None
-
-    def reduced_history(self) -> list[dict[str, float]]:
-        """Every resolved step (up to 10000): the all-reduced sums and the pooled measurement."""
-        self._resolve_all()
-        return list(self.history)
 
     def _warn_once(self, msg: str) -> str:
         if msg not in self._warned:
@@ -561,7 +436,7 @@ class DistributedProbe(Joinable):
                 # before this one) has just decided whether this iteration synchronizes.
                 if probe.kind == "ddp" and not getattr(probe.model, "require_forward_param_sync", True):
                     return
-                vec = torch.zeros(_VEC_LEN, dtype=torch.float64, device=probe.device)
+                vec = torch.zeros(HEAD + 2 * len(probe.groups), dtype=torch.float64, device=probe.device)
                 dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=probe.group)
 
         return _Hook()
@@ -577,7 +452,6 @@ class DistributedProbe(Joinable):
     # -- lifetime ----------------------------------------------------------------------
 
     def close(self) -> None:
-        self._resolve_all()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -589,10 +463,14 @@ class DistributedProbe(Joinable):
             self._local.close()
         self._parts = []
         self._pending_sizes = []
-        self._current = []
+        self._current, self._current_index = [], []
 
 
-def _share(params: Sequence[torch.nn.Parameter], rank: int, world: int) -> list[_Slice]:
+class _LocalSkip(Exception):
+    """This rank's local probe could not measure the step: the step is skipped on every rank."""
+
+
+def _share(params: Sequence[torch.nn.Parameter], rank: int, world: int) -> list[Piece]:
     """This rank's part of the global norm: ``(param, lo, hi, first)`` for each parameter it holds
     elements ``[lo, hi)`` of, in the order of ``params`` laid end to end and cut into ``world`` equal
     ranges (the same cut on every rank). ``first``: this rank holds the parameter's element 0, and
@@ -600,7 +478,7 @@ def _share(params: Sequence[torch.nn.Parameter], rank: int, world: int) -> list[
     """
     total = sum(p.numel() for p in params)
     lo_r, hi_r = total * rank // world, total * (rank + 1) // world
-    out: list[_Slice] = []
+    out: list[Piece] = []
     off = 0
     for p in params:
         n = p.numel()
@@ -619,57 +497,85 @@ def joinable(gns: Any) -> DistributedProbe:
 
     Ranks that run out of data shadow the tracker's per-step all-reduce, so the others do not hang.
     """
-    probe = getattr(gns, "_probe", gns)
+    probe = gns.probe if hasattr(gns, "probe") else gns
     if not isinstance(probe, DistributedProbe):
         raise TypeError(f"joinable() needs a GradientNoiseScale using a distributed method, got {gns!r}")
     return probe
 
 
-# -- factories for the tracker (registered in probes/__init__.py) ----------------------
+# -- the registered probes ------------------------------------------------------------
 
 
-def _no_options(method: str, options: dict[str, Any]) -> None:
-    if options:
-        raise TypeError(f"method={method!r} takes no options {sorted(options)} (it accepts process_group=); "
-                        "per-example options apply to method='per_example' or 'ddp_per_example'")
+def _several_ranks(model: torch.nn.Module) -> str | None:
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return distributed_kind(model)
 
 
-def _make_ddp(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], *, reduction: str = "mean",
-              unit: str = "examples", process_group: Any = None, **options: Any) -> DistributedProbe:
-    _no_options("ddp", options)
-    return DistributedProbe(model, params, reduction=reduction, infer_sizes=(unit == "examples"), kind="ddp",
-                            process_group=process_group)
+class DDPProbe(DistributedProbe):
+    """``method="ddp"``: local norms in tensor hooks, the global one in shares across ranks."""
+
+    name = "ddp"
+
+    @staticmethod
+    def applicable(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> str | None:
+        return None  # the constructor says what is wrong (wrapper, process group, world size)
+
+    @staticmethod
+    def auto_score(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> float:
+        return 10.0 if _several_ranks(model) == "ddp" else 0.0
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], config: ProbeConfig,
+                    process_group: Any = None) -> DistributedProbe:
+        return cls(model, params, config, process_group=process_group, kind="ddp")
 
 
-def _make_fsdp(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], *, reduction: str = "mean",
-               unit: str = "examples", process_group: Any = None, **options: Any) -> DistributedProbe:
-    _no_options("fsdp", options)
-    return DistributedProbe(model, params, reduction=reduction, infer_sizes=(unit == "examples"), kind="fsdp",
-                            process_group=process_group)
+class FSDPProbe(DistributedProbe):
+    """``method="fsdp"``: local norms at the reduce-scatter, the global one from the shards."""
+
+    name = "fsdp"
+    supports: ClassVar[frozenset[str]] = frozenset()
+
+    @staticmethod
+    def applicable(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> str | None:
+        return None  # the constructor says what is wrong (wrapper, process group, world size)
+
+    @staticmethod
+    def auto_score(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> float:
+        return 10.0 if (_several_ranks(model) or "").startswith("fsdp") else 0.0
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], config: ProbeConfig,
+                    process_group: Any = None) -> DistributedProbe:
+        return cls(model, params, config, process_group=process_group, kind="fsdp")
 
 
-def _make_ddp_per_example(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], *,
-                          reduction: str = "mean", unit: str = "examples", process_group: Any = None,
-                          **options: Any) -> DistributedProbe:
-    from . import PROBES, make_probe
+class DDPPerExampleProbe(DistributedProbe):
+    """``method="ddp_per_example"``: exact per-example norms on every rank, pooled by addition."""
 
-    if "per_example" not in PROBES:
-        raise NotImplementedError("method='ddp_per_example' needs the per-example probe, which is not available "
-                                  "in this version of noisescale; use method='ddp'")
-    if distributed_kind(model) != "ddp":
-        raise TypeError("method='ddp_per_example' needs a DistributedDataParallel model")
-    _validate(model, "ddp", "ddp_per_example", process_group)  # before the local probe attaches its hooks
-    local = make_probe("per_example", model, params, reduction=reduction, unit=unit, **options)
-    try:
-        return DistributedProbe(model, params, reduction=reduction, infer_sizes=False, local=local, kind="ddp",
-                                process_group=process_group)
-    except Exception:
-        local.close()
-        raise
+    name = "ddp_per_example"
+    options: ClassVar[frozenset[str]] = frozenset({"process_group", "strict", "layers", "fused"})
 
+    @staticmethod
+    def applicable(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> str | None:
+        return DDPProbe.applicable(model, params)
 
-def register(register_probe: Any) -> None:
-    """Register ``ddp``, ``fsdp`` and ``ddp_per_example`` with the probe registry."""
-    register_probe("ddp", _make_ddp)
-    register_probe("fsdp", _make_fsdp)
-    register_probe("ddp_per_example", _make_ddp_per_example)
+    @staticmethod
+    def auto_score(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> float:
+        return 0.0  # chosen explicitly
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], config: ProbeConfig,
+                    process_group: Any = None, **options: Any) -> DistributedProbe:
+        from .per_example import PerExampleProbe
+
+        _validate(model, "ddp", "ddp_per_example", process_group)  # before the local probe attaches its hooks
+        local = PerExampleProbe(model, params, reduction=config.reduction, unit=config.unit, lenient=config.auto,
+                                groups=config.groups, preconditioner=config.preconditioner, capture_total=False,
+                                **options)
+        try:
+            return cls(model, params, config, local=local, process_group=process_group, kind="ddp")
+        except Exception:
+            local.close()
+            raise

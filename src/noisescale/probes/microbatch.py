@@ -6,10 +6,12 @@ gradient is a small-batch sample and the accumulated ``.grad`` at ``step()`` is 
 How the small-batch norms are taken, without copying any gradient: a tensor hook on every
 trainable parameter sees that parameter's gradient *for the current backward pass*, before it
 is added into ``.grad`` (for a tied parameter the engine has already summed all its uses, so
-the hook sees the true per-micro-batch gradient once). The hook adds ``|g|^2`` into a running
-0-d tensor; the first hook of a backward pass queues an engine callback that closes the
-micro-batch when the pass ends. Parameters that get no gradient in a pass contribute zero,
-which is their true gradient. Nothing is returned from the hooks, so gradients are untouched.
+the hook sees the true per-micro-batch gradient once). The hook takes ``|P g|^2`` (``P`` the
+preconditioner's weights, if any) for the parameter's group; the first hook of a backward pass
+arms an end-of-backward callback that closes the micro-batch and captures the accumulated
+``.grad``'s norm per group (so that clipping before ``step()`` changes nothing). Parameters that
+get no gradient in a pass contribute zero, which is their true gradient. Nothing is returned
+from the hooks, so gradients are untouched.
 
 Sizes: a forward pre-hook on the model records the leading dimension of the first input
 tensor of every forward pass run with gradients enabled; explicit sizes (examples or tokens)
@@ -19,43 +21,65 @@ passed to ``step()`` take precedence.
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
-from torch.autograd import Variable
 
-from ..estimators import Measurement, pool_parts
-from .base import StepContext, check_sizes, infer_batch_size, sq_norm, total_sq_norm
+from ..estimators import StepStats, make_step_stats
+from .base import (EndOfBackward, Hook, ProbeConfig, StepContext, StepTotal, check_single_process, check_sizes,
+                   group_sums, infer_batch_size, sq_norm)
 
 __all__ = ["MicroBatchProbe"]
 
 
 class MicroBatchProbe:
-    """Collects per-micro-batch squared norms and pools them with the accumulated step norm.
+    """Collects per-micro-batch squared norms (per group) and the accumulated step's norm.
 
     Args:
         model: the module whose forward passes define micro-batches (for size inference).
         params: trainable parameters to measure (unique).
-        reduction: ``"mean"`` or ``"sum"``; see :func:`noisescale.estimators.pool_parts`.
-        infer_sizes: record batch sizes from forward inputs.
+        config: reduction, unit, groups and preconditioner (:class:`~noisescale.probes.base.ProbeConfig`).
     """
 
     name = "microbatch"
+    options: ClassVar[frozenset[str]] = frozenset()
+    supports: ClassVar[frozenset[str]] = frozenset({"groups", "preconditioner"})
+    world_size = 1
 
-    def __init__(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], *,
-                 reduction: str = "mean", infer_sizes: bool = True) -> None:
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        self.reduction = reduction
+    @staticmethod
+    def applicable(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> str | None:
+        return check_single_process(model, "microbatch")
+
+    @staticmethod
+    def auto_score(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> float:
+        return 1.0  # works on any single-process model with gradient accumulation: the fallback
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
+                    config: ProbeConfig) -> MicroBatchProbe:
+        return cls(model, params, config)
+
+    def __init__(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
+                 config: ProbeConfig | None = None) -> None:
+        self.config = config = config or ProbeConfig()
+        if config.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {config.reduction!r}")
+        self.reduction = config.reduction
         self.params = list(params)
+        self.groups = config.resolved_groups(model, params)
+        self.preconditioner = config.preconditioner
+        self.device = self.params[0].device
         self._lock = threading.Lock()
-        self._current: torch.Tensor | None = None
-        self._callback_queued = False
-        self._parts: list[torch.Tensor] = []
+        self._terms: list[torch.Tensor] = []
+        self._index: list[int] = []
+        self._parts: list[torch.Tensor] = []  # one [G] float64 vector per closed backward pass
         self._sizes_seen: list[int | None] = []
-        self._handles: list[Any] = [p.register_hook(self._grad_hook) for p in self.params]
-        if infer_sizes:
-            self._handles.append(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._total = StepTotal([(p, None, None, True) for p in self.params], self.groups, self.preconditioner,
+                                self.device)
+        self._end = EndOfBackward(self._end_backward)
+        self._handles: list[Any] = [p.register_hook(Hook(self._make_hook(p))) for p in self.params]
+        if config.infer_sizes:
+            self._handles.append(model.register_forward_pre_hook(Hook(self._pre_forward), with_kwargs=True))
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -63,23 +87,27 @@ class MicroBatchProbe:
         if torch.is_grad_enabled():
             self._sizes_seen.append(infer_batch_size(args, kwargs))
 
-    def _grad_hook(self, grad: torch.Tensor) -> None:
-        term = sq_norm(grad)
-        with self._lock:
-            if self._current is None:
-                self._current = term
-            else:
-                self._current = self._current + term.to(self._current.device)
-            if not self._callback_queued:
-                self._callback_queued = True
-                Variable._execution_engine.queue_callback(self._end_backward)
+    def _make_hook(self, p: torch.nn.Parameter) -> Any:
+        gi = self.groups.index(p)
+        pre = self.preconditioner
+
+        def hook(grad: torch.Tensor) -> None:
+            # this pass's gradient of p, before it is added into .grad (for a tied parameter the
+            # engine has already summed its uses); nothing is returned: the gradient is untouched
+            term = sq_norm(grad, pre.weight(p) if pre is not None else None)
+            with self._lock:
+                self._terms.append(term)
+                self._index.append(gi)
+            self._end.arm()
+
+        return hook
 
     def _end_backward(self) -> None:
         with self._lock:
-            if self._current is not None:
-                self._parts.append(self._current)
-            self._current = None
-            self._callback_queued = False
+            terms, index, self._terms, self._index = self._terms, self._index, [], []
+        if terms:
+            self._parts.append(group_sums(terms, index, len(self.groups), self.device))
+        self._total.capture()
 
     # -- step --------------------------------------------------------------------------
 
@@ -87,34 +115,37 @@ class MicroBatchProbe:
         """Backward passes seen since the last :meth:`collect`."""
         return len(self._parts)
 
-    def collect(self, ctx: StepContext) -> tuple[Measurement | None, str | None, float | None]:
+    def metrics(self) -> dict[str, float]:
+        return {"coverage": 1.0}
+
+    def collect(self, ctx: StepContext) -> StepStats:
         parts, self._parts = self._parts, []
         seen, self._sizes_seen = self._sizes_seen, []
+        if self.preconditioner is not None:
+            self.preconditioner.stale = True  # the optimizer updates its state before the next step
         k = len(parts)
         sizes = self._resolve_sizes(ctx.sizes, seen, k)
-        examples = float(sum(sizes)) if sizes is not None else None
-        if k == 0:
-            return None, ("no backward pass reached the measured parameters since the last step(); "
-                          "call step() once per optimizer step, after the backward passes"), examples
-        if k == 1:
-            return None, ("only one backward pass (micro-batch) in this step, so there is no smaller "
-                          "batch to compare with: accumulate gradients over >= 2 micro-batches per "
-                          "optimizer step, or use method='per_example'"), examples
+        total = self._total.take(ctx)
+        G = len(self.groups)
+        if k < 2:
+            reason = ("no backward pass reached the measured parameters since the last step(); call step() once "
+                      "per optimizer step, after the backward passes") if k == 0 else (
+                      "only one backward pass (micro-batch) in this step, so there is no smaller batch to compare "
+                      "with: accumulate gradients over >= 2 micro-batches per optimizer step, or use "
+                      "method='per_example'")
+            ex = float(sum(sizes)) if sizes is not None else float("nan")
+            st = make_step_stats([0.0] * G, [0.0] * G, [1.0], parts=k, examples=ex, device=self.device)
+            st.reason = reason
+            return st
         if sizes is None:
             raise ValueError(
                 f"could not infer the sizes of the {k} micro-batches of this step (saw {len(seen)} "
                 f"forward passes with gradients enabled, sizes {seen}); pass them explicitly: "
                 f"gns.step(sizes=[...]) with {k} numbers in the tracker's unit"
             )
-        grads = [p.grad for p in self.params if p.grad is not None]
-        big = total_sq_norm(grads)
-        if big is None:
-            return None, "no parameter has a .grad at step(): call step() before optimizer.zero_grad()", examples
-        dev = big.device if isinstance(big, torch.Tensor) else parts[0].device  # (big: a float on CPU)
-        small = torch.stack([x.to(device=dev, dtype=torch.float64) for x in parts])
-        m = pool_parts(small * ctx.inv_scale2_small, sizes, big * ctx.inv_scale2_big,
-                       reduction=self.reduction, source=self.name)
-        return m, None, examples
+        small = torch.stack(parts).sum(0) if k > 1 else parts[0]
+        return make_step_stats(small * ctx.inv_scale2_small, total, sizes,
+                               reduction=self.reduction, device=self.device)
 
     @staticmethod
     def _resolve_sizes(given: Sequence[float] | None, seen: list[int | None], k: int) -> list[float] | None:
@@ -130,4 +161,4 @@ class MicroBatchProbe:
         self._handles = []
         self._parts = []
         self._sizes_seen = []
-        self._current = None
+        self._terms, self._index = [], []

@@ -44,16 +44,17 @@ import math
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from ..estimators import Measurement, pooling_moments
-from .base import StepContext, infer_batch_size, sum_terms, total_sq_norm
+from ..estimators import StepStats, make_step_stats
+from .base import (EndOfBackward, Hook, Groups, Preconditioner, ProbeConfig, StepContext, StepTotal, check_single_process,
+                   infer_batch_size, resolve_groups)
 from .per_example_ops import ConvFn, EmbeddingFn, GroupNormFn, LayerNormFn, LinearFn, ScaleFn
 
-__all__ = ["PerExampleProbe", "Coverage", "per_example_coverage", "auto_method", "LAYER_GROUPS"]
+__all__ = ["PerExampleProbe", "Coverage", "per_example_coverage", "LAYER_GROUPS"]
 
 # Layer groups accepted by ``layers=`` (Gray et al. 2024: normalisation layers alone predict the GNS).
 LAYER_GROUPS: dict[str, tuple[str, ...]] = {
@@ -227,19 +228,6 @@ def per_example_coverage(model: nn.Module, params: Sequence[nn.Parameter] | None
     return _plan(model, params, layers).coverage
 
 
-def auto_method(model: nn.Module, params: Sequence[nn.Parameter] | None = None,
-                min_coverage: float = 0.9) -> str:
-    """``"per_example"`` when it covers at least ``min_coverage`` of the trainable elements and no
-    batch norm is in training mode (it couples the examples of a batch); else ``"microbatch"``."""
-    try:
-        cov = per_example_coverage(model, params)
-    except Exception:  # pragma: no cover - analysis must never break the default path
-        return "microbatch"
-    if cov.batch_norm_training or cov.fraction < min_coverage:
-        return "microbatch"
-    return "per_example"
-
-
 def _conv_padding(mod: nn.Module) -> tuple[int, ...] | None:
     pad = mod.padding
     nd = len(mod.kernel_size)
@@ -282,11 +270,15 @@ class _Forward:
 
 
 class _Layer:
-    __slots__ = ("name", "module", "kind", "w_on", "b_on", "acc", "calls", "had_forward", "old_forward", "excluded")
+    __slots__ = ("name", "module", "kind", "w_on", "b_on", "acc", "w_idx", "b_idx", "w_pre", "b_pre", "calls",
+                 "had_forward", "old_forward", "excluded")
 
     def __init__(self, name: str, module: nn.Module, kind: str, w_on: bool, b_on: bool) -> None:
         self.name, self.module, self.kind, self.w_on, self.b_on = name, module, kind, w_on, b_on
-        self.acc: torch.Tensor | None = None  # the probe's accumulator for this layer's device
+        self.acc: torch.Tensor = torch.zeros(1, dtype=torch.float64)  # the probe's accumulator for this layer's device
+        self.w_idx = self.b_idx = -1  # slots of acc (the parameters' groups); -1: not covered
+        self.w_pre: torch.Tensor | None = None  # preconditioner weights (buffers refreshed in place)
+        self.b_pre: torch.Tensor | None = None
         self.calls = 0
         self.excluded = False
         self.had_forward = "forward" in module.__dict__
@@ -319,10 +311,35 @@ class PerExampleProbe:
     """
 
     name = "per_example"
+    options: ClassVar[frozenset[str]] = frozenset({"strict", "layers", "fused"})
+    supports: ClassVar[frozenset[str]] = frozenset({"groups", "preconditioner"})
+    world_size = 1
+
+    @staticmethod
+    def applicable(model: nn.Module, params: Sequence[nn.Parameter]) -> str | None:
+        return check_single_process(model, "per_example")
+
+    @staticmethod
+    def auto_score(model: nn.Module, params: Sequence[nn.Parameter], min_coverage: float = 0.9) -> float:
+        """2 (preferred over micro-batches: works from one micro-batch, lowest variance) when the exact
+        per-example norms cover at least ``min_coverage`` of the elements and no batch norm in training
+        mode couples the examples; else 0."""
+        try:
+            cov = per_example_coverage(model, params)
+        except Exception:  # analysis must never break the default path
+            return 0.0
+        return 0.0 if cov.batch_norm_training or cov.fraction < min_coverage else 2.0
+
+    @classmethod
+    def from_config(cls, model: nn.Module, params: Sequence[nn.Parameter], config: ProbeConfig,
+                    **options: Any) -> PerExampleProbe:
+        return cls(model, params, reduction=config.reduction, unit=config.unit, lenient=config.auto,
+                   groups=config.groups, preconditioner=config.preconditioner, **options)
 
     def __init__(self, model: nn.Module, params: Sequence[nn.Parameter] | None = None, *,
                  reduction: str = "mean", unit: str = "examples", strict: bool = False,
-                 layers: Any = None, fused: bool = False, lenient: bool = False) -> None:
+                 layers: Any = None, fused: bool = False, lenient: bool = False, groups: Groups | None = None,
+                 preconditioner: Preconditioner | None = None, capture_total: bool = True) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         plan = _plan(model, params, layers)
@@ -360,17 +377,35 @@ class PerExampleProbe:
         self._tracked_numel = sum(p.numel() for p in (params if params is not None else
                                                       [q for q in model.parameters() if q.requires_grad]))
         self._layers = [_Layer(*t) for t in plan.layers]
-        # One 0-d float64 accumulator per device, shared by the layers on it (fewer reads at
-        # step()); a layer excluded at run time gets a private one that is never read.
+        tracked = list(params) if params is not None else [q for q in model.parameters() if q.requires_grad]
+        self.groups = groups if groups is not None else resolve_groups(model, tracked, None)
+        self.preconditioner = preconditioner
+        G = len(self.groups)
+        # One float64 accumulator per device with a slot per group, shared by the layers on it
+        # (fewer reads at step()); a layer excluded at run time gets a private one never read.
         self._accs: dict[torch.device, torch.Tensor] = {}
         for L in self._layers:
-            p = L.module.weight if L.module.weight is not None else L.module.bias
-            L.acc = self._accs.setdefault(p.device, torch.zeros((), dtype=torch.float64, device=p.device))
+            w, b = L.module.weight, getattr(L.module, "bias", None)
+            p = w if w is not None else b
+            L.acc = self._accs.setdefault(p.device, torch.zeros(G, dtype=torch.float64, device=p.device))
+            if L.w_on:
+                L.w_idx = self.groups.index(w)
+                L.w_pre = preconditioner.weights[id(w)] if preconditioner is not None else None
+            if L.b_on:
+                L.b_idx = self.groups.index(b)
+                L.b_pre = preconditioner.weights[id(b)] if preconditioner is not None else None
+        self.device = next(iter(self._accs))
+        self._total = StepTotal([(q, None, None, True) for q in self.params], self.groups, preconditioner,
+                                self.device)
+        self._capture_total = capture_total
+        self._end = EndOfBackward(self._total.capture)
         self._bn_modules = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._seen: list[int | None] = []
         self._batch: int | None = None
         self._not_called_warned: set[str] = set()
-        self._handles: list[Any] = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
+        self._handles: list[Any] = [model.register_forward_pre_hook(Hook(self._pre_forward), with_kwargs=True)]
+        if capture_total:  # arm the capture of the step gradient's norm when a backward pass ends
+            self._handles += [q.register_hook(Hook(self._arm)) for q in self.params]
         for L in self._layers:
             L.module.forward = _Forward(L.module, self._make_forward(L))
 
@@ -393,6 +428,12 @@ class PerExampleProbe:
             b = infer_batch_size(args, kwargs)
             self._seen.append(b)
             self._batch = b
+            pre = self.preconditioner
+            if pre is not None and pre.stale and not torch.compiler.is_compiling():
+                pre.refresh()  # the weights the layers' backward reads: v_hat before this step's update
+
+    def _arm(self, grad: torch.Tensor) -> None:
+        self._end.arm()
 
     def _check(self, L: _Layer, x: torch.Tensor, min_dim: int) -> None:
         """Bookkeeping on the layer's input: call counts (reuse) and the batch dimension.
@@ -450,6 +491,8 @@ class PerExampleProbe:
                     if on:
                         self.coverage.uncovered.setdefault(f"{L.name}.{n}", why)
         self.coverage.covered = [L.name for L in live]
+        self._total = StepTotal([(q, None, None, True) for q in self.params], self.groups, self.preconditioner,
+                                self.device)
         covered = sum(p.numel() for p in self.params)
         self.coverage.fraction = covered / self._tracked_numel if self._tracked_numel else 0.0
         if not live and not self.lenient:
@@ -471,8 +514,8 @@ class PerExampleProbe:
                     dt = torch.get_autocast_dtype(dev)
                     x, w, b = _cast(x, dt), _cast(w, dt), _cast(b, dt)
                     with torch.autocast(dev, enabled=False):
-                        return LinearFn.apply(x, w, b, L.acc, L.w_on, L.b_on, fused)
-                return LinearFn.apply(x, w, b, L.acc, L.w_on, L.b_on, fused)
+                        return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused)
+                return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused)
         elif kind in ("conv1d", "conv2d"):
             nd = 1 if kind == "conv1d" else 2
             padding = _conv_padding(m)
@@ -490,14 +533,16 @@ class PerExampleProbe:
                     dt = torch.get_autocast_dtype(dev)
                     x, w, b = _cast(x, dt), _cast(w, dt), _cast(b, dt)
                     with torch.autocast(dev, enabled=False):
-                        return ConvFn.apply(x, w, b, L.acc, m.stride, pad, m.dilation, m.groups, L.w_on, L.b_on, fused)
-                return ConvFn.apply(x, w, b, L.acc, m.stride, pad, m.dilation, m.groups, L.w_on, L.b_on, fused)
+                        return ConvFn.apply(x, w, b, L.acc, m.stride, pad, m.dilation, m.groups, L.w_idx, L.b_idx, L.w_pre,
+                                    L.b_pre, fused)
+                return ConvFn.apply(x, w, b, L.acc, m.stride, pad, m.dilation, m.groups, L.w_idx, L.b_idx, L.w_pre,
+                                    L.b_pre, fused)
         elif kind == "embedding":
             pidx = -1 if m.padding_idx is None else m.padding_idx
 
             def forward(input: torch.Tensor) -> torch.Tensor:
                 check(L, input, 1)
-                return EmbeddingFn.apply(input, m.weight, L.acc, pidx, m.sparse)
+                return EmbeddingFn.apply(input, m.weight, L.acc, L.w_idx, L.w_pre, pidx, m.sparse)
         elif kind == "layernorm":
             shape = tuple(m.normalized_shape)
 
@@ -508,8 +553,8 @@ class PerExampleProbe:
                 if dev != "cpu" and torch.is_autocast_enabled(dev):  # fp32 op under CUDA-style autocast
                     x, w, b = _cast(x, torch.float32), _cast(w, torch.float32), _cast(b, torch.float32)
                     with torch.autocast(dev, enabled=False):
-                        return LayerNormFn.apply(x, w, b, L.acc, shape, m.eps, L.w_on, L.b_on)[0]
-                return LayerNormFn.apply(x, w, b, L.acc, shape, m.eps, L.w_on, L.b_on)[0]
+                        return LayerNormFn.apply(x, w, b, L.acc, shape, m.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre)[0]
+                return LayerNormFn.apply(x, w, b, L.acc, shape, m.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre)[0]
         elif kind == "groupnorm":
             def forward(input: torch.Tensor) -> torch.Tensor:
                 check(L, input, 2)
@@ -522,8 +567,10 @@ class PerExampleProbe:
                 if dev != "cpu" and torch.is_autocast_enabled(dev):
                     x, w, b = _cast(x, torch.float32), _cast(w, torch.float32), _cast(b, torch.float32)
                     with torch.autocast(dev, enabled=False):
-                        return GroupNormFn.apply(x, w, b, L.acc, m.num_groups, m.eps, L.w_on, L.b_on)[0]
-                return GroupNormFn.apply(x, w, b, L.acc, m.num_groups, m.eps, L.w_on, L.b_on)[0]
+                        return GroupNormFn.apply(x, w, b, L.acc, m.num_groups, m.eps, L.w_idx, L.b_idx, L.w_pre,
+                                           L.b_pre)[0]
+                return GroupNormFn.apply(x, w, b, L.acc, m.num_groups, m.eps, L.w_idx, L.b_idx, L.w_pre,
+                                           L.b_pre)[0]
         elif kind == "rmsnorm":
             shape = tuple(m.normalized_shape)
 
@@ -535,7 +582,7 @@ class PerExampleProbe:
                 lowp = input.dtype in (torch.float16, torch.bfloat16)
                 x = input.float() if lowp else input
                 xhat = torch.nn.functional.rms_norm(x, shape, None, m.eps)  # stock autograd
-                out = ScaleFn.apply(xhat, m.weight, L.acc)
+                out = ScaleFn.apply(xhat, m.weight, L.acc, L.w_idx, L.w_pre)
                 return out.to(input.dtype) if lowp else out
         else:  # pragma: no cover
             raise AssertionError(kind)
@@ -583,25 +630,7 @@ class PerExampleProbe:
                 out.append((c, s / c))
         return out
 
-    def _pooled_sizes(self, groups: list[tuple[int, list[float] | float]]) -> tuple[float, float, float, float]:
-        """``(sum a^2, b_small, b_big, total size)`` for per-example weights (module docstring)."""
-        total = 0.0
-        counts: list[int] = []
-        weights: list[float] = []
-        sizes_out: list[float] = []
-        for c, s in groups:
-            sizes = s if isinstance(s, list) else None
-            size_m = sum(sizes) if sizes is not None else c * s  # type: ignore[operator]
-            total += size_m
-            # an example's weight in the step gradient: its share of its micro-batch under "mean"
-            for n, b in ([(c, s)] if sizes is None else [(1, b) for b in sizes]):  # type: ignore[misc]
-                counts.append(n)
-                weights.append(b / size_m if self.reduction == "mean" else b)
-                sizes_out.append(b)
-        sa2, sa2b = pooling_moments(sizes_out, weights, counts)
-        return sa2, sa2 / sa2b, 1.0 / sa2b, total
-
-    def collect(self, ctx: StepContext) -> tuple[Measurement | None, str | None, float | None]:
+    def collect(self, ctx: StepContext) -> StepStats:
         if not self._layers:
             raise RuntimeError("this per-example probe is closed")
         seen, self._seen = self._seen, []
@@ -609,25 +638,57 @@ class PerExampleProbe:
         for L in self._layers:
             L.calls = 0
         accs = list(self._accs.values())
-        raw = sum_terms(accs, accs[0].device)  # a copy (or a float): the accumulators are zeroed next
+        # a copy: the accumulators are zeroed next (on the CPU, read as floats right away)
+        raw = accs[0].clone() if len(accs) == 1 else torch.stack([a.to(self.device) for a in accs]).sum(0)
         for a in accs:
             a.zero_()
+        if self.preconditioner is not None:
+            self.preconditioner.stale = True  # the optimizer updates its state before the next step
+        total = self._total.take(ctx) if self._capture_total else torch.zeros_like(raw)
         k = len(seen)
         if self._bn_modules and not self._bn_warned:
             self._warn_batch_norm([type(m).__name__ for m in self._bn_modules if m.training])
+        reason = self._unmeasurable(k, calls)
+        if reason is not None:
+            return self._empty(reason)
+        groups = self._example_sizes(ctx.sizes, seen)
+        n_examples = sum(c for c, _ in groups)
+        counts: list[int] = []
+        weights: list[float] = []
+        sizes: list[float] = []
+        for c, sz in groups:  # an example's weight in the step gradient: its share of its micro-batch under "mean"
+            size_m = sum(sz) if isinstance(sz, list) else c * sz
+            for n, b in ([(c, sz)] if not isinstance(sz, list) else [(1, x) for x in sz]):
+                counts.append(n)
+                sizes.append(b)
+                weights.append(b / size_m if self.reduction == "mean" else b)
+        st = make_step_stats(raw * ctx.inv_scale2_small, total, sizes, counts=counts,
+                             weights=weights, device=self.device)
+        if n_examples < 2:
+            st.reason = f"only {n_examples} example this step: per-example norms need >= 2 examples"
+        return st
+
+    def _empty(self, reason: str) -> StepStats:
+        G = len(self.groups)
+        st = make_step_stats([0.0] * G, [0.0] * G, [1.0], parts=0, examples=float("nan"), device=self.device)
+        st.reason = reason
+        return st
+
+    def _unmeasurable(self, k: int, calls: list[int]) -> str | None:
+        """Why this step cannot be measured (run-time exclusions and their warnings happen here)."""
         if k == 0:
-            return None, ("no forward pass with gradients enabled since the last step(); call step() once per "
-                          "optimizer step, after the backward passes"), None
+            return ("no forward pass with gradients enabled since the last step(); call step() once per optimizer "
+                    "step, after the backward passes")
         if not any(not L.excluded for L in self._layers):
-            return None, ("every layer the per-example probe covers was excluded (inputs without the batch on "
-                          "dim 0): use method='microbatch'"), None
+            return ("every layer the per-example probe covers was excluded (inputs without the batch on dim 0): "
+                    "use method='microbatch'")
         for L, n in zip(self._layers, calls):
             if n > k and self.lenient and not L.excluded:
                 self._exclude(L, "called several times per forward pass (weights reused within an example)")
                 warnings.warn(f"noisescale: layer {L.name} was called {n} times in {k} forward passes: its weights "
                               "are reused within an example; excluded from the measurement from the next step on, "
-                              "this step is not measured", stacklevel=3)
-                return None, f"layer {L.name} is reused within an example (excluded from the next step on)", None
+                              "this step is not measured", stacklevel=4)
+                return f"layer {L.name} is reused within an example (excluded from the next step on)"
             if n > k and not L.excluded:
                 raise ValueError(
                     f"per-example norms: layer {L.name} ({type(L.module).__name__}) was called {n} times in {k} "
@@ -641,20 +702,8 @@ class PerExampleProbe:
                     self._not_called_warned.add(L.name)
                     warnings.warn(
                         f"noisescale: layer {L.name} has gradients but its forward was not called this step "
-                        "(are its weights used functionally?): its per-example norms are missing", stacklevel=3)
-        groups = self._example_sizes(ctx.sizes, seen)
-        n_examples = sum(c for c, _ in groups)
-        sa2, b_small, b_big, total = self._pooled_sizes(groups)
-        if n_examples < 2:
-            return None, (f"only {n_examples} example this step: per-example norms need >= 2 examples"), total
-        grads = [p.grad for p in self.params if p.grad is not None]
-        big = total_sq_norm(grads)
-        if big is None:
-            return None, "no covered parameter has a .grad at step(): call step() before optimizer.zero_grad()", total
-        if isinstance(raw, torch.Tensor) and isinstance(big, torch.Tensor):
-            raw = raw.to(big.device)
-        small = raw * ctx.inv_scale2_small / sa2
-        return Measurement(small, b_small, big * ctx.inv_scale2_big, b_big, source=self.name), None, total
+                        "(are its weights used functionally?): its per-example norms are missing", stacklevel=4)
+        return None
 
     def close(self) -> None:
         for h in self._handles:
@@ -669,9 +718,3 @@ class PerExampleProbe:
         self._layers = []
         self._seen = []
 
-
-def _factory(model: nn.Module, params: Sequence[nn.Parameter], *, reduction: str = "mean",
-             unit: str = "examples", strict: bool = False, layers: Any = None,
-             fused: bool = False, lenient: bool = False) -> PerExampleProbe:
-    return PerExampleProbe(model, params, reduction=reduction, unit=unit, strict=strict, layers=layers, fused=fused,
-                           lenient=lenient)
