@@ -38,7 +38,7 @@ def main() -> None:
             scaler.scale(loss).backward()
             losses.append(loss.detach())
         scaler.unscale_(optimizer)
-        gns.step(loss=torch.stack(losses).sum())  # (2) after unscale_, before clipping
+        gns.step(loss=torch.stack(losses).sum())  # (2) once per optimizer step, before or after clipping
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(optimizer)
         scaler.update()

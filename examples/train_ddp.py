@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             with (ddp.no_sync() if not sync else _nullcontext()):
                 loss = F.cross_entropy(ddp(X[idx]), y[idx]) / args.accum
                 loss.backward()
-        gns.step(loss=loss)  # after backward (and scaler.unscale_), before clipping
+        gns.step(loss=loss)  # after the backward passes; before or after clipping
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from noisescale.estimators import HEAD, SUM_A2, SUM_A2_OVER_B, StepStats, make_step_stats, step_estimates
 
@@ -63,3 +65,28 @@ def per_group(stats: StepStats, ranks: int = 1) -> tuple[np.ndarray, np.ndarray]
     assert status == "measured", reason
     return g2, ts
 
+
+
+def train_digits(model, X, y, steps, gns=None, k=4, b=8, seed=0, scaler=None, nan_at=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    snapshots = []
+    for t in range(steps):
+        idx = torch.randint(len(y), (k * b,), generator=gen)
+        for xb, yb in zip(X[idx].chunk(k), y[idx].chunk(k)):
+            loss = F.cross_entropy(model(xb), yb) / k
+            if nan_at == t:
+                loss = loss * float("nan")
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        if gns is not None:
+            gns.step()
+        snapshots.append([p.grad.clone() for p in model.parameters()])
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        elif nan_at != t:
+            opt.step()
+        opt.zero_grad()
+    return snapshots

@@ -5,9 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from noisescale.ema import EMAState, NoiseScaleEMA, ema_update
-
 from helpers import pooled
+from noisescale.ema import EMAState, NoiseScaleEMA, ema_update
 
 
 def test_debiased_ema_is_the_normalised_weighted_mean():

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import pooled
 from noisescale import estimators as est
 from noisescale.estimators import estimate, make_step_stats, step_estimates
-
-from helpers import pooled
 
 D = 40
 
@@ -167,7 +166,7 @@ def test_tradeoff_model_identities():
     assert est.E(bc, e_min, bc) == pytest.approx(2 * e_min)
     for B in (1.0, 7.0, 64.0, 1e4):
         S, E = est.S(B, s_min, bc), est.E(B, e_min, bc)
-        assert E == pytest.approx(B * S)  # E = B S
+        assert pytest.approx(B * S) == E  # E = B S
         assert (S / s_min - 1) * (E / e_min - 1) == pytest.approx(1.0)  # the hyperbola
     # Eqs. 2.6-2.7: half of the maximal step and progress at B = B_noise
     assert est.eps_opt(50.0, 0.2, 50.0) == pytest.approx(0.1)

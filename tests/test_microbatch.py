@@ -1,21 +1,15 @@
 """Micro-batch probe and tracker: against explicit references, on real data (scikit-learn digits)."""
 
-import copy
-import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 import noisescale as ns
+from helpers import pooled, read_stats, train_digits
 from noisescale.data import digits_mlp, load_digits
-from noisescale.estimators import estimate
 from noisescale.probes import ProbeConfig
-
-from helpers import pooled, read_stats
 
 
 @pytest.fixture(scope="module")
@@ -100,90 +94,12 @@ def test_b_simple_does_not_depend_on_the_loss_convention(digits):
         assert v == pytest.approx(ref, rel=1e-4), (c, values)
 
 
-def _exact_b_simple(model, X, y):
-    """Brute force: per-sample gradients of the whole dataset with torch.func (sampling with replacement)."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def loss_one(p, x, t):
-        return F.cross_entropy(functional_call(model, p, (x[None],)), t[None])
-
-    per = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, X, y)
-    flat = torch.cat([g.reshape(len(y), -1).double() for g in per.values()], dim=1)
-    G = flat.mean(0)
-    trace_sigma = ((flat - G) ** 2).sum(1).mean()  # population covariance: draws are with replacement
-    return float(trace_sigma / (G**2).sum())
-
-
-def test_b_simple_matches_brute_force_at_fixed_parameters(digits):
-    """measure() (micro-batch probe) is within 10% of tr(Sigma)/|G|^2 from all per-sample gradients."""
-    X, y = digits
-    torch.manual_seed(0)
-    model = digits_mlp(hidden=32)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(100):  # move off initialisation a little so |G| is not trivially large
-        idx = torch.randint(len(y), (64,))
-        F.cross_entropy(model(X[idx]), y[idx]).backward()
-        opt.step()
-        opt.zero_grad()
-    exact = _exact_b_simple(model, X, y)
-    gen = torch.Generator().manual_seed(1)
-    batches = [(X[i], y[i]) for i in torch.randint(len(y), (400, 64), generator=gen)]
-    r = ns.measure(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), batches, micro_batches=4)
-    assert r.n == 400 and r.skipped == 0
-    assert r.b_simple == pytest.approx(exact, rel=0.10), (r.b_simple, exact)
-    lo, hi = r.interval(0.95)
-    assert lo <= exact <= hi
-
-
-def test_measure_leaves_model_exactly_as_it_was(digits):
-    X, y = digits
-    model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 10))
-    model.train()
-    F.cross_entropy(model(X[:32]), y[:32]).backward()  # the user has gradients of their own
-    before = copy.deepcopy(model.state_dict())
-    grads = [p.grad.clone() for p in model.parameters()]
-    rng_before = torch.get_rng_state()
-    r = ns.measure(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(X[i:i + 32], y[i:i + 32]) for i in range(0, 320, 32)])
-    assert r.b_simple is not None
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    for p, g in zip(model.parameters(), grads):
-        assert torch.equal(p.grad, g)
-    assert torch.equal(torch.get_rng_state(), rng_before)
-    assert not model._forward_pre_hooks and all(not p._backward_hooks for p in model.parameters())
-
-
-def _train(model, X, y, steps, gns=None, k=4, b=8, seed=0, scaler=None, nan_at=None):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    snapshots = []
-    for t in range(steps):
-        idx = torch.randint(len(y), (k * b,), generator=gen)
-        for xb, yb in zip(X[idx].chunk(k), y[idx].chunk(k)):
-            loss = F.cross_entropy(model(xb), yb) / k
-            if nan_at == t:
-                loss = loss * float("nan")
-            (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(opt)
-        if gns is not None:
-            gns.step()
-        snapshots.append([p.grad.clone() for p in model.parameters()])
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        elif nan_at != t:
-            opt.step()
-        opt.zero_grad()
-    return snapshots
-
-
 def test_inert_bit_identical_gradients_and_parameters(digits):
     X, y = digits
     a, b = digits_mlp(hidden=32, seed=3), digits_mlp(hidden=32, seed=3)
     gns = ns.GradientNoiseScale(b, "microbatch")
-    ga = _train(a, X, y, 25)
-    gb = _train(b, X, y, 25, gns=gns)
+    ga = train_digits(a, X, y, 25)
+    gb = train_digits(b, X, y, 25, gns=gns)
     assert gns.b_simple is not None
     for sa, sb in zip(ga, gb):
         assert all(torch.equal(u, v) for u, v in zip(sa, sb))
@@ -231,8 +147,8 @@ def test_gradscaler_same_b_simple_and_inf_step_skipped(digits):
     g_plain = ns.GradientNoiseScale(plain, "microbatch", beta=1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     g_scaled = ns.GradientNoiseScale(scaled, "microbatch", beta=1.0, scaler=scaler)
-    _train(plain, X, y, 12, gns=g_plain)
-    _train(scaled, X, y, 12, gns=g_scaled, scaler=scaler)
+    train_digits(plain, X, y, 12, gns=g_plain)
+    train_digits(scaled, X, y, 12, gns=g_scaled, scaler=scaler)
     assert g_plain.b_simple is not None
     # power-of-two loss scales are exact in fp32, so the unscaled measurement is the same number
     assert g_scaled.b_simple == pytest.approx(g_plain.b_simple, rel=1e-6)
@@ -240,7 +156,7 @@ def test_gradscaler_same_b_simple_and_inf_step_skipped(digits):
 
     # an overflowing step: skipped by the scaler and by noisescale, counted, not averaged
     before = g_scaled.state_dict()["ema"]
-    _train(scaled, X, y, 1, gns=g_scaled, scaler=scaler, nan_at=0, seed=99)
+    train_digits(scaled, X, y, 1, gns=g_scaled, scaler=scaler, nan_at=0, seed=99)
     assert g_scaled.skipped == 1 and g_scaled.measured == 12
     assert g_scaled.state_dict()["ema"] == before
     assert scaler.get_scale() == 2.0**11  # the scaler saw it too and backed off
@@ -271,33 +187,6 @@ def test_gradscaler_with_bf16_autocast_close_to_fp32(digits):
         return out
 
     assert run(True) == pytest.approx(run(False), rel=0.05)
-
-
-def test_nan_loss_is_skipped_and_counted(digits):
-    X, y = digits
-    model = digits_mlp(hidden=32)
-    gns = ns.GradientNoiseScale(model, "microbatch", beta=1.0)
-    _train(model, X, y, 1, gns=gns, nan_at=0)
-    assert gns.b_simple is None and gns.skipped == 1
-    assert "non-finite" in gns.reason
-    _train(model, X, y, 5, gns=gns, seed=1)
-    assert gns.b_simple is not None and gns.measured == 5 and gns.skipped == 1
-    m = gns.metrics()
-    assert m["gns/skipped"] == 1.0 and m["gns/measured"] == 5.0 and math.isfinite(m["gns/b_simple"])
-    gns.close()
-
-
-def test_zero_gradients_give_none_with_reason(digits):
-    X, y = digits
-    model = digits_mlp(hidden=16)
-    gns = ns.GradientNoiseScale(model, "microbatch")
-    for _ in range(3):
-        for xb in X[:32].chunk(4):
-            (0.0 * model(xb).sum()).backward()
-        gns.step()
-        model.zero_grad()
-    assert gns.b_simple is None and "exactly zero" in gns.reason
-    gns.close()
 
 
 def test_single_micro_batch(digits):
@@ -370,87 +259,3 @@ def test_sizes_explicit_inferred_and_inconsistent(digits):
     inferred.close()
 
 
-def test_no_trainable_parameters_and_bad_arguments():
-    frozen = nn.Linear(3, 3).requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable parameters"):
-        ns.GradientNoiseScale(frozen)
-    model = nn.Linear(3, 3)
-    with pytest.raises(ValueError, match="unknown method 'magic'"):
-        ns.GradientNoiseScale(model, method="magic")
-    with pytest.raises(ValueError, match="beta must be in"):
-        ns.GradientNoiseScale(model, beta=0)
-    with pytest.raises(ValueError, match="unit must be"):
-        ns.GradientNoiseScale(model, unit="")
-    with pytest.raises(TypeError, match="torch.nn.Module"):
-        ns.GradientNoiseScale("model")
-
-
-def test_state_dict_restored_tracker_is_identical(digits):
-    """A tracker restored from a state_dict continues exactly as the original (same measurements)."""
-    X, y = digits
-    model = digits_mlp(hidden=16, seed=6)
-    a = ns.GradientNoiseScale(model, "microbatch", beta=0.95)
-    _train(model, X, y, 8, gns=a, seed=3)
-    b = ns.GradientNoiseScale(model, "microbatch", beta=0.95)
-    b.load_state_dict(a.state_dict())
-    # both trackers are attached to the same model: each further step feeds both the same norms
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    gen = torch.Generator().manual_seed(7)
-    for _ in range(8):
-        idx = torch.randint(len(y), (32,), generator=gen)
-        for xb, yb in zip(X[idx].chunk(4), y[idx].chunk(4)):
-            (F.cross_entropy(model(xb), yb) / 4).backward()
-        a.step()
-        b.step()
-        opt.step()
-        opt.zero_grad()
-    assert a.state_dict() == b.state_dict()
-    assert a.b_simple == b.b_simple and a.interval() == b.interval()
-    sd = a.state_dict()
-    a.close()
-    b.close()
-    with pytest.raises(ValueError, match="unit='examples'"):
-        ns.GradientNoiseScale(nn.Linear(2, 2), "microbatch", unit="tokens").load_state_dict(sd)
-    with pytest.raises(ValueError, match="not a GradientNoiseScale state_dict"):
-        ns.GradientNoiseScale(nn.Linear(2, 2), "microbatch").load_state_dict({"ema": {}})
-
-
-def test_close_removes_every_hook_and_is_idempotent(digits):
-    X, y = digits
-    model = digits_mlp(hidden=16)
-    with ns.GradientNoiseScale(model, "microbatch") as gns:
-        assert model._forward_pre_hooks
-    assert not model._forward_pre_hooks
-    assert all(not p._backward_hooks for p in model.parameters())
-    gns.close()
-    with pytest.raises(RuntimeError, match="closed"):
-        gns.step()
-
-
-def test_run_log_and_metrics(digits, tmp_path):
-    X, y = digits
-    model = digits_mlp(hidden=16)
-    path = tmp_path / "run.jsonl"
-    gns = ns.GradientNoiseScale(model, "microbatch", log=path)
-    _train(model, X, y, 6, gns=gns)
-    F.cross_entropy(model(X[:8]), y[:8]).backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gns.step(loss=torch.tensor(0.5))  # an unmeasurable step still appears in the log
-    gns.close()
-    log = ns.read_run_log(path)
-    assert log.unit == "examples" and len(log.records) == 7
-    assert [r["status"] for r in log.records] == ["measured"] * 6 + ["unmeasurable"]
-    assert log.records[-1]["loss"] == 0.5 and log.records[-1]["examples"] == 6 * 32 + 8
-    assert log.records[5]["b_simple"] == pytest.approx(gns.b_simple)
-    assert set(gns.metrics()) >= {"gns/b_simple", "gns/b_simple_low", "gns/b_simple_high", "gns/g2",
-                                  "gns/trace_sigma", "gns/n_eff", "gns/steps", "gns/skipped"}
-
-
-def test_import_is_light():
-    import subprocess
-    import sys
-
-    code = "import sys, noisescale; bad = [m for m in ('matplotlib', 'lightning', 'transformers', 'accelerate', 'scipy', 'sklearn') if m in sys.modules]; print(bad)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]"

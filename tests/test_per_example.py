@@ -18,11 +18,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import noisescale as ns
+from helpers import collect, pooled
+from models import CharTransformer, SmallCNN, char_batches, char_data, mlp
 from noisescale.data import load_digits
 from noisescale.probes.base import StepContext
 from noisescale.probes.per_example import PerExampleProbe, per_example_coverage
-from helpers import collect, pooled
-from models import CharTransformer, SmallCNN, char_batches, char_data, mlp
 
 RTOL = 1e-5
 
@@ -71,7 +71,7 @@ def sq_loss(out, *_):
 
 def _init_affine(m):
     torch.manual_seed(1)
-    for name, p in m.named_parameters():
+    for _name, p in m.named_parameters():
         if p.dim() == 1:
             nn.init.normal_(p)
     return m
@@ -81,8 +81,8 @@ def _layer_cases():
     torch.manual_seed(0)
     B = 6
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    ids = lambda hi, *s: torch.randint(0, hi, s, generator=g)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g)
+    ids = lambda hi, *s: torch.randint(0, hi, s, generator=g)
     return [
         ("linear-2d", nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), r(B, 5)),
         ("linear-2d-nobias", nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 3)), r(B, 5)),
@@ -117,7 +117,7 @@ LAYER_CASES = _layer_cases()
 @pytest.mark.parametrize("fused", [False, True], ids=["exact-grads", "fused"])
 @pytest.mark.parametrize("case", LAYER_CASES, ids=[c[0] for c in LAYER_CASES])
 def test_every_layer_type_matches_vmap_grad(case, fused):
-    name, model, x = case
+    _name, model, x = case
     model = copy.deepcopy(model)
     want_small, want_big = reference(copy.deepcopy(model), sq_loss, (x,))
     m, names = probe_measure(model, sq_loss, (x,), fused=fused)
@@ -378,7 +378,7 @@ def test_layers_filter_norm_only_matches_reference(shakespeare_path):
     want = reference(copy.deepcopy(model), _lm_loss, (x, y), names=names)
     assert float(m.sq_norm_small) == pytest.approx(want[0], rel=RTOL)
     assert float(m.sq_norm_big) == pytest.approx(want[1], rel=RTOL)
-    m2, names2 = probe_measure(model, _lm_loss, (x, y), layers=[nn.Embedding, "layernorm"])
+    _m2, names2 = probe_measure(model, _lm_loss, (x, y), layers=[nn.Embedding, "layernorm"])
     assert set(names2) == {"tok.weight", "pos.weight", "blocks.0.ln1.weight", "blocks.0.ln1.bias",
                            "blocks.0.ln2.weight", "blocks.0.ln2.bias"}
     with pytest.raises(ValueError, match="unknown layer group 'norms'"):
@@ -657,7 +657,7 @@ def test_auto_is_lenient_with_layers_that_do_not_fit():
     gns = ns.GradientNoiseScale(model)
     assert gns.method == "per_example"
     with pytest.warns(UserWarning):
-        for step in range(4):
+        for _step in range(4):
             model(torch.randn(3, 5, 4)).pow(2).mean().backward()
             gns.step()
             model.zero_grad()

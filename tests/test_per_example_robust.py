@@ -14,11 +14,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import noisescale as ns
+from helpers import collect
+from models import CharTransformer, SmallCNN, char_batches, char_data, mlp
 from noisescale.probes.base import StepContext
 from noisescale.probes.per_example import PerExampleProbe
-from helpers import collect, pooled
-from models import CharTransformer, SmallCNN, char_batches, char_data, mlp
-
 from test_per_example import RTOL, per_example_grads, reference
 
 
@@ -202,7 +201,7 @@ def test_amp_bf16_autocast_with_grad_scaler():
         gns.close()
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
     assert results[1][1] == pytest.approx(results[0][1], rel=1e-6)
-    g2_ref, ts_ref = ns.estimate(want[0], 1, want[1], 6)
+    _g2_ref, ts_ref = ns.estimate(want[0], 1, want[1], 6)
     assert results[0][1] == pytest.approx(ts_ref, rel=0.03)
     assert all(torch.equal(a.grad, b) for a, b in zip(plain.parameters(), grads))
 

@@ -17,12 +17,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import noisescale as ns
-from noisescale.data import digits_mlp, load_digits
-
+from helpers import train_digits
 from models import CharTransformer, char_data
+from noisescale.data import digits_mlp, load_digits
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def run_fixed(model, gns, pool, loss_batch, steps, batch, k, seed=0):
 
 def layer_groups(model):
     out: dict[str, list[str]] = {}
-    for n, p in model.named_parameters():
+    for n, _p in model.named_parameters():
         out.setdefault(n.rpartition(".")[0] or "<root>", []).append(n)
     return out
 
@@ -420,3 +421,116 @@ def test_auto_picks_by_score_and_options_are_checked(digits):
     with pytest.raises(ValueError, match="unknown method 'exact'"):
         ns.GradientNoiseScale(model, "exact")
     assert math.isfinite(len(ns.probes.PROBES))
+
+
+def test_nan_loss_is_skipped_and_counted(digits):
+    X, y = digits
+    model = digits_mlp(hidden=32)
+    gns = ns.GradientNoiseScale(model, "microbatch", beta=1.0)
+    train_digits(model, X, y, 1, gns=gns, nan_at=0)
+    assert gns.b_simple is None and gns.skipped == 1
+    assert "non-finite" in gns.reason
+    train_digits(model, X, y, 5, gns=gns, seed=1)
+    assert gns.b_simple is not None and gns.measured == 5 and gns.skipped == 1
+    m = gns.metrics()
+    assert m["gns/skipped"] == 1.0 and m["gns/measured"] == 5.0 and math.isfinite(m["gns/b_simple"])
+    gns.close()
+
+
+def test_zero_gradients_give_none_with_reason(digits):
+    X, _y = digits
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, "microbatch")
+    for _ in range(3):
+        for xb in X[:32].chunk(4):
+            (0.0 * model(xb).sum()).backward()
+        gns.step()
+        model.zero_grad()
+    assert gns.b_simple is None and "exactly zero" in gns.reason
+    gns.close()
+
+
+def test_no_trainable_parameters_and_bad_arguments():
+    frozen = nn.Linear(3, 3).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        ns.GradientNoiseScale(frozen)
+    model = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        ns.GradientNoiseScale(model, method="magic")
+    with pytest.raises(ValueError, match="beta must be in"):
+        ns.GradientNoiseScale(model, beta=0)
+    with pytest.raises(ValueError, match="unit must be"):
+        ns.GradientNoiseScale(model, unit="")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        ns.GradientNoiseScale("model")
+
+
+def test_state_dict_restored_tracker_is_identical(digits):
+    """A tracker restored from a state_dict continues exactly as the original (same measurements)."""
+    X, y = digits
+    model = digits_mlp(hidden=16, seed=6)
+    a = ns.GradientNoiseScale(model, "microbatch", beta=0.95)
+    train_digits(model, X, y, 8, gns=a, seed=3)
+    b = ns.GradientNoiseScale(model, "microbatch", beta=0.95)
+    b.load_state_dict(a.state_dict())
+    # both trackers are attached to the same model: each further step feeds both the same norms
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(8):
+        idx = torch.randint(len(y), (32,), generator=gen)
+        for xb, yb in zip(X[idx].chunk(4), y[idx].chunk(4)):
+            (F.cross_entropy(model(xb), yb) / 4).backward()
+        a.step()
+        b.step()
+        opt.step()
+        opt.zero_grad()
+    assert a.state_dict() == b.state_dict()
+    assert a.b_simple == b.b_simple and a.interval() == b.interval()
+    sd = a.state_dict()
+    a.close()
+    b.close()
+    with pytest.raises(ValueError, match="unit='examples'"):
+        ns.GradientNoiseScale(nn.Linear(2, 2), "microbatch", unit="tokens").load_state_dict(sd)
+    with pytest.raises(ValueError, match="not a GradientNoiseScale state_dict"):
+        ns.GradientNoiseScale(nn.Linear(2, 2), "microbatch").load_state_dict({"ema": {}})
+
+
+def test_close_removes_every_hook_and_is_idempotent(digits):
+    _X, _y = digits
+    model = digits_mlp(hidden=16)
+    with ns.GradientNoiseScale(model, "microbatch") as gns:
+        assert model._forward_pre_hooks
+    assert not model._forward_pre_hooks
+    assert all(not p._backward_hooks for p in model.parameters())
+    gns.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        gns.step()
+
+
+def test_run_log_and_metrics(digits, tmp_path):
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    path = tmp_path / "run.jsonl"
+    gns = ns.GradientNoiseScale(model, "microbatch", log=path)
+    train_digits(model, X, y, 6, gns=gns)
+    F.cross_entropy(model(X[:8]), y[:8]).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gns.step(loss=torch.tensor(0.5))  # an unmeasurable step still appears in the log
+    gns.close()
+    log = ns.read_run_log(path)
+    assert log.unit == "examples" and len(log.records) == 7
+    assert [r["status"] for r in log.records] == ["measured"] * 6 + ["unmeasurable"]
+    assert log.records[-1]["loss"] == 0.5 and log.records[-1]["examples"] == 6 * 32 + 8
+    assert log.records[5]["b_simple"] == pytest.approx(gns.b_simple)
+    assert set(gns.metrics()) >= {"gns/b_simple", "gns/b_simple_low", "gns/b_simple_high", "gns/g2",
+                                  "gns/trace_sigma", "gns/n_eff", "gns/steps", "gns/skipped"}
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, noisescale; bad = [m for m in ('matplotlib', 'lightning', 'transformers', 'accelerate', 'scipy', 'sklearn') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

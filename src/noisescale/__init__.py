@@ -11,6 +11,7 @@ Implements McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch
 (:mod:`noisescale.plot`) imports matplotlib when used.
 """
 
+from .critical import CriticalBatchFit, RunRecord, fit_critical_batch, fit_sweep, frontier
 from .ema import EMAState, Estimate, NoiseScaleEMA
 from .estimators import (
     E,
@@ -30,9 +31,8 @@ from .estimators import (
 )
 from .measure import MeasureResult, measure
 from .runlog import RunLog, RunLogError, read_run_log
-from .tracker import GradientNoiseScale, Subscription, Update
-from .critical import CriticalBatchFit, RunRecord, fit_critical_batch, fit_sweep, frontier
 from .sweeps import local_critical_batch, lr_grid, sweep
+from .tracker import GradientNoiseScale, Subscription, Update
 
 __version__ = "0.1.0"
 

@@ -93,12 +93,16 @@ def state_reason(st: EMAState) -> str | None:
     if not st.count:
         return "no measurement has been averaged yet"
     if st.g2 == 0 and st.trace_sigma == 0:
-        return ("every measured gradient was exactly zero (|G|^2 = tr(Sigma) = 0): the loss does not "
-                "depend on the measured parameters; check that loss.backward() reaches them")
+        return (
+            "every measured gradient was exactly zero (|G|^2 = tr(Sigma) = 0): the loss does not "
+            "depend on the measured parameters; check that loss.backward() reaches them"
+        )
     if not st.g2 > 0:
-        return (f"the averaged estimate of |G|^2 is {st.g2:.3g} <= 0: the gradient is not "
-                "yet resolved above its noise (B_simple is then beyond what these batch sizes can "
-                "measure); average more steps (beta closer to 1) or measure with larger batches")
+        return (
+            f"the averaged estimate of |G|^2 is {st.g2:.3g} <= 0: the gradient is not "
+            "yet resolved above its noise (B_simple is then beyond what these batch sizes can "
+            "measure); average more steps (beta closer to 1) or measure with larger batches"
+        )
     return None
 
 
@@ -212,8 +216,12 @@ class NoiseScaleEMA:
 
     def state_dict(self) -> dict[str, Any]:
         """Numbers only: scalars for one series, lists of ``size`` numbers otherwise."""
-        out: dict[str, Any] = {"beta": self.beta, "count": self.count, "weight": self.weight,
-                               "weight_sq": self.weight_sq}
+        out: dict[str, Any] = {
+            "beta": self.beta,
+            "count": self.count,
+            "weight": self.weight,
+            "weight_sq": self.weight_sq,
+        }
         for k in _SERIES:
             out[k] = float(self._arrays[k][0]) if self.size == 1 else self._arrays[k].tolist()
         return out

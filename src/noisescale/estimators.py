@@ -15,15 +15,16 @@ carry the same unit.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Sequence, TypeVar, Union
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 Number = TypeVar("Number", float, "torch.Tensor", Any)  # elementwise: floats, arrays, tensors
-Scalar = Union[float, torch.Tensor]
+Scalar = float | torch.Tensor
 
 __all__ = [
     "StepStats",
@@ -58,8 +59,7 @@ def _check_sizes(b_small: float, b_big: float) -> None:
         )
 
 
-def estimate(sq_norm_small: Number, b_small: float, sq_norm_big: Number, b_big: float
-             ) -> tuple[Number, Number]:
+def estimate(sq_norm_small: Number, b_small: float, sq_norm_big: Number, b_big: float) -> tuple[Number, Number]:
     """Unbiased estimates ``(g2, trace_sigma)`` from squared norms at two batch sizes.
 
     McCandlish et al. App. A.1 (Eq. A.2)::
@@ -115,8 +115,10 @@ class StepStats:
 
     def __post_init__(self) -> None:
         if self.vec.shape != (HEAD + 2 * self.n_groups,):
-            raise ValueError(f"a StepStats vector for {self.n_groups} groups has {HEAD + 2 * self.n_groups} "
-                             f"entries, got shape {tuple(self.vec.shape)}")
+            raise ValueError(
+                f"a StepStats vector for {self.n_groups} groups has {HEAD + 2 * self.n_groups} "
+                f"entries, got shape {tuple(self.vec.shape)}"
+            )
 
     def __add__(self, other: StepStats) -> StepStats:
         """The statistics of the union of two disjoint sets of parts (e.g. two ranks)."""
@@ -132,8 +134,9 @@ class StepStats:
         return self.vec.detach().to("cpu", torch.float64).numpy()
 
 
-def pooling_moments(sizes: Sequence[float], weights: Sequence[float],
-                    counts: Sequence[int] | None = None) -> tuple[float, float]:
+def pooling_moments(
+    sizes: Sequence[float], weights: Sequence[float], counts: Sequence[int] | None = None
+) -> tuple[float, float]:
     """``(sum_j a_j^2, sum_j a_j^2 / b_j)`` for parts of sizes ``b_j`` weighted by ``w_j``.
 
     ``a = w / sum(w)`` are the normalised weights of the parts in the step's gradient
@@ -163,10 +166,18 @@ def part_weights(sizes: Sequence[float], reduction: str) -> list[float]:
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def make_step_stats(sq_parts: Any, sq_total: Any, sizes: Sequence[float], *, reduction: str = "mean",
-                    counts: Sequence[int] | None = None, weights: Sequence[float] | None = None,
-                    parts: int | None = None, examples: float | None = None,
-                    device: torch.device | str = "cpu") -> StepStats:
+def make_step_stats(
+    sq_parts: Any,
+    sq_total: Any,
+    sizes: Sequence[float],
+    *,
+    reduction: str = "mean",
+    counts: Sequence[int] | None = None,
+    weights: Sequence[float] | None = None,
+    parts: int | None = None,
+    examples: float | None = None,
+    device: torch.device | str = "cpu",
+) -> StepStats:
     """Build the :class:`StepStats` of one process from per-group sums.
 
     ``sq_parts``/``sq_total``: per group (a sequence, a 1-d tensor, or a number for one group)
@@ -189,8 +200,7 @@ def make_step_stats(sq_parts: Any, sq_total: Any, sizes: Sequence[float], *, red
     return StepStats(torch.cat([head, sp, st]), sp.numel())
 
 
-def step_estimates(v: np.ndarray, n_groups: int, ranks: int = 1
-                   ) -> tuple[np.ndarray, np.ndarray, str, str | None]:
+def step_estimates(v: np.ndarray, n_groups: int, ranks: int = 1) -> tuple[np.ndarray, np.ndarray, str, str | None]:
     """Per-group unbiased ``(g2, trace_sigma)`` of one step from its summed statistics.
 
     The only place the pooling is written (McCandlish App. A.1, generalised to weighted parts).
@@ -209,19 +219,44 @@ def step_estimates(v: np.ndarray, n_groups: int, ranks: int = 1
     nan = np.full(n_groups, np.nan)
     a2, a2b, parts, n, err = v[SUM_A2], v[SUM_A2_OVER_B], v[PARTS], v[RANKS], v[ERRORS]
     if err > 0:
-        return nan, nan, "skipped", ("a rank failed to compute its statistics for a step (it raised an error); the step "
-                          "is skipped on every rank")
+        return (
+            nan,
+            nan,
+            "skipped",
+            (
+                "a rank failed to compute its statistics for a step (it raised an error); the step "
+                "is skipped on every rank"
+            ),
+        )
     if n < ranks:
-        return nan, nan, "skipped", ("steps where some ranks had already run out of data (Join) are skipped: the global "
-                          "norm is computed in shares across all ranks")
+        return (
+            nan,
+            nan,
+            "skipped",
+            (
+                "steps where some ranks had already run out of data (Join) are skipped: the global "
+                "norm is computed in shares across all ranks"
+            ),
+        )
     if not (a2b > 0 and a2 < 1.0 - 1e-12):
-        return nan, nan, "unmeasurable", (f"the step had fewer than 2 gradient parts ({parts:.0f}): there is no smaller batch to "
-                          "compare with")
-    sq_small = v[HEAD:HEAD + n_groups] / a2
-    sq_big = v[HEAD + n_groups:HEAD + 2 * n_groups]
+        return (
+            nan,
+            nan,
+            "unmeasurable",
+            (f"the step had fewer than 2 gradient parts ({parts:.0f}): there is no smaller batch to compare with"),
+        )
+    sq_small = v[HEAD : HEAD + n_groups] / a2
+    sq_big = v[HEAD + n_groups : HEAD + 2 * n_groups]
     if not (np.isfinite(sq_small).all() and np.isfinite(sq_big).all()):
-        return nan, nan, "skipped", (f"a squared gradient norm was non-finite (small={float(sq_small.sum())!r}, "
-                          f"big={float(sq_big.sum())!r}): skipped, not averaged")
+        return (
+            nan,
+            nan,
+            "skipped",
+            (
+                f"a squared gradient norm was non-finite (small={float(sq_small.sum())!r}, "
+                f"big={float(sq_big.sum())!r}): skipped, not averaged"
+            ),
+        )
     g2, trace_sigma = estimate(sq_small, a2 / a2b, sq_big, 1.0 / a2b)
     return g2, trace_sigma, "measured", None
 
@@ -315,8 +350,9 @@ def t_quantile(p: float, df: float) -> float:
     return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
 
 
-def fieller_interval(mean_num: float, mean_den: float, var_num: float, var_den: float,
-                     cov: float, q: float) -> tuple[float, float]:
+def fieller_interval(
+    mean_num: float, mean_den: float, var_num: float, var_den: float, cov: float, q: float
+) -> tuple[float, float]:
     """Fieller's confidence set for the ratio ``num/den`` of two (jointly normal) means.
 
     The set of ``R`` with ``(num - R den)^2 <= q^2 Var(num - R den)``, i.e.

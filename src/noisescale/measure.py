@@ -8,8 +8,9 @@ global RNG streams are forked so that dropout draws here do not shift the user's
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -46,25 +47,37 @@ def split_batch(batch: Any, k: int) -> list[Any]:
     if isinstance(batch, torch.Tensor):
         n = batch.shape[0] if batch.dim() else 0
         if n < k:
-            raise ValueError(f"a batch of {n} examples cannot be split into {k} micro-batches; "
-                             "use larger batches or fewer micro_batches")
+            raise ValueError(
+                f"a batch of {n} examples cannot be split into {k} micro-batches; "
+                "use larger batches or fewer micro_batches"
+            )
         return list(torch.tensor_split(batch, k, dim=0))
     if isinstance(batch, (tuple, list)):
         cols = [split_batch(x, k) if isinstance(x, (torch.Tensor, tuple, list, dict)) else [x] * k for x in batch]
-        return [type(batch)(c[j] for c in cols) if isinstance(batch, tuple) else [c[j] for c in cols]
-                for j in range(k)]
+        return [type(batch)(c[j] for c in cols) if isinstance(batch, tuple) else [c[j] for c in cols] for j in range(k)]
     if isinstance(batch, dict):
-        cols_d = {key: split_batch(v, k) if isinstance(v, (torch.Tensor, tuple, list, dict)) else [v] * k
-                  for key, v in batch.items()}
+        cols_d = {
+            key: split_batch(v, k) if isinstance(v, (torch.Tensor, tuple, list, dict)) else [v] * k
+            for key, v in batch.items()
+        }
         return [{key: c[j] for key, c in cols_d.items()} for j in range(k)]
-    raise TypeError(f"cannot split a batch of type {type(batch).__name__}; give tensors, "
-                    "or tuples/lists/dicts of tensors with the batch on dim 0")
+    raise TypeError(
+        f"cannot split a batch of type {type(batch).__name__}; give tensors, "
+        "or tuples/lists/dicts of tensors with the batch on dim 0"
+    )
 
 
-def measure(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-            batches: Iterable[Any], *, method: str = "microbatch", micro_batches: int = 4,
-            sizes: Callable[[Any], float] | None = None, unit: str = "examples",
-            params: Sequence[torch.nn.Parameter] | None = None) -> MeasureResult:
+def measure(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    batches: Iterable[Any],
+    *,
+    method: str = "microbatch",
+    micro_batches: int = 4,
+    sizes: Callable[[Any], float] | None = None,
+    unit: str = "examples",
+    params: Sequence[torch.nn.Parameter] | None = None,
+) -> MeasureResult:
     """Estimate ``b_simple`` of ``model`` at its current parameters.
 
     Args:
@@ -86,16 +99,17 @@ def measure(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], to
         raise ValueError(f"measure() supports method='microbatch' or 'per_example', got {method!r}")
     per_example = method == "per_example"
     if not (isinstance(micro_batches, int) and micro_batches >= 2):
-        raise ValueError(f"micro_batches must be an integer >= 2 (small batches to compare with the "
-                         f"whole batch), got {micro_batches!r}")
+        raise ValueError(
+            f"micro_batches must be an integer >= 2 (small batches to compare with the "
+            f"whole batch), got {micro_batches!r}"
+        )
     if unit != "examples" and sizes is None:
         raise ValueError(f"unit={unit!r} needs sizes=: a function giving each micro-batch's size in {unit}")
     tracked = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     saved_grads = [p.grad for p in tracked]
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index for p in tracked if p.device.type == "cuda" and p.device.index is not None})
-    gns = GradientNoiseScale(model, "per_example" if per_example else "microbatch", beta=1.0, unit=unit,
-                             params=params)
+    gns = GradientNoiseScale(model, "per_example" if per_example else "microbatch", beta=1.0, unit=unit, params=params)
     try:
         with torch.random.fork_rng(devices=devices):
             for p in tracked:
@@ -105,8 +119,10 @@ def measure(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], to
                 for part in parts:
                     loss = loss_fn(model, part)
                     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                        raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
-                                        f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}")
+                        raise TypeError(
+                            f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                            f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}"
+                        )
                     (loss / len(parts)).backward()
                 gns.step([float(sizes(p)) for p in parts] if sizes is not None else None)
                 for p in tracked:
@@ -114,9 +130,17 @@ def measure(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], to
         if gns.steps == 0:
             raise ValueError("batches was empty: measure() needs at least 3 batches (draws)")
         sd = gns.state_dict()
-        return MeasureResult(b_simple=gns.b_simple, g2=gns.g2, trace_sigma=gns.trace_sigma,
-                             n=gns.measured, skipped=gns.skipped, unit=unit, method=gns.method,
-                             reason=gns.reason, _tracker_state=sd)
+        return MeasureResult(
+            b_simple=gns.b_simple,
+            g2=gns.g2,
+            trace_sigma=gns.trace_sigma,
+            n=gns.measured,
+            skipped=gns.skipped,
+            unit=unit,
+            method=gns.method,
+            reason=gns.reason,
+            _tracker_state=sd,
+        )
     finally:
         gns.close()
         with torch.no_grad():

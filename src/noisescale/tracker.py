@@ -18,8 +18,9 @@ import math
 import os
 import warnings
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,11 +124,23 @@ class GradientNoiseScale:
             per-example norms; ``process_group`` for the distributed methods).
     """
 
-    def __init__(self, model: torch.nn.Module, method: str = "auto", *, beta: float = 0.99,
-                 unit: str = "examples", reduction: str = "mean", scaler: Any = None,
-                 params: Sequence[torch.nn.Parameter] | None = None, groups: Any = None,
-                 preconditioner: Any = None, precondition: str = "update",
-                 log: str | os.PathLike | None = None, max_pending: int = 64, **probe_options: Any) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        method: str = "auto",
+        *,
+        beta: float = 0.99,
+        unit: str = "examples",
+        reduction: str = "mean",
+        scaler: Any = None,
+        params: Sequence[torch.nn.Parameter] | None = None,
+        groups: Any = None,
+        preconditioner: Any = None,
+        precondition: str = "update",
+        log: str | os.PathLike | None = None,
+        max_pending: int = 64,
+        **probe_options: Any,
+    ) -> None:
         if not isinstance(unit, str) or not unit:
             raise ValueError(f"unit must be a non-empty string such as 'examples' or 'tokens', got {unit!r}")
         if not (isinstance(max_pending, int) and max_pending >= 1):
@@ -145,8 +158,9 @@ class GradientNoiseScale:
         self.groups = resolve_groups(model, self.params, groups)
         pre = Preconditioner(preconditioner, self.params, precondition) if preconditioner is not None else None
         self.preconditioned = None if pre is None else precondition
-        config = ProbeConfig(reduction=reduction, unit=unit, groups=self.groups, preconditioner=pre,
-                             auto=not self._explicit)
+        config = ProbeConfig(
+            reduction=reduction, unit=unit, groups=self.groups, preconditioner=pre, auto=not self._explicit
+        )
         self.probe = make_probe(cls, model, self.params, config, probe_options)
         self._ema = NoiseScaleEMA(beta, 1 + len(self.groups) if self.groups.grouped else 1)
         self._pending: list[_Entry] = []
@@ -163,13 +177,24 @@ class GradientNoiseScale:
         self._closed = False
         self._log: RunLogWriter | None = None
         if log is not None:
-            self._log = RunLogWriter(log, {
-                "unit": unit, "method": self.method, "beta": beta, "reduction": reduction,
-                "groups": self.groups.names if self.groups.grouped else [],
-                "preconditioned": self.preconditioned,
-                "fields": {"b_simple": f"simple noise scale [{unit}]", "g2": "|G|^2 (EMA)",
-                           "trace_sigma": "tr(Sigma) (EMA)", "examples": f"cumulative batch size [{unit}]",
-                           "group/<name>/b_simple": f"simple noise scale of a group [{unit}]"}})
+            self._log = RunLogWriter(
+                log,
+                {
+                    "unit": unit,
+                    "method": self.method,
+                    "beta": beta,
+                    "reduction": reduction,
+                    "groups": self.groups.names if self.groups.grouped else [],
+                    "preconditioned": self.preconditioned,
+                    "fields": {
+                        "b_simple": f"simple noise scale [{unit}]",
+                        "g2": "|G|^2 (EMA)",
+                        "trace_sigma": "tr(Sigma) (EMA)",
+                        "examples": f"cumulative batch size [{unit}]",
+                        "group/<name>/b_simple": f"simple noise scale of a group [{unit}]",
+                    },
+                },
+            )
             self.subscribe(self._write_log, every=max_pending)
 
     @staticmethod
@@ -203,8 +228,12 @@ class GradientNoiseScale:
             loss = loss.detach()
         if stats.reason is not None:
             reason = stats.reason
-            if self._explicit and self._measured == 0 and not any(
-                    e.stats.reason is None for e in self._pending) and self.steps == 1:
+            if (
+                self._explicit
+                and self._measured == 0
+                and not any(e.stats.reason is None for e in self._pending)
+                and self.steps == 1
+            ):
                 raise ValueError(f"method={self.method!r} cannot measure: {reason}")
             if reason not in self._warned:
                 self._warned.add(reason)
@@ -279,14 +308,23 @@ class GradientNoiseScale:
             ex = float(v[EXAMPLES])
             if math.isfinite(ex):
                 self._examples += ex
-            record: dict[str, Any] = {"type": "step", "step": e.step,
-                                      "examples": self._examples if math.isfinite(ex) else None}
+            record: dict[str, Any] = {
+                "type": "step",
+                "step": e.step,
+                "examples": self._examples if math.isfinite(ex) else None,
+            }
             if loss is not None:
                 record["loss"] = loss
             a2, a2b = float(v[SUM_A2]), float(v[SUM_A2_OVER_B])
-            sq_parts, sq_total = float(v[HEAD:HEAD + G].sum()), float(v[HEAD + G:].sum())
-            record.update(parts=float(v[PARTS]), ranks=float(v[RANKS]), sum_a2=a2, sum_a2_over_b=a2b,
-                          sq_parts=sq_parts, sq_total=sq_total)
+            sq_parts, sq_total = float(v[HEAD : HEAD + G].sum()), float(v[HEAD + G :].sum())
+            record.update(
+                parts=float(v[PARTS]),
+                ranks=float(v[RANKS]),
+                sum_a2=a2,
+                sum_a2_over_b=a2b,
+                sq_parts=sq_parts,
+                sq_total=sq_total,
+            )
             g2, ts, status, reason = step_estimates(v, G, ranks)
             if e.stats.reason is not None:
                 status, reason = "unmeasurable", e.stats.reason
@@ -297,8 +335,15 @@ class GradientNoiseScale:
                     self._ema.update(g2.sum(), ts.sum())
                 self._measured += 1
                 # the effective App. A.1 pair of the step (see estimators.step_estimates)
-                record.update(status="measured", g2_step=float(g2.sum()), trace_sigma_step=float(ts.sum()),
-                              b_small=a2 / a2b, b_big=1.0 / a2b, sq_small=sq_parts / a2, sq_big=sq_total)
+                record.update(
+                    status="measured",
+                    g2_step=float(g2.sum()),
+                    trace_sigma_step=float(ts.sum()),
+                    b_small=a2 / a2b,
+                    b_big=1.0 / a2b,
+                    sq_small=sq_parts / a2,
+                    sq_big=sq_total,
+                )
             else:
                 if status == "skipped":
                     self._skipped += 1
@@ -308,14 +353,18 @@ class GradientNoiseScale:
                 else:
                     self._unmeasurable += 1
                 self._last_reason = reason
-                record.update(status=status, reason=reason,
-                              sq_small=sq_parts / a2 if a2 > 0 else None, sq_big=sq_total)
+                record.update(status=status, reason=reason, sq_small=sq_parts / a2 if a2 > 0 else None, sq_big=sq_total)
             total = self._ema.series(0)
             est = Estimate(total)
             iv = est.interval(0.95)
-            record.update(b_simple=est.b_simple, b_simple_low=iv[0] if iv else None,
-                          b_simple_high=iv[1] if iv else None, g2=est.g2, trace_sigma=est.trace_sigma,
-                          n_eff=total.n_eff)
+            record.update(
+                b_simple=est.b_simple,
+                b_simple_low=iv[0] if iv else None,
+                b_simple_high=iv[1] if iv else None,
+                g2=est.g2,
+                trace_sigma=est.trace_sigma,
+                n_eff=total.n_eff,
+            )
             if grouped:
                 for i, name in enumerate(self.groups.names):
                     gst = Estimate(self._ema.series(i + 1))
@@ -343,10 +392,12 @@ class GradientNoiseScale:
             self.device_reads += 1
             off = 0
             for key, t in items:
-                values[key] = flat[off:off + t.numel()]
+                values[key] = flat[off : off + t.numel()]
                 off += t.numel()
-        return [(e, values[2 * j], float(values[2 * j + 1][0]) if 2 * j + 1 in values else e.loss)
-                for j, e in enumerate(entries)]
+        return [
+            (e, values[2 * j], float(values[2 * j + 1][0]) if 2 * j + 1 in values else e.loss)
+            for j, e in enumerate(entries)
+        ]
 
     # -- reading -----------------------------------------------------------------------
 
@@ -415,8 +466,10 @@ class GradientNoiseScale:
         self._flush()
         if self._measured == 0:
             if self._skipped or self._unmeasurable:
-                return (f"no step measured yet ({self._skipped} skipped, {self._unmeasurable} "
-                        f"unmeasurable); last: {self._last_reason}")
+                return (
+                    f"no step measured yet ({self._skipped} skipped, {self._unmeasurable} "
+                    f"unmeasurable); last: {self._last_reason}"
+                )
             return "no step() has been recorded yet"
         return self._ema.reason()
 
@@ -455,14 +508,25 @@ class GradientNoiseScale:
 
         def series(est: Estimate, pre: str) -> dict[str, float]:
             iv = est.interval(level)
-            return {pre + "b_simple": f(est.b_simple), pre + "b_simple_low": iv[0] if iv else math.nan,
-                    pre + "b_simple_high": iv[1] if iv else math.nan, pre + "g2": f(est.g2),
-                    pre + "trace_sigma": f(est.trace_sigma)}
+            return {
+                pre + "b_simple": f(est.b_simple),
+                pre + "b_simple_low": iv[0] if iv else math.nan,
+                pre + "b_simple_high": iv[1] if iv else math.nan,
+                pre + "g2": f(est.g2),
+                pre + "trace_sigma": f(est.trace_sigma),
+            }
 
         out = series(Estimate(self._ema.series(0)), "")
-        out.update({"n_eff": self._ema.state.n_eff, "steps": float(self.steps), "measured": float(self._measured),
-                    "skipped": float(self._skipped), "unmeasurable": float(self._unmeasurable),
-                    "examples": float(self._examples)})
+        out.update(
+            {
+                "n_eff": self._ema.state.n_eff,
+                "steps": float(self.steps),
+                "measured": float(self._measured),
+                "skipped": float(self._skipped),
+                "unmeasurable": float(self._unmeasurable),
+                "examples": float(self._examples),
+            }
+        )
         out.update(self.probe.metrics())
         if self.groups.grouped:
             for name, est in self._group_estimates().items():
@@ -484,11 +548,21 @@ class GradientNoiseScale:
         """Numbers and configuration only (no modules, hooks or tensors)."""
         self._flush()
         return {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "method": self.method, "unit": self.unit,
-            "reduction": self.reduction, "groups": list(self.groups.names), "preconditioned": self.preconditioned,
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "method": self.method,
+            "unit": self.unit,
+            "reduction": self.reduction,
+            "groups": list(self.groups.names),
+            "preconditioned": self.preconditioned,
             "ema": self._ema.state_dict(),
-            "counters": {"steps": self.steps, "measured": self._measured, "skipped": self._skipped,
-                         "unmeasurable": self._unmeasurable, "examples": self._examples},
+            "counters": {
+                "steps": self.steps,
+                "measured": self._measured,
+                "skipped": self._skipped,
+                "unmeasurable": self._unmeasurable,
+                "examples": self._examples,
+            },
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -499,11 +573,15 @@ class GradientNoiseScale:
             raise ValueError(f"state_dict version {sd.get('version')!r} is not supported (expected {STATE_VERSION})")
         for key in ("method", "unit", "reduction", "preconditioned"):
             if sd.get(key) != getattr(self, key):
-                raise ValueError(f"state_dict was saved with {key}={sd.get(key)!r} but this tracker has "
-                                 f"{key}={getattr(self, key)!r}; construct the tracker with the same {key}")
+                raise ValueError(
+                    f"state_dict was saved with {key}={sd.get(key)!r} but this tracker has "
+                    f"{key}={getattr(self, key)!r}; construct the tracker with the same {key}"
+                )
         if list(sd.get("groups", [])) != list(self.groups.names):
-            raise ValueError(f"state_dict was saved with groups {sd.get('groups')!r} but this tracker has "
-                             f"{self.groups.names!r}; construct the tracker with the same groups=")
+            raise ValueError(
+                f"state_dict was saved with groups {sd.get('groups')!r} but this tracker has "
+                f"{self.groups.names!r}; construct the tracker with the same groups="
+            )
         self._flush()
         self._ema.load_state_dict(sd["ema"])
         c = sd["counters"]
@@ -536,4 +614,3 @@ class GradientNoiseScale:
 
     def __repr__(self) -> str:
         return f"GradientNoiseScale(method={self.method!r}, unit={self.unit!r}, steps={self.steps})"
-

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                 total += loss.item() * len(yb)
             step_loss = total / args.batch_size
             running_loss = step_loss if math.isnan(running_loss) else 0.98 * running_loss + 0.02 * step_loss
-            gns.step(loss=step_loss)  # before clipping; we do not clip here
+            gns.step(loss=step_loss)  # once per optimizer step, after its backward passes
             opt.step()
             opt.zero_grad(set_to_none=True)
             if progress is not None:

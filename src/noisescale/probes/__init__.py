@@ -10,7 +10,8 @@ with ``from_config(model, params, config, **options)``. The tracker has no per-p
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -18,8 +19,17 @@ from .base import Probe, ProbeConfig, StepContext
 from .microbatch import MicroBatchProbe
 from .per_example import PerExampleProbe
 
-__all__ = ["Probe", "ProbeConfig", "StepContext", "MicroBatchProbe", "PerExampleProbe", "register_probe",
-           "select_probe", "make_probe", "PROBES"]
+__all__ = [
+    "Probe",
+    "ProbeConfig",
+    "StepContext",
+    "MicroBatchProbe",
+    "PerExampleProbe",
+    "register_probe",
+    "select_probe",
+    "make_probe",
+    "PROBES",
+]
 
 PROBES: dict[str, Any] = {}
 _NEEDS_DISTRIBUTED = ("ddp", "ddp_per_example", "fsdp")
@@ -43,11 +53,13 @@ def select_probe(method: str, model: torch.nn.Module, params: Sequence[torch.nn.
     """The probe class for ``method`` (``"auto"``: the applicable probe with the highest score)."""
     methods = ("auto", *PROBES)
     if method in _NEEDS_DISTRIBUTED and method not in PROBES:
-        raise NotImplementedError(f"method={method!r} needs torch.distributed, which this torch build lacks; "
-                                  f"use one of {methods}")
+        raise NotImplementedError(
+            f"method={method!r} needs torch.distributed, which this torch build lacks; use one of {methods}"
+        )
     if method == "auto":
-        scored = [(cls.auto_score(model, params), cls) for cls in PROBES.values()
-                  if cls.applicable(model, params) is None]
+        scored = [
+            (cls.auto_score(model, params), cls) for cls in PROBES.values() if cls.applicable(model, params) is None
+        ]
         score, best = max(scored, key=lambda sc: sc[0], default=(0.0, None))
         if best is None or score <= 0:  # pragma: no cover - microbatch always applies on one process
             raise ValueError(f"no probe can measure {type(model).__name__}; choose one of {methods}")
@@ -61,8 +73,9 @@ def select_probe(method: str, model: torch.nn.Module, params: Sequence[torch.nn.
     return cls
 
 
-def make_probe(cls: Any, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], config: ProbeConfig,
-               options: dict[str, Any]) -> Probe:
+def make_probe(
+    cls: Any, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], config: ProbeConfig, options: dict[str, Any]
+) -> Probe:
     """Build ``cls`` after checking that it takes ``options`` and supports what ``config`` asks for."""
     unknown = sorted(set(options) - set(cls.options))
     if unknown:

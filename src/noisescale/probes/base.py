@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch.autograd import Variable
 
 from ..estimators import StepStats
 
-__all__ = ["Probe", "ProbeConfig", "StepContext", "Groups", "Hook", "resolve_groups", "Preconditioner", "EndOfBackward",
-           "sq_norm", "grouped_sq_norms", "group_sums", "sum_terms", "infer_batch_size", "trainable_parameters",
-           "check_sizes", "check_single_process", "StepTotal", "Piece"]
+__all__ = [
+    "Probe",
+    "ProbeConfig",
+    "StepContext",
+    "Groups",
+    "Hook",
+    "resolve_groups",
+    "Preconditioner",
+    "EndOfBackward",
+    "sq_norm",
+    "grouped_sq_norms",
+    "group_sums",
+    "sum_terms",
+    "infer_batch_size",
+    "trainable_parameters",
+    "check_sizes",
+    "check_single_process",
+    "StepTotal",
+    "Piece",
+]
 
 
 class StepContext:
@@ -80,8 +98,10 @@ def resolve_groups(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
     assign: dict[int, str] = {}
     if isinstance(groups, str):
         if groups != "layers":
-            raise ValueError(f"groups={groups!r} is not known; use 'layers', an optimizer, a dict "
-                             "{name: parameters} or a callable(parameter_name) -> group name")
+            raise ValueError(
+                f"groups={groups!r} is not known; use 'layers', an optimizer, a dict "
+                "{name: parameters} or a callable(parameter_name) -> group name"
+            )
         for mname, mod in model.named_modules(remove_duplicate=True):
             for p in mod._parameters.values():
                 if p is not None:
@@ -101,8 +121,10 @@ def resolve_groups(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
                 if not isinstance(p, torch.Tensor):
                     raise TypeError(f"groups[{name!r}] must hold parameters (tensors), got {type(p).__name__}")
                 if id(p) in assign and assign[id(p)] != name:
-                    raise ValueError(f"parameter {pnames.get(id(p), tuple(p.shape))} is in two groups "
-                                     f"({assign[id(p)]!r} and {name!r}); groups must not overlap")
+                    raise ValueError(
+                        f"parameter {pnames.get(id(p), tuple(p.shape))} is in two groups "
+                        f"({assign[id(p)]!r} and {name!r}); groups must not overlap"
+                    )
                 assign[id(p)] = name
     elif callable(groups):
         for i in ids:
@@ -113,8 +135,9 @@ def resolve_groups(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
                 raise ValueError(f"groups(name) must return a non-empty string, got {name!r} for {pnames[i]!r}")
             assign[i] = name
     else:
-        raise TypeError(f"groups= must be None, 'layers', an optimizer, a dict or a callable, got "
-                        f"{type(groups).__name__}")
+        raise TypeError(
+            f"groups= must be None, 'layers', an optimizer, a dict or a callable, got {type(groups).__name__}"
+        )
     names: list[str] = []
     index: dict[int, int] = {}
     for i in ids:
@@ -144,19 +167,25 @@ class Preconditioner:
 
     def __init__(self, optimizer: Any, params: Sequence[torch.nn.Parameter], mode: str = "update") -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"preconditioner= must be a torch.optim.Optimizer of the Adam family (its state has "
-                            f"'exp_avg_sq'), got {type(optimizer).__name__}")
+            raise TypeError(
+                f"preconditioner= must be a torch.optim.Optimizer of the Adam family (its state has "
+                f"'exp_avg_sq'), got {type(optimizer).__name__}"
+            )
         if mode not in self.MODES:
             raise ValueError(f"preconditioner mode must be one of {self.MODES}, got {mode!r}")
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         missing = [tuple(p.shape) for p in params if id(p) not in groups]
         if missing:
-            raise ValueError(f"preconditioner=: {len(missing)} measured parameters (shapes {missing[:4]}) are not "
-                             "optimised by this optimizer; pass the optimizer that trains them (or params=)")
+            raise ValueError(
+                f"preconditioner=: {len(missing)} measured parameters (shapes {missing[:4]}) are not "
+                "optimised by this optimizer; pass the optimizer that trains them (or params=)"
+            )
         for g in optimizer.param_groups:
             if "eps" not in g or "betas" not in g:
-                raise TypeError(f"preconditioner=: {type(optimizer).__name__} has no 'betas'/'eps' in its param "
-                                "groups; only Adam-family optimizers (Adam, AdamW, ...) are supported")
+                raise TypeError(
+                    f"preconditioner=: {type(optimizer).__name__} has no 'betas'/'eps' in its param "
+                    "groups; only Adam-family optimizers (Adam, AdamW, ...) are supported"
+                )
         self.optimizer = optimizer
         self.mode = mode
         self._groups = groups
@@ -181,8 +210,9 @@ class Preconditioner:
                     w.fill_(1.0)
                     continue
                 if hasattr(v, "to_local"):
-                    raise NotImplementedError("preconditioner= with a sharded second moment (FSDP/DTensor) "
-                                              "is not supported")
+                    raise NotImplementedError(
+                        "preconditioner= with a sharded second moment (FSDP/DTensor) is not supported"
+                    )
                 bc2 = 1.0 - float(g["betas"][1]) ** float(step)
                 torch.div(v.to(w.dtype), bc2, out=w)
                 w.sqrt_().add_(float(g["eps"])).reciprocal_()
@@ -309,9 +339,11 @@ def check_single_process(model: torch.nn.Module, method: str) -> str | None:
     kind = distributed_kind(model)
     if kind is None:
         return None
-    return (f"the model is wrapped in {kind.upper()} with several ranks: method={method!r} would compare this "
-            "rank's local norms with the all-reduced gradient and report a wrong noise scale. Use method='auto' "
-            "(or 'ddp' / 'fsdp'), which pools every rank's local norms with the global one.")
+    return (
+        f"the model is wrapped in {kind.upper()} with several ranks: method={method!r} would compare this "
+        "rank's local norms with the all-reduced gradient and report a wrong noise scale. Use method='auto' "
+        "(or 'ddp' / 'fsdp'), which pools every rank's local norms with the global one."
+    )
 
 
 def sq_norm(t: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -348,8 +380,9 @@ def sum_terms(terms: Sequence[torch.Tensor | float], device: torch.device) -> to
     return torch.stack([torch.as_tensor(t, dtype=torch.float64, device=device) for t in terms]).sum()
 
 
-def group_sums(terms: Sequence[torch.Tensor | float], index: Sequence[int], n_groups: int,
-               device: torch.device) -> torch.Tensor:
+def group_sums(
+    terms: Sequence[torch.Tensor | float], index: Sequence[int], n_groups: int, device: torch.device
+) -> torch.Tensor:
     """Per-group sums of squared-norm terms (term ``j`` belongs to group ``index[j]``) as a float64
     ``[n_groups]`` tensor on ``device``.
 
@@ -368,15 +401,25 @@ def group_sums(terms: Sequence[torch.Tensor | float], index: Sequence[int], n_gr
     return out.index_add_(0, torch.tensor(list(index), device=device), vals)
 
 
-def grouped_sq_norms(grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None], index: Sequence[int],
-                     n_groups: int, device: torch.device) -> torch.Tensor:
+def grouped_sq_norms(
+    grads: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor | None],
+    index: Sequence[int],
+    n_groups: int,
+    device: torch.device,
+) -> torch.Tensor:
     """``sum |w * g|^2`` per group as a float64 ``[n_groups]`` tensor on ``device``.
 
     Dense unweighted tensors of one dtype on one accelerator: a single ``_foreach_norm`` (one fused
     pass, fp32/fp64 accumulation). On the CPU one BLAS dot per tensor (:func:`sq_norm`) is faster.
     """
-    if (grads and device.type != "cpu" and all(w is None for w in weights) and not any(g.is_sparse for g in grads)
-            and len({(g.device, g.dtype) for g in grads}) == 1):
+    if (
+        grads
+        and device.type != "cpu"
+        and all(w is None for w in weights)
+        and not any(g.is_sparse for g in grads)
+        and len({(g.device, g.dtype) for g in grads}) == 1
+    ):
         dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
         norms = torch.stack(torch._foreach_norm(list(grads), 2, dtype=dtype)).to(torch.float64).square()
         out = torch.zeros(n_groups, dtype=torch.float64, device=device)
@@ -399,8 +442,9 @@ class StepTotal:
     captured value (no backward reached the probe's hooks) :meth:`take` reads ``.grad`` now.
     """
 
-    def __init__(self, pieces: Sequence[Piece], groups: Groups, preconditioner: Preconditioner | None,
-                 device: torch.device) -> None:
+    def __init__(
+        self, pieces: Sequence[Piece], groups: Groups, preconditioner: Preconditioner | None, device: torch.device
+    ) -> None:
         self.pieces = list(pieces)
         self.groups = groups
         self.preconditioner = preconditioner
@@ -424,11 +468,12 @@ class StepTotal:
             if lo is None or g.is_sparse or not g.is_contiguous() or (lo == 0 and hi == g.numel()):
                 if not (first and g.numel()):
                     continue  # cannot be sliced (or need not be): the holder of element 0 takes it
-            elif lo < hi:  # (hi is set whenever lo is)
+            else:
+                assert hi is not None  # hi is set whenever lo is (see Piece, _share)
+                if not lo < hi:
+                    continue
                 g = g.view(-1)[lo:hi]
                 w = w.reshape(-1)[lo:hi] if w is not None else None
-            else:
-                continue
             grads.append(g)
             weights.append(w)
             index.append(gi)
@@ -455,7 +500,8 @@ def check_sizes(given: Sequence[float], k: int, passes: str = "this step had") -
     if len(sizes) != k:
         raise ValueError(
             f"step(sizes=...) got {len(sizes)} sizes {list(given)} but {passes} {k} backward passes "
-            f"(micro-batches); give one size per micro-batch, in order")
+            f"(micro-batches); give one size per micro-batch, in order"
+        )
     for s in sizes:
         if not (s > 0 and math.isfinite(s)):
             raise ValueError(f"micro-batch sizes must be finite and positive, got {list(given)}")

@@ -53,18 +53,36 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
-from ..estimators import ERRORS, HEAD, PARTS, SUM_A2, SUM_A2_OVER_B, StepStats, make_step_stats
-from .base import (EndOfBackward, Hook, Piece, ProbeConfig, StepContext, StepTotal, check_sizes, group_sums,
-                   infer_batch_size, sq_norm)
+from ..estimators import ERRORS, HEAD, SUM_A2, SUM_A2_OVER_B, StepStats, make_step_stats
+from .base import (
+    EndOfBackward,
+    Hook,
+    Piece,
+    ProbeConfig,
+    StepContext,
+    StepTotal,
+    check_sizes,
+    group_sums,
+    infer_batch_size,
+    sq_norm,
+)
 
-__all__ = ["DistributedProbe", "DDPProbe", "FSDPProbe", "DDPPerExampleProbe", "DISTRIBUTED_METHODS", "joinable",
-           "distributed_kind"]
+__all__ = [
+    "DistributedProbe",
+    "DDPProbe",
+    "FSDPProbe",
+    "DDPPerExampleProbe",
+    "DISTRIBUTED_METHODS",
+    "joinable",
+    "distributed_kind",
+]
 
 DISTRIBUTED_METHODS = ("ddp", "ddp_per_example", "fsdp")
 
@@ -95,16 +113,20 @@ def _validate(model: torch.nn.Module, kind: str | None, method: str, process_gro
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             f"method={method!r} needs an initialized process group (torch.distributed.init_process_group, "
-            "e.g. under torchrun); for one process use method='microbatch'")
+            "e.g. under torchrun); for one process use method='microbatch'"
+        )
     found = distributed_kind(model)
     if found is None:
         raise TypeError(
             f"method={method!r} needs a model wrapped in DistributedDataParallel, FullyShardedDataParallel "
             f"or fully_shard; got {type(model).__name__}. Wrap the model first and pass the wrapper to "
-            "GradientNoiseScale")
+            "GradientNoiseScale"
+        )
     if kind is not None and not found.startswith(kind):
-        raise TypeError(f"method={method!r} expects a {kind.upper()}-wrapped model, but the model is wrapped "
-                        f"as {found}; use method='auto'")
+        raise TypeError(
+            f"method={method!r} expects a {kind.upper()}-wrapped model, but the model is wrapped "
+            f"as {found}; use method='auto'"
+        )
     group = process_group if process_group is not None else DistributedProbe._default_group(model)
     world = dist.get_world_size(group)
     if world < 2:
@@ -112,29 +134,30 @@ def _validate(model: torch.nn.Module, kind: str | None, method: str, process_gro
             f"method={method!r} compares each rank's gradient with the average over ranks, but the "
             f"data-parallel group has world size {world}: there is nothing to compare. Run with >= 2 "
             "processes, or use method='microbatch' (gradient accumulation with >= 2 micro-batches) on a "
-            "single process")
+            "single process"
+        )
     return found, group, world
 
 
 class _TapReduceScatter:
     """FSDP2 reduce-scatter comm that records ``|input|^2`` and then calls the original comm."""
 
-    def __init__(self, probe: "DistributedProbe", inner: Any, param_group: Any) -> None:
+    def __init__(self, probe: DistributedProbe, inner: Any, param_group: Any) -> None:
         self.probe, self.inner, self.param_group = probe, inner, param_group
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self.inner.allocate(size, dtype=dtype, device=device)
 
-    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
-                 async_op: bool = False) -> Any:
+    def __call__(
+        self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any, async_op: bool = False
+    ) -> Any:
         if self.probe._active:
             term = sq_norm(input_tensor)
             pre = self._predivide_factor(input_tensor, group)
             if pre is not None and pre != 1:
                 term = term * float(pre) ** 2  # FSDP divided the input before this call
             self.probe._add(term, 0)
-        return self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group, op=op,
-                          async_op=async_op)
+        return self.inner(output_tensor=output_tensor, input_tensor=input_tensor, group=group, op=op, async_op=async_op)
 
     def _predivide_factor(self, input_tensor: torch.Tensor, group: Any) -> float | None:
         # Same rule as FSDP2's foreach_reduce: fp32/bf16 reductions divide inside the collective
@@ -145,11 +168,17 @@ class _TapReduceScatter:
             return None
         from torch.distributed.fsdp._fully_shard._fsdp_collectives import _get_gradient_divide_factors
 
-        return _get_gradient_divide_factors(group, None, input_tensor.dtype, input_tensor.device.type,
-                                            getattr(pg, "gradient_divide_factor", None), force)[0]
+        return _get_gradient_divide_factors(
+            group,
+            None,
+            input_tensor.dtype,
+            input_tensor.device.type,
+            getattr(pg, "gradient_divide_factor", None),
+            force,
+        )[0]
 
 
-def _fsdp1_tap_hook(state: "_FSDP1HookState", grad: torch.Tensor, output: torch.Tensor) -> None:
+def _fsdp1_tap_hook(state: _FSDP1HookState, grad: torch.Tensor, output: torch.Tensor) -> None:
     """FSDP1 comm hook: record the local unsharded ``|grad|^2``, then FSDP's default reduce-scatter."""
     from torch.distributed.algorithms._comm_hooks import default_hooks
 
@@ -159,7 +188,7 @@ def _fsdp1_tap_hook(state: "_FSDP1HookState", grad: torch.Tensor, output: torch.
 
 
 class _FSDP1HookState:
-    def __init__(self, probe: "DistributedProbe", process_group: Any) -> None:
+    def __init__(self, probe: DistributedProbe, process_group: Any) -> None:
         from torch.distributed.algorithms._comm_hooks import default_hooks
 
         self.probe = probe
@@ -187,14 +216,22 @@ class DistributedProbe(Joinable):
     options: ClassVar[frozenset[str]] = frozenset({"process_group"})
     supports: ClassVar[frozenset[str]] = frozenset({"groups", "preconditioner"})
 
-    def __init__(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
-                 config: ProbeConfig | None = None, *, local: Any = None, process_group: Any = None,
-                 kind: str | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: Sequence[torch.nn.Parameter],
+        config: ProbeConfig | None = None,
+        *,
+        local: Any = None,
+        process_group: Any = None,
+        kind: str | None = None,
+    ) -> None:
         self.config = config = config or ProbeConfig()
         if config.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {config.reduction!r}")
         self.kind, self.group, self.world_size = _validate(
-            model, kind, "ddp_per_example" if local is not None else (kind or "ddp"), process_group)
+            model, kind, "ddp_per_example" if local is not None else (kind or "ddp"), process_group
+        )
         found = self.kind
         self.name = "ddp_per_example" if local is not None else ("ddp" if found == "ddp" else "fsdp")
         self.model = model
@@ -206,13 +243,17 @@ class DistributedProbe(Joinable):
         if local is not None and found != "ddp":
             raise NotImplementedError("composition with a local probe (per-example) is available under DDP only")
         if found != "ddp" and self.groups.grouped:
-            raise NotImplementedError("groups= under FSDP is not supported: the local gradients reach the "
-                                      "reduce-scatter as flat buffers of whole FSDP units, not per group; use DDP "
-                                      "or measure per group on one process")
+            raise NotImplementedError(
+                "groups= under FSDP is not supported: the local gradients reach the "
+                "reduce-scatter as flat buffers of whole FSDP units, not per group; use DDP "
+                "or measure per group on one process"
+            )
         if found != "ddp" and self.preconditioner is not None:
-            raise NotImplementedError("preconditioner= under FSDP is not supported: the optimizer's second moment "
-                                      "is sharded while the local gradient is not, so P * g cannot be formed "
-                                      "exactly; use DDP, or measure on one process")
+            raise NotImplementedError(
+                "preconditioner= under FSDP is not supported: the optimizer's second moment "
+                "is sharded while the local gradient is not, so P * g cannot be formed "
+                "exactly; use DDP, or measure on one process"
+            )
         self._lock = threading.Lock()
         self._active = True
         self._current: list[torch.Tensor] = []  # squared norms of the open part's gradients
@@ -225,8 +266,9 @@ class DistributedProbe(Joinable):
         Joinable.__init__(self)
         pieces: list[Piece]
         if found == "ddp":
-            ignore = getattr(model, "parameters_to_ignore", set()) or set()
-            ignored = {id(p) for n, p in model.module.named_parameters() if n in ignore}
+            ddp = cast(torch.nn.parallel.DistributedDataParallel, model)  # found == "ddp": distributed_kind checked
+            ignore: set[str] = getattr(ddp, "parameters_to_ignore", set()) or set()
+            ignored = {id(p) for n, p in ddp.module.named_parameters() if n in ignore}
             self.params = [p for p in params if id(p) not in ignored]
             # .grad is the same synchronized gradient on every rank: each rank takes the norm of its
             # own 1/world of the elements (1/world of a pass, balanced even when one tensor dominates)
@@ -236,8 +278,10 @@ class DistributedProbe(Joinable):
             ids = {id(p) for p in params}
             all_trainable = [p for p in model.parameters() if p.requires_grad]
             if ids != {id(p) for p in all_trainable}:
-                raise ValueError("under FSDP the gradient is reduced as flat buffers: measure all trainable "
-                                 "parameters (do not pass params=)")
+                raise ValueError(
+                    "under FSDP the gradient is reduced as flat buffers: measure all trainable "
+                    "parameters (do not pass params=)"
+                )
             self.params = list(params)
             pieces = [(p, None, None, True) for p in self.params]  # shards: each rank its own
             if found == "fsdp2":
@@ -264,7 +308,8 @@ class DistributedProbe(Joinable):
                 if mesh.ndim != 1:
                     raise NotImplementedError(
                         f"fully_shard on a {mesh.ndim}-D device mesh (HSDP or FSDP x TP): pass the "
-                        "data-parallel process_group explicitly is not supported yet; use a 1-D mesh")
+                        "data-parallel process_group explicitly is not supported yet; use a 1-D mesh"
+                    )
                 return mesh.get_group()
         return dist.group.WORLD
 
@@ -286,28 +331,34 @@ class DistributedProbe(Joinable):
             if not groups:
                 continue
             if len(groups) > 1:
-                raise NotImplementedError("fully_shard with several parameter groups per module (per-param "
-                                          "meshes) is not supported by the distributed probe")
+                raise NotImplementedError(
+                    "fully_shard with several parameter groups per module (per-param "
+                    "meshes) is not supported by the distributed probe"
+                )
             pg = groups[0]
             inner = pg._reduce_scatter_comm
-            m.set_custom_reduce_scatter(_TapReduceScatter(self, inner, pg))
+            # _TapReduceScatter duck-types FSDP2's private ReduceScatter ABC (not subclassed on purpose)
+            m.set_custom_reduce_scatter(_TapReduceScatter(self, inner, pg))  # type: ignore[arg-type]
             self._restore.append((m, inner))
 
     def _install_fsdp1(self, model: torch.nn.Module) -> None:
-        from torch.distributed.fsdp import ShardingStrategy
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
+        fsdp = cast(FullyShardedDataParallel, model)  # called for distributed_kind(model) == "fsdp1" only
         strategy = getattr(model, "sharding_strategy", None)
         if strategy not in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP):
             raise NotImplementedError(
                 f"FSDP1 with sharding_strategy={strategy}: only FULL_SHARD and SHARD_GRAD_OP are supported "
-                "(use DDP instead of NO_SHARD; hybrid strategies do not allow communication hooks)")
+                "(use DDP instead of NO_SHARD; hybrid strategies do not allow communication hooks)"
+            )
         try:
-            model.register_comm_hook(_FSDP1HookState(self, self.group), _fsdp1_tap_hook)
+            fsdp.register_comm_hook(_FSDP1HookState(self, self.group), _fsdp1_tap_hook)
         except AssertionError as e:
             raise RuntimeError(
                 "could not register noisescale's FSDP1 communication hook: FSDP allows one hook, registered "
                 f"on the root before the first forward pass ({e}). Create GradientNoiseScale right after "
-                "wrapping the model, and do not register another comm hook") from e
+                "wrapping the model, and do not register another comm hook"
+            ) from e
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -395,15 +446,15 @@ class DistributedProbe(Joinable):
             if k == 0:
                 st = make_step_stats([0.0] * G, [0.0] * G, [1.0], parts=0, examples=0.0, device=self.device)
                 st.vec[SUM_A2] = st.vec[SUM_A2_OVER_B] = 0.0
-                st.vec[HEAD + G:] = total
+                st.vec[HEAD + G :] = total
                 return st
             small = torch.stack([x for x, _ in parts]).sum(0) * ctx.inv_scale2_small
             st = make_step_stats(small, total, sizes, reduction=self.reduction, device=self.device)
         # a_rj = alpha_rj / n: the parts' weights and squared norms (u_rj / n in V's units) scale by 1/n^2
         st.vec[SUM_A2] /= n * n
         st.vec[SUM_A2_OVER_B] /= n * n
-        st.vec[HEAD:HEAD + G] /= n * n
-        st.vec[HEAD + G:] = total
+        st.vec[HEAD : HEAD + G] /= n * n
+        st.vec[HEAD + G :] = total
         return st
 
     def _resolve_sizes(self, given: Sequence[float] | None, seen: list[list[int | None]], k: int) -> list[float]:
@@ -415,8 +466,9 @@ class DistributedProbe(Joinable):
                 raise ValueError(
                     f"could not infer the sizes of this rank's {k} micro-batches from the forward inputs "
                     f"(saw {seen}); pass them explicitly: gns.step(sizes=[...]) with one number per "
-                    "micro-batch of this rank, in the tracker's unit")
-            out.append(float(sum(group)))  # type: ignore[arg-type]
+                    "micro-batch of this rank, in the tracker's unit"
+                )
+            out.append(float(sum(s for s in group if s is not None)))  # (all are: checked above)
         return out
 
     def _warn_once(self, msg: str) -> str:
@@ -526,8 +578,13 @@ class DDPProbe(DistributedProbe):
         return 10.0 if _several_ranks(model) == "ddp" else 0.0
 
     @classmethod
-    def from_config(cls, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], config: ProbeConfig,
-                    process_group: Any = None) -> DistributedProbe:
+    def from_config(
+        cls,
+        model: torch.nn.Module,
+        params: Sequence[torch.nn.Parameter],
+        config: ProbeConfig,
+        process_group: Any = None,
+    ) -> DistributedProbe:
         return cls(model, params, config, process_group=process_group, kind="ddp")
 
 
@@ -546,8 +603,13 @@ class FSDPProbe(DistributedProbe):
         return 10.0 if (_several_ranks(model) or "").startswith("fsdp") else 0.0
 
     @classmethod
-    def from_config(cls, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], config: ProbeConfig,
-                    process_group: Any = None) -> DistributedProbe:
+    def from_config(
+        cls,
+        model: torch.nn.Module,
+        params: Sequence[torch.nn.Parameter],
+        config: ProbeConfig,
+        process_group: Any = None,
+    ) -> DistributedProbe:
         return cls(model, params, config, process_group=process_group, kind="fsdp")
 
 
@@ -566,14 +628,28 @@ class DDPPerExampleProbe(DistributedProbe):
         return 0.0  # chosen explicitly
 
     @classmethod
-    def from_config(cls, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], config: ProbeConfig,
-                    process_group: Any = None, **options: Any) -> DistributedProbe:
+    def from_config(
+        cls,
+        model: torch.nn.Module,
+        params: Sequence[torch.nn.Parameter],
+        config: ProbeConfig,
+        process_group: Any = None,
+        **options: Any,
+    ) -> DistributedProbe:
         from .per_example import PerExampleProbe
 
         _validate(model, "ddp", "ddp_per_example", process_group)  # before the local probe attaches its hooks
-        local = PerExampleProbe(model, params, reduction=config.reduction, unit=config.unit, lenient=config.auto,
-                                groups=config.groups, preconditioner=config.preconditioner, capture_total=False,
-                                **options)
+        local = PerExampleProbe(
+            model,
+            params,
+            reduction=config.reduction,
+            unit=config.unit,
+            lenient=config.auto,
+            groups=config.groups,
+            preconditioner=config.preconditioner,
+            capture_total=False,
+            **options,
+        )
         try:
             return cls(model, params, config, local=local, process_group=process_group, kind="ddp")
         except Exception:

@@ -21,13 +21,24 @@ passed to ``step()`` take precedence.
 from __future__ import annotations
 
 import threading
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from ..estimators import StepStats, make_step_stats
-from .base import (EndOfBackward, Hook, ProbeConfig, StepContext, StepTotal, check_single_process, check_sizes,
-                   group_sums, infer_batch_size, sq_norm)
+from .base import (
+    EndOfBackward,
+    Hook,
+    ProbeConfig,
+    StepContext,
+    StepTotal,
+    check_single_process,
+    check_sizes,
+    group_sums,
+    infer_batch_size,
+    sq_norm,
+)
 
 __all__ = ["MicroBatchProbe"]
 
@@ -55,12 +66,14 @@ class MicroBatchProbe:
         return 1.0  # works on any single-process model with gradient accumulation: the fallback
 
     @classmethod
-    def from_config(cls, model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
-                    config: ProbeConfig) -> MicroBatchProbe:
+    def from_config(
+        cls, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], config: ProbeConfig
+    ) -> MicroBatchProbe:
         return cls(model, params, config)
 
-    def __init__(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
-                 config: ProbeConfig | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], config: ProbeConfig | None = None
+    ) -> None:
         self.config = config = config or ProbeConfig()
         if config.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {config.reduction!r}")
@@ -74,8 +87,9 @@ class MicroBatchProbe:
         self._index: list[int] = []
         self._parts: list[torch.Tensor] = []  # one [G] float64 vector per closed backward pass
         self._sizes_seen: list[int | None] = []
-        self._total = StepTotal([(p, None, None, True) for p in self.params], self.groups, self.preconditioner,
-                                self.device)
+        self._total = StepTotal(
+            [(p, None, None, True) for p in self.params], self.groups, self.preconditioner, self.device
+        )
         self._end = EndOfBackward(self._end_backward)
         self._handles: list[Any] = [p.register_hook(Hook(self._make_hook(p))) for p in self.params]
         if config.infer_sizes:
@@ -128,11 +142,18 @@ class MicroBatchProbe:
         total = self._total.take(ctx)
         G = len(self.groups)
         if k < 2:
-            reason = ("no backward pass reached the measured parameters since the last step(); call step() once "
-                      "per optimizer step, after the backward passes") if k == 0 else (
-                      "only one backward pass (micro-batch) in this step, so there is no smaller batch to compare "
-                      "with: accumulate gradients over >= 2 micro-batches per optimizer step, or use "
-                      "method='per_example'")
+            reason = (
+                (
+                    "no backward pass reached the measured parameters since the last step(); call step() once "
+                    "per optimizer step, after the backward passes"
+                )
+                if k == 0
+                else (
+                    "only one backward pass (micro-batch) in this step, so there is no smaller batch to compare "
+                    "with: accumulate gradients over >= 2 micro-batches per optimizer step, or use "
+                    "method='per_example'"
+                )
+            )
             ex = float(sum(sizes)) if sizes is not None else float("nan")
             st = make_step_stats([0.0] * G, [0.0] * G, [1.0], parts=k, examples=ex, device=self.device)
             st.reason = reason
@@ -144,15 +165,14 @@ class MicroBatchProbe:
                 f"gns.step(sizes=[...]) with {k} numbers in the tracker's unit"
             )
         small = torch.stack(parts).sum(0) if k > 1 else parts[0]
-        return make_step_stats(small * ctx.inv_scale2_small, total, sizes,
-                               reduction=self.reduction, device=self.device)
+        return make_step_stats(small * ctx.inv_scale2_small, total, sizes, reduction=self.reduction, device=self.device)
 
     @staticmethod
     def _resolve_sizes(given: Sequence[float] | None, seen: list[int | None], k: int) -> list[float] | None:
         if given is not None:
             return check_sizes(given, k)
         if len(seen) == k and all(s is not None for s in seen):
-            return [float(s) for s in seen]  # type: ignore[arg-type]
+            return [float(s) for s in seen if s is not None]  # (all are: checked above)
         return None
 
     def close(self) -> None:

@@ -43,15 +43,26 @@ from __future__ import annotations
 import math
 import types
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, cast, overload
 
 import torch
 from torch import nn
 
 from ..estimators import StepStats, make_step_stats
-from .base import (EndOfBackward, Hook, Groups, Preconditioner, ProbeConfig, StepContext, StepTotal, check_single_process,
-                   infer_batch_size, resolve_groups)
+from .base import (
+    EndOfBackward,
+    Groups,
+    Hook,
+    Preconditioner,
+    ProbeConfig,
+    StepContext,
+    StepTotal,
+    check_single_process,
+    infer_batch_size,
+    resolve_groups,
+)
 from .per_example_ops import ConvFn, EmbeddingFn, GroupNormFn, LayerNormFn, LinearFn, ScaleFn
 
 __all__ = ["PerExampleProbe", "Coverage", "per_example_coverage", "LAYER_GROUPS"]
@@ -67,13 +78,19 @@ LAYER_GROUPS: dict[str, tuple[str, ...]] = {
     "groupnorm": ("groupnorm",),
 }
 EXCLUDED = "excluded by layers="
-_KIND_OF_CLASS = {
-    nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Embedding: "embedding",
-    nn.LayerNorm: "layernorm", nn.GroupNorm: "groupnorm",
+_KIND_OF_CLASS: dict[type[nn.Module], str] = {
+    nn.Linear: "linear",
+    nn.Conv1d: "conv1d",
+    nn.Conv2d: "conv2d",
+    nn.Embedding: "embedding",
+    nn.LayerNorm: "layernorm",
+    nn.GroupNorm: "groupnorm",
 }
 if hasattr(nn, "RMSNorm"):
     _KIND_OF_CLASS[nn.RMSNorm] = "rmsnorm"
-
+_Conv = nn.Conv1d | nn.Conv2d
+if TYPE_CHECKING:  # a module of a supported kind (nn.RMSNorm: guarded above at run time)
+    _Supported = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Embedding | nn.LayerNorm | nn.GroupNorm | nn.RMSNorm
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -113,7 +130,7 @@ class _Plan:
     covered_params: list[nn.Parameter]
 
 
-def _kinds_from_filter(layers: Any) -> Callable[[str, nn.Module, str], bool] | None:
+def _kinds_from_filter(layers: Any) -> Callable[[str, nn.Module, str | None], bool] | None:
     if layers is None:
         return None
     if callable(layers) and not isinstance(layers, type):
@@ -125,8 +142,10 @@ def _kinds_from_filter(layers: Any) -> Callable[[str, nn.Module, str], bool] | N
         if isinstance(it, str):
             key = it.lower()
             if key not in LAYER_GROUPS:
-                raise ValueError(f"layers= got unknown layer group {it!r}; use one of {sorted(LAYER_GROUPS)}, "
-                                 "module classes (e.g. nn.LayerNorm), or a callable(name, module) -> bool")
+                raise ValueError(
+                    f"layers= got unknown layer group {it!r}; use one of {sorted(LAYER_GROUPS)}, "
+                    "module classes (e.g. nn.LayerNorm), or a callable(name, module) -> bool"
+                )
             kinds.update(LAYER_GROUPS[key])
         elif isinstance(it, type) and issubclass(it, nn.Module):
             classes.append(it)
@@ -185,7 +204,7 @@ def _plan(model: nn.Module, params: Sequence[nn.Parameter] | None, layers: Any) 
             why = f"module registered at {len(places[id(mod)])} places ({', '.join(places[id(mod)])}): reused"
         elif kind == "embedding" and (mod.max_norm is not None or mod.scale_grad_by_freq):
             why = "Embedding with max_norm or scale_grad_by_freq (couples the examples of a batch)"
-        elif kind in ("conv1d", "conv2d") and _conv_padding(mod) is None:
+        elif kind in ("conv1d", "conv2d") and _conv_padding(cast(_Conv, mod)) is None:
             why = f"Conv padding={mod.padding!r} needs asymmetric padding"
         names = {n: pname[id(p)] for n, p in own}
         w_on = b_on = False
@@ -198,9 +217,12 @@ def _plan(model: nn.Module, params: Sequence[nn.Parameter] | None, layers: Any) 
             if why is not None:
                 uncovered[names[n]] = why
             elif len(shared) > 1:
-                uncovered[names[n]] = ("tied: shared by " + ", ".join(m for m, _ in shared) +
-                                       "; the per-example gradient is the sum over uses (cross terms), "
-                                       "which is not computed")
+                uncovered[names[n]] = (
+                    "tied: shared by "
+                    + ", ".join(m for m, _ in shared)
+                    + "; the per-example gradient is the sum over uses (cross terms), "
+                    "which is not computed"
+                )
             elif n == "weight":
                 w_on = True
                 covered_params.append(p)
@@ -210,11 +232,12 @@ def _plan(model: nn.Module, params: Sequence[nn.Parameter] | None, layers: Any) 
             else:  # pragma: no cover - supported layers only have weight/bias
                 uncovered[names[n]] = f"parameter {n!r} of {type(mod).__name__} is not handled"
         if w_on or b_on:
-            plan_layers.append((mname or "<root>", mod, kind, w_on, b_on))  # type: ignore[arg-type]
+            assert kind is not None  # a covered parameter means why is None: a supported kind
+            plan_layers.append((mname or "<root>", mod, kind, w_on, b_on))
     # parameters not owned by any submodule's _parameters (should not happen) are uncovered too
     covered_ids = {id(p) for p in covered_params}
     for p in tracked:
-        if id(p) not in covered_ids and pname.get(id(p), None) not in uncovered:
+        if id(p) not in covered_ids and pname.get(id(p)) not in uncovered:
             uncovered[pname.get(id(p), f"<parameter {tuple(p.shape)}>")] = "not owned by a supported module"
     total = sum(p.numel() for p in tracked)
     frac = sum(p.numel() for p in covered_params) / total if total else 0.0
@@ -222,13 +245,14 @@ def _plan(model: nn.Module, params: Sequence[nn.Parameter] | None, layers: Any) 
     return _Plan(cov, plan_layers, covered_params)
 
 
-def per_example_coverage(model: nn.Module, params: Sequence[nn.Parameter] | None = None,
-                         layers: Any = None) -> Coverage:
+def per_example_coverage(
+    model: nn.Module, params: Sequence[nn.Parameter] | None = None, layers: Any = None
+) -> Coverage:
     """What ``method="per_example"`` would measure on ``model`` (nothing is wrapped)."""
     return _plan(model, params, layers).coverage
 
 
-def _conv_padding(mod: nn.Module) -> tuple[int, ...] | None:
+def _conv_padding(mod: _Conv) -> tuple[int, ...] | None:
     pad = mod.padding
     nd = len(mod.kernel_size)
     if isinstance(pad, str):
@@ -241,6 +265,10 @@ def _conv_padding(mod: nn.Module) -> tuple[int, ...] | None:
     return tuple(pad)
 
 
+@overload
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+@overload
+def _cast(t: None, dtype: torch.dtype) -> None: ...
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     if t is None or not t.is_floating_point() or t.dtype == dtype or t.dtype == torch.float64:
         return t
@@ -270,8 +298,22 @@ class _Forward:
 
 
 class _Layer:
-    __slots__ = ("name", "module", "kind", "w_on", "b_on", "acc", "w_idx", "b_idx", "w_pre", "b_pre", "calls",
-                 "had_forward", "old_forward", "excluded")
+    __slots__ = (
+        "name",
+        "module",
+        "kind",
+        "w_on",
+        "b_on",
+        "acc",
+        "w_idx",
+        "b_idx",
+        "w_pre",
+        "b_pre",
+        "calls",
+        "had_forward",
+        "old_forward",
+        "excluded",
+    )
 
     def __init__(self, name: str, module: nn.Module, kind: str, w_on: bool, b_on: bool) -> None:
         self.name, self.module, self.kind, self.w_on, self.b_on = name, module, kind, w_on, b_on
@@ -282,7 +324,13 @@ class _Layer:
         self.calls = 0
         self.excluded = False
         self.had_forward = "forward" in module.__dict__
-        self.old_forward = module.__dict__.get("forward")
+        self.old_forward: Callable[..., Any] | None = module.__dict__.get("forward")
+
+    @property
+    def weight_bias(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The module's ``weight`` and ``bias`` as it holds them now (a norm without affine: None)."""
+        m = cast("_Supported", self.module)  # a supported kind: see _kind
+        return m.weight, getattr(m, "bias", None)
 
 
 class PerExampleProbe:
@@ -331,15 +379,35 @@ class PerExampleProbe:
         return 0.0 if cov.batch_norm_training or cov.fraction < min_coverage else 2.0
 
     @classmethod
-    def from_config(cls, model: nn.Module, params: Sequence[nn.Parameter], config: ProbeConfig,
-                    **options: Any) -> PerExampleProbe:
-        return cls(model, params, reduction=config.reduction, unit=config.unit, lenient=config.auto,
-                   groups=config.groups, preconditioner=config.preconditioner, **options)
+    def from_config(
+        cls, model: nn.Module, params: Sequence[nn.Parameter], config: ProbeConfig, **options: Any
+    ) -> PerExampleProbe:
+        return cls(
+            model,
+            params,
+            reduction=config.reduction,
+            unit=config.unit,
+            lenient=config.auto,
+            groups=config.groups,
+            preconditioner=config.preconditioner,
+            **options,
+        )
 
-    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter] | None = None, *,
-                 reduction: str = "mean", unit: str = "examples", strict: bool = False,
-                 layers: Any = None, fused: bool = False, lenient: bool = False, groups: Groups | None = None,
-                 preconditioner: Preconditioner | None = None, capture_total: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[nn.Parameter] | None = None,
+        *,
+        reduction: str = "mean",
+        unit: str = "examples",
+        strict: bool = False,
+        layers: Any = None,
+        fused: bool = False,
+        lenient: bool = False,
+        groups: Groups | None = None,
+        preconditioner: Preconditioner | None = None,
+        capture_total: bool = True,
+    ) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         plan = _plan(model, params, layers)
@@ -359,11 +427,16 @@ class PerExampleProbe:
             )
         for name, mod, *_ in plan.layers:
             if isinstance(mod.__dict__.get("forward"), _Forward):
-                raise ValueError(f"layer {name} is already instrumented by another per-example probe; "
-                                 "close() it first (one per-example probe per model)")
+                raise ValueError(
+                    f"layer {name} is already instrumented by another per-example probe; "
+                    "close() it first (one per-example probe per model)"
+                )
         if cov.tied:
-            warnings.warn(f"noisescale: tied or reused parameters are not measured by the per-example probe: "
-                          f"{', '.join(cov.tied)} (their per-example gradients have cross terms)", stacklevel=3)
+            warnings.warn(
+                f"noisescale: tied or reused parameters are not measured by the per-example probe: "
+                f"{', '.join(cov.tied)} (their per-example gradients have cross terms)",
+                stacklevel=3,
+            )
         self._bn_warned = False
         self._warn_batch_norm(cov.batch_norm_training)
         self.model = model
@@ -374,8 +447,9 @@ class PerExampleProbe:
         self.strict = strict
         self.fused = bool(fused)
         self.lenient = bool(lenient) and not strict
-        self._tracked_numel = sum(p.numel() for p in (params if params is not None else
-                                                      [q for q in model.parameters() if q.requires_grad]))
+        self._tracked_numel = sum(
+            p.numel() for p in (params if params is not None else [q for q in model.parameters() if q.requires_grad])
+        )
         self._layers = [_Layer(*t) for t in plan.layers]
         tracked = list(params) if params is not None else [q for q in model.parameters() if q.requires_grad]
         self.groups = groups if groups is not None else resolve_groups(model, tracked, None)
@@ -385,18 +459,20 @@ class PerExampleProbe:
         # (fewer reads at step()); a layer excluded at run time gets a private one never read.
         self._accs: dict[torch.device, torch.Tensor] = {}
         for L in self._layers:
-            w, b = L.module.weight, getattr(L.module, "bias", None)
+            w, b = L.weight_bias
             p = w if w is not None else b
+            assert p is not None  # a covered layer has a weight or a bias
             L.acc = self._accs.setdefault(p.device, torch.zeros(G, dtype=torch.float64, device=p.device))
             if L.w_on:
+                assert w is not None  # w_on: the weight is covered
                 L.w_idx = self.groups.index(w)
                 L.w_pre = preconditioner.weights[id(w)] if preconditioner is not None else None
             if L.b_on:
+                assert b is not None  # b_on: the bias is covered
                 L.b_idx = self.groups.index(b)
                 L.b_pre = preconditioner.weights[id(b)] if preconditioner is not None else None
         self.device = next(iter(self._accs))
-        self._total = StepTotal([(q, None, None, True) for q in self.params], self.groups, preconditioner,
-                                self.device)
+        self._total = StepTotal([(q, None, None, True) for q in self.params], self.groups, preconditioner, self.device)
         self._capture_total = capture_total
         self._end = EndOfBackward(self._total.capture)
         self._bn_modules = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -418,7 +494,9 @@ class PerExampleProbe:
                 f"noisescale: batch norm in training mode ({', '.join(names)}) normalises each example with "
                 "statistics of the whole batch, so examples are not independent and per-example gradients "
                 "do not estimate the noise scale correctly; use method='microbatch' (micro-batches are "
-                "normalised separately) or GroupNorm/LayerNorm", stacklevel=4)
+                "normalised separately) or GroupNorm/LayerNorm",
+                stacklevel=4,
+            )
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not torch.is_grad_enabled():
@@ -447,8 +525,10 @@ class PerExampleProbe:
         b = self._batch
         if torch.compiler.is_compiling():
             if b is not None and (x.dim() < min_dim or x.shape[0] != b):
-                raise ValueError(self._batch_message(L, x, b) + " Exclude this layer before compiling "
-                                 "(layers= or params=), or run one eager step first.")
+                raise ValueError(
+                    self._batch_message(L, x, b) + " Exclude this layer before compiling "
+                    "(layers= or params=), or run one eager step first."
+                )
             return
         if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return  # no gradient, or recomputation in backward (activation checkpointing)
@@ -456,19 +536,24 @@ class PerExampleProbe:
         if x.dim() < min_dim:
             raise ValueError(
                 f"per-example norms: layer {L.name} ({type(L.module).__name__}) got an input of shape "
-                f"{tuple(x.shape)} with no batch dimension (expected >= {min_dim} dims, batch first)")
+                f"{tuple(x.shape)} with no batch dimension (expected >= {min_dim} dims, batch first)"
+            )
         if L.excluded or b is None or x.shape[0] == b:
             return
         not_batch_first = x.dim() >= 2 and b in tuple(x.shape[1:])
         if self.strict or (not_batch_first and not self.lenient):
             raise ValueError(self._batch_message(L, x, b))
-        self._exclude(L, "not batch-first" if not_batch_first else "input has no batch dimension (shared by all examples)")
-        what = ("the batch is not on dim 0" if not_batch_first else
-                "they are shared by all examples (e.g. position ids)")
-        warnings.warn(f"noisescale: layer {L.name} ({type(L.module).__name__}) gets inputs of shape {tuple(x.shape)} "
-                      f"without the batch ({b} examples) on dim 0: {what}, so its per-example gradients are not "
-                      f"available; its parameters are excluded from the measurement (coverage now "
-                      f"{self.coverage.fraction:.1%})", stacklevel=4)
+        self._exclude(
+            L, "not batch-first" if not_batch_first else "input has no batch dimension (shared by all examples)"
+        )
+        what = "the batch is not on dim 0" if not_batch_first else "they are shared by all examples (e.g. position ids)"
+        warnings.warn(
+            f"noisescale: layer {L.name} ({type(L.module).__name__}) gets inputs of shape {tuple(x.shape)} "
+            f"without the batch ({b} examples) on dim 0: {what}, so its per-example gradients are not "
+            f"available; its parameters are excluded from the measurement (coverage now "
+            f"{self.coverage.fraction:.1%})",
+            stacklevel=4,
+        )
 
     def _exclude(self, L: _Layer, why: str) -> None:
         L.excluded = True
@@ -477,38 +562,50 @@ class PerExampleProbe:
 
     @staticmethod
     def _batch_message(L: _Layer, x: torch.Tensor, b: int) -> str:
-        return (f"per-example norms need batch-first inputs: layer {L.name} ({type(L.module).__name__}) got an "
-                f"input of shape {tuple(x.shape)} whose dim 0 is not the batch size {b} of the model's input. "
-                "Make every layer see the batch on dim 0 (e.g. batch_first=True), exclude the layer (layers= or "
-                "params=), or use method='microbatch'.")
+        return (
+            f"per-example norms need batch-first inputs: layer {L.name} ({type(L.module).__name__}) got an "
+            f"input of shape {tuple(x.shape)} whose dim 0 is not the batch size {b} of the model's input. "
+            "Make every layer see the batch on dim 0 (e.g. batch_first=True), exclude the layer (layers= or "
+            "params=), or use method='microbatch'."
+        )
 
     def _refresh_coverage(self, why: str) -> None:
         live = [L for L in self._layers if not L.excluded]
-        self.params = [p for L in live for p, on in ((L.module.weight, L.w_on), (getattr(L.module, "bias", None), L.b_on)) if on]
+        self.params = [
+            cast(nn.Parameter, p)  # covered: registered parameters (see _plan)
+            for L in live
+            for p, on in zip(L.weight_bias, (L.w_on, L.b_on))
+            if on
+        ]
         for L in self._layers:
             if L.excluded:
                 for n, on in (("weight", L.w_on), ("bias", L.b_on)):
                     if on:
                         self.coverage.uncovered.setdefault(f"{L.name}.{n}", why)
         self.coverage.covered = [L.name for L in live]
-        self._total = StepTotal([(q, None, None, True) for q in self.params], self.groups, self.preconditioner,
-                                self.device)
+        self._total = StepTotal(
+            [(q, None, None, True) for q in self.params], self.groups, self.preconditioner, self.device
+        )
         covered = sum(p.numel() for p in self.params)
         self.coverage.fraction = covered / self._tracked_numel if self._tracked_numel else 0.0
         if not live and not self.lenient:
-            raise ValueError("per-example norms: every covered layer was excluded (no batch dimension on dim 0); "
-                             "use method='microbatch'")
+            raise ValueError(
+                "per-example norms: every covered layer was excluded (no batch dimension on dim 0); "
+                "use method='microbatch'"
+            )
 
     def _make_forward(self, L: _Layer) -> Callable[..., torch.Tensor]:
-        m = L.module
         check = self._check
         kind = L.kind
         fused = self.fused
 
         if kind == "linear":
+            lin = cast(nn.Linear, L.module)
+
             def forward(input: torch.Tensor) -> torch.Tensor:
                 check(L, input, 2)
-                x, w, b = input, m.weight, m.bias
+                b: torch.Tensor | None  # None with bias=False
+                x, w, b = input, lin.weight, lin.bias
                 dev = x.device.type
                 if torch.is_autocast_enabled(dev):  # autocast runs linear in the low-precision dtype
                     dt = torch.get_autocast_dtype(dev)
@@ -517,48 +614,83 @@ class PerExampleProbe:
                         return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused)
                 return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused)
         elif kind in ("conv1d", "conv2d"):
+            conv = cast(_Conv, L.module)
             nd = 1 if kind == "conv1d" else 2
-            padding = _conv_padding(m)
+            padding = _conv_padding(conv)
             zero = (0,) * nd
 
             def forward(input: torch.Tensor) -> torch.Tensor:
                 check(L, input, nd + 2)
-                x, w, b = input, m.weight, m.bias
+                x, w, b = input, conv.weight, conv.bias
                 pad = padding
-                if m.padding_mode != "zeros":
-                    x = torch.nn.functional.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+                if conv.padding_mode != "zeros":
+                    x = torch.nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
                     pad = zero
                 dev = x.device.type
                 if torch.is_autocast_enabled(dev):
                     dt = torch.get_autocast_dtype(dev)
                     x, w, b = _cast(x, dt), _cast(w, dt), _cast(b, dt)
                     with torch.autocast(dev, enabled=False):
-                        return ConvFn.apply(x, w, b, L.acc, m.stride, pad, m.dilation, m.groups, L.w_idx, L.b_idx, L.w_pre,
-                                    L.b_pre, fused)
-                return ConvFn.apply(x, w, b, L.acc, m.stride, pad, m.dilation, m.groups, L.w_idx, L.b_idx, L.w_pre,
-                                    L.b_pre, fused)
+                        return ConvFn.apply(
+                            x,
+                            w,
+                            b,
+                            L.acc,
+                            conv.stride,
+                            pad,
+                            conv.dilation,
+                            conv.groups,
+                            L.w_idx,
+                            L.b_idx,
+                            L.w_pre,
+                            L.b_pre,
+                            fused,
+                        )
+                return ConvFn.apply(
+                    x,
+                    w,
+                    b,
+                    L.acc,
+                    conv.stride,
+                    pad,
+                    conv.dilation,
+                    conv.groups,
+                    L.w_idx,
+                    L.b_idx,
+                    L.w_pre,
+                    L.b_pre,
+                    fused,
+                )
         elif kind == "embedding":
-            pidx = -1 if m.padding_idx is None else m.padding_idx
+            emb = cast(nn.Embedding, L.module)
+            pidx = -1 if emb.padding_idx is None else emb.padding_idx
 
             def forward(input: torch.Tensor) -> torch.Tensor:
                 check(L, input, 1)
-                return EmbeddingFn.apply(input, m.weight, L.acc, L.w_idx, L.w_pre, pidx, m.sparse)
+                return EmbeddingFn.apply(input, emb.weight, L.acc, L.w_idx, L.w_pre, pidx, emb.sparse)
         elif kind == "layernorm":
-            shape = tuple(m.normalized_shape)
+            ln = cast(nn.LayerNorm, L.module)
+            shape = tuple(ln.normalized_shape)
 
             def forward(input: torch.Tensor) -> torch.Tensor:
                 check(L, input, len(shape) + 1)
-                x, w, b = input, m.weight, m.bias
+                w: torch.Tensor | None  # None without affine parameters
+                b: torch.Tensor | None
+                x, w, b = input, ln.weight, ln.bias
                 dev = x.device.type
                 if dev != "cpu" and torch.is_autocast_enabled(dev):  # fp32 op under CUDA-style autocast
                     x, w, b = _cast(x, torch.float32), _cast(w, torch.float32), _cast(b, torch.float32)
                     with torch.autocast(dev, enabled=False):
-                        return LayerNormFn.apply(x, w, b, L.acc, shape, m.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre)[0]
-                return LayerNormFn.apply(x, w, b, L.acc, shape, m.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre)[0]
+                        return LayerNormFn.apply(x, w, b, L.acc, shape, ln.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre)[0]
+                return LayerNormFn.apply(x, w, b, L.acc, shape, ln.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre)[0]
         elif kind == "groupnorm":
+            gn = cast(nn.GroupNorm, L.module)
+
             def forward(input: torch.Tensor) -> torch.Tensor:
                 check(L, input, 2)
-                x, w, b = input, m.weight, m.bias
+                w: torch.Tensor | None  # None without affine parameters
+                b: torch.Tensor | None
+                x, w, b = input, gn.weight, gn.bias
                 cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
                 x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
                 w = w.contiguous() if w is not None else None
@@ -567,12 +699,13 @@ class PerExampleProbe:
                 if dev != "cpu" and torch.is_autocast_enabled(dev):
                     x, w, b = _cast(x, torch.float32), _cast(w, torch.float32), _cast(b, torch.float32)
                     with torch.autocast(dev, enabled=False):
-                        return GroupNormFn.apply(x, w, b, L.acc, m.num_groups, m.eps, L.w_idx, L.b_idx, L.w_pre,
-                                           L.b_pre)[0]
-                return GroupNormFn.apply(x, w, b, L.acc, m.num_groups, m.eps, L.w_idx, L.b_idx, L.w_pre,
-                                           L.b_pre)[0]
+                        return GroupNormFn.apply(
+                            x, w, b, L.acc, gn.num_groups, gn.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre
+                        )[0]
+                return GroupNormFn.apply(x, w, b, L.acc, gn.num_groups, gn.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre)[0]
         elif kind == "rmsnorm":
-            shape = tuple(m.normalized_shape)
+            rms = cast(nn.RMSNorm, L.module)
+            shape = tuple(rms.normalized_shape)
 
             def forward(input: torch.Tensor) -> torch.Tensor:
                 check(L, input, len(shape) + 1)
@@ -581,8 +714,8 @@ class PerExampleProbe:
                 # (A fused CUDA kernel, where one is used, is not reproduced bit for bit.)
                 lowp = input.dtype in (torch.float16, torch.bfloat16)
                 x = input.float() if lowp else input
-                xhat = torch.nn.functional.rms_norm(x, shape, None, m.eps)  # stock autograd
-                out = ScaleFn.apply(xhat, m.weight, L.acc, L.w_idx, L.w_pre)
+                xhat = torch.nn.functional.rms_norm(x, shape, None, rms.eps)  # stock autograd
+                out = ScaleFn.apply(xhat, rms.weight, L.acc, L.w_idx, L.w_pre)
                 return out.to(input.dtype) if lowp else out
         else:  # pragma: no cover
             raise AssertionError(kind)
@@ -596,22 +729,29 @@ class PerExampleProbe:
     def pending_parts(self) -> int:
         return len(self._seen)
 
-    def _example_sizes(self, given: Sequence[Any] | None, seen: list[int | None]
-                       ) -> list[tuple[int, list[float] | float]]:
+    def _example_sizes(
+        self, given: Sequence[Any] | None, seen: list[int | None]
+    ) -> list[tuple[int, list[float] | float]]:
         """Per micro-batch ``(B_m, sizes)``: ``sizes`` a float (every example the same) or a list."""
         k = len(seen)
         if any(s is None for s in seen):
-            raise ValueError(f"could not infer the number of examples of the {k} forward passes of this step "
-                             f"(saw {seen}): give the model a tensor input with the batch on dim 0")
-        counts = [int(s) for s in seen]  # type: ignore[arg-type]
+            raise ValueError(
+                f"could not infer the number of examples of the {k} forward passes of this step "
+                f"(saw {seen}): give the model a tensor input with the batch on dim 0"
+            )
+        counts = [int(s) for s in seen if s is not None]  # (all are: checked above)
         if given is None:
             if self.unit != "examples":
-                raise ValueError(f"unit={self.unit!r}: pass step(sizes=[...]) with each micro-batch's size in "
-                                 f"{self.unit} ({k} micro-batches this step)")
+                raise ValueError(
+                    f"unit={self.unit!r}: pass step(sizes=[...]) with each micro-batch's size in "
+                    f"{self.unit} ({k} micro-batches this step)"
+                )
             return [(c, 1.0) for c in counts]
         if len(given) != k:
-            raise ValueError(f"step(sizes=...) got {len(given)} sizes but this step had {k} forward passes "
-                             f"(micro-batches) with gradients; give one per micro-batch, in order")
+            raise ValueError(
+                f"step(sizes=...) got {len(given)} sizes but this step had {k} forward passes "
+                f"(micro-batches) with gradients; give one per micro-batch, in order"
+            )
         out: list[tuple[int, list[float] | float]] = []
         for c, s in zip(counts, given):
             if isinstance(s, torch.Tensor):
@@ -658,12 +798,13 @@ class PerExampleProbe:
         sizes: list[float] = []
         for c, sz in groups:  # an example's weight in the step gradient: its share of its micro-batch under "mean"
             size_m = sum(sz) if isinstance(sz, list) else c * sz
-            for n, b in ([(c, sz)] if not isinstance(sz, list) else [(1, x) for x in sz]):
+            for n, b in [(c, sz)] if not isinstance(sz, list) else [(1, x) for x in sz]:
                 counts.append(n)
                 sizes.append(b)
                 weights.append(b / size_m if self.reduction == "mean" else b)
-        st = make_step_stats(raw * ctx.inv_scale2_small, total, sizes, counts=counts,
-                             weights=weights, device=self.device)
+        st = make_step_stats(
+            raw * ctx.inv_scale2_small, total, sizes, counts=counts, weights=weights, device=self.device
+        )
         if n_examples < 2:
             st.reason = f"only {n_examples} example this step: per-example norms need >= 2 examples"
         return st
@@ -677,32 +818,47 @@ class PerExampleProbe:
     def _unmeasurable(self, k: int, calls: list[int]) -> str | None:
         """Why this step cannot be measured (run-time exclusions and their warnings happen here)."""
         if k == 0:
-            return ("no forward pass with gradients enabled since the last step(); call step() once per optimizer "
-                    "step, after the backward passes")
+            return (
+                "no forward pass with gradients enabled since the last step(); call step() once per optimizer "
+                "step, after the backward passes"
+            )
         if not any(not L.excluded for L in self._layers):
-            return ("every layer the per-example probe covers was excluded (inputs without the batch on dim 0): "
-                    "use method='microbatch'")
+            return (
+                "every layer the per-example probe covers was excluded (inputs without the batch on dim 0): "
+                "use method='microbatch'"
+            )
         for L, n in zip(self._layers, calls):
             if n > k and self.lenient and not L.excluded:
                 self._exclude(L, "called several times per forward pass (weights reused within an example)")
-                warnings.warn(f"noisescale: layer {L.name} was called {n} times in {k} forward passes: its weights "
-                              "are reused within an example; excluded from the measurement from the next step on, "
-                              "this step is not measured", stacklevel=4)
+                warnings.warn(
+                    f"noisescale: layer {L.name} was called {n} times in {k} forward passes: its weights "
+                    "are reused within an example; excluded from the measurement from the next step on, "
+                    "this step is not measured",
+                    stacklevel=4,
+                )
                 return f"layer {L.name} is reused within an example (excluded from the next step on)"
             if n > k and not L.excluded:
                 raise ValueError(
                     f"per-example norms: layer {L.name} ({type(L.module).__name__}) was called {n} times in {k} "
                     f"forward passes of the model: its weights are reused within an example, so the per-example "
                     f"gradient is a sum over uses with cross terms that are not computed. Exclude it "
-                    f"(params= or layers=), or use method='microbatch'.")
+                    f"(params= or layers=), or use method='microbatch'."
+                )
         if any(calls):
             for L, n in zip(self._layers, calls):
-                if n == 0 and L.name not in self._not_called_warned and any(
-                        p is not None and p.grad is not None for p in (L.module.weight, getattr(L.module, "bias", None))):
+                if (
+                    n == 0
+                    and L.name not in self._not_called_warned
+                    and any(
+                        p is not None and p.grad is not None for p in (L.module.weight, getattr(L.module, "bias", None))
+                    )
+                ):
                     self._not_called_warned.add(L.name)
                     warnings.warn(
                         f"noisescale: layer {L.name} has gradients but its forward was not called this step "
-                        "(are its weights used functionally?): its per-example norms are missing", stacklevel=4)
+                        "(are its weights used functionally?): its per-example norms are missing",
+                        stacklevel=4,
+                    )
         return None
 
     def close(self) -> None:
@@ -712,9 +868,9 @@ class PerExampleProbe:
         for L in self._layers:
             mod = L.module
             if L.had_forward:
+                assert L.old_forward is not None  # the instance's own forward, saved when wrapped
                 mod.forward = L.old_forward
             elif "forward" in mod.__dict__:
                 del mod.__dict__["forward"]
         self._layers = []
         self._seen = []
-

@@ -172,7 +172,7 @@ class LinearFn(torch.autograd.Function):
     """``F.linear`` with per-example squared norms of (weight, bias) added into ``acc``."""
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, w_idx, b_idx, w_pre, b_pre, fused):  # type: ignore[override]
+    def forward(ctx, x, w, b, acc, w_idx, b_idx, w_pre, b_pre, fused):
         ctx.save_for_backward(x, w)
         _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre)
         ctx.has_b = b is not None
@@ -232,8 +232,9 @@ class LinearFn(torch.autograd.Function):
         else:
             B = x.shape[0]
             dt = _acc_dtype(g)
-            sw, sb = _ghost_or_materialise(x.reshape(B, -1, d).to(dt), g.reshape(B, -1, p).to(dt),
-                                           w_on, b_on, joint, wp, bp)
+            sw, sb = _ghost_or_materialise(
+                x.reshape(B, -1, d).to(dt), g.reshape(B, -1, p).to(dt), w_on, b_on, joint, wp, bp
+            )
         _add(ctx.acc, wi, sw)
         _add(ctx.acc, bi, sb)
         return gx, gw, gb, None, None, None, None, None, None
@@ -246,8 +247,7 @@ class ConvFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, stride, padding, dilation, groups,  # type: ignore[override]
-                w_idx, b_idx, w_pre, b_pre, fused):
+    def forward(ctx, x, w, b, acc, stride, padding, dilation, groups, w_idx, b_idx, w_pre, b_pre, fused):
         ctx.save_for_backward(x, w)
         _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre)
         ctx.fused = fused and w_idx >= 0
@@ -264,8 +264,9 @@ class ConvFn(torch.autograd.Function):
         # fused: the weight gradient comes from the per-example gradients; the bias gradient is
         # summed here too (asking the backend for it makes it compute the weight gradient as well)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not ctx.fused, want_b and not ctx.fused]
-        gx, gw, gb = aten.convolution_backward(g, x, w, ctx.bias_sizes, ctx.stride, ctx.padding, ctx.dilation,
-                                               False, [0] * nd, ctx.groups, mask)
+        gx, gw, gb = aten.convolution_backward(
+            g, x, w, ctx.bias_sizes, ctx.stride, ctx.padding, ctx.dilation, False, [0] * nd, ctx.groups, mask
+        )
         if want_b and ctx.fused:
             gb = g.sum([0] + list(range(2, g.dim())))
         with torch.no_grad():
@@ -282,9 +283,20 @@ class ConvFn(torch.autograd.Function):
                 G = ctx.groups
                 dd = x.shape[1] // G * w[0, 0].numel()  # inputs per output unit
                 pp = c_out // G
-                sq, pe_sum = _conv_weight_sq(x4 if ctx.fused else x4.to(dt), g.reshape(B, c_out, -1) if ctx.fused
-                                             else gf, k, dl, pd, st, G, dd, pp, gf.shape[2], ctx.fused,
-                                             _reshaped(ctx.w_pre, G, pp, dd))
+                sq, pe_sum = _conv_weight_sq(
+                    x4 if ctx.fused else x4.to(dt),
+                    g.reshape(B, c_out, -1) if ctx.fused else gf,
+                    k,
+                    dl,
+                    pd,
+                    st,
+                    G,
+                    dd,
+                    pp,
+                    gf.shape[2],
+                    ctx.fused,
+                    _reshaped(ctx.w_pre, G, pp, dd),
+                )
                 _add(ctx.acc, ctx.w_idx, sq)
                 if ctx.fused and ctx.needs_input_grad[1]:
                     gw = pe_sum.reshape(w.shape)
@@ -334,7 +346,7 @@ class EmbeddingFn(torch.autograd.Function):
     """``torch.embedding`` with per-example squared norms of the weight gradient into ``acc``."""
 
     @staticmethod
-    def forward(ctx, ids, w, acc, w_idx, w_pre, padding_idx, sparse):  # type: ignore[override]
+    def forward(ctx, ids, w, acc, w_idx, w_pre, padding_idx, sparse):
         ctx.save_for_backward(ids)
         _keep(ctx, acc, w_idx, w_pre)
         ctx.padding_idx, ctx.sparse, ctx.num_weights = padding_idx, sparse, w.shape[0]
@@ -394,7 +406,7 @@ class LayerNormFn(torch.autograd.Function):
     """``aten.native_layer_norm`` (what ``F.layer_norm`` runs) with per-example norms of (weight, bias)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, normalized_shape, eps, w_idx, b_idx, w_pre, b_pre):  # type: ignore[override]
+    def forward(ctx, x, w, b, acc, normalized_shape, eps, w_idx, b_idx, w_pre, b_pre):
         out, mean, rstd = aten.native_layer_norm(x, list(normalized_shape), w, b, eps)
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, w, b, mean, rstd)
@@ -405,8 +417,11 @@ class LayerNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _gm, _gr):
         x, w, b, mean, rstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], w is not None and ctx.needs_input_grad[1],
-                b is not None and ctx.needs_input_grad[2]]
+        mask = [
+            ctx.needs_input_grad[0],
+            w is not None and ctx.needs_input_grad[1],
+            b is not None and ctx.needs_input_grad[2],
+        ]
         gx, gw, gb = aten.native_layer_norm_backward(g, x, ctx.shape, mean, rstd, w, b, mask)
         with torch.no_grad():
             dt = _acc_dtype(g)
@@ -424,7 +439,7 @@ class GroupNormFn(torch.autograd.Function):
     """``aten.native_group_norm`` (what ``F.group_norm`` runs) with per-example norms of (weight, bias)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, groups, eps, w_idx, b_idx, w_pre, b_pre):  # type: ignore[override]
+    def forward(ctx, x, w, b, acc, groups, eps, w_idx, b_idx, w_pre, b_pre):
         N, C = x.shape[0], x.shape[1]
         HxW = x[0, 0].numel()
         out, mean, rstd = aten.native_group_norm(x, w, b, N, C, HxW, groups, eps)
@@ -439,8 +454,11 @@ class GroupNormFn(torch.autograd.Function):
         x, w, mean, rstd = ctx.saved_tensors
         N, C = x.shape[0], x.shape[1]
         HxW = x[0, 0].numel()
-        mask = [ctx.needs_input_grad[0], w is not None and ctx.needs_input_grad[1],
-                ctx.has_b and ctx.needs_input_grad[2]]
+        mask = [
+            ctx.needs_input_grad[0],
+            w is not None and ctx.needs_input_grad[1],
+            ctx.has_b and ctx.needs_input_grad[2],
+        ]
         gx, gw, gb = aten.native_group_norm_backward(g, x, mean, rstd, w, N, C, HxW, ctx.groups, mask)
         with torch.no_grad():
             dt = _acc_dtype(g)
@@ -450,8 +468,11 @@ class GroupNormFn(torch.autograd.Function):
                 xc = (x.reshape(N, G, -1).to(dt) - mean.reshape(N, G, 1).to(dt)).reshape(N, C, HxW)
                 sxg = torch.linalg.vecdot(xc, gf).reshape(N, G, C // G)  # sum_hw (x - mean) g
                 # per-example weight gradient, channel c = (group, c mod C/G): sxg * rstd
-                _add(ctx.acc, ctx.w_idx, _wsq(sxg * rstd.reshape(N, G, 1).to(dt),
-                                              _reshaped(ctx.w_pre, G, C // G), scratch=True))
+                _add(
+                    ctx.acc,
+                    ctx.w_idx,
+                    _wsq(sxg * rstd.reshape(N, G, 1).to(dt), _reshaped(ctx.w_pre, G, C // G), scratch=True),
+                )
             if ctx.b_idx >= 0:
                 _add(ctx.acc, ctx.b_idx, _wsq(gf.sum(2), ctx.b_pre, scratch=True))
         return gx, gw, gb, None, None, None, None, None, None, None
@@ -462,7 +483,7 @@ class ScaleFn(torch.autograd.Function):
     per-example squared norms of ``w``'s gradient. ``w`` covers the last ``w.dim()`` dims."""
 
     @staticmethod
-    def forward(ctx, xhat, w, acc, w_idx, w_pre):  # type: ignore[override]
+    def forward(ctx, xhat, w, acc, w_idx, w_pre):
         ctx.save_for_backward(xhat, w)
         _keep(ctx, acc, w_idx, w_pre)
         return xhat * w
