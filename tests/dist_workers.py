@@ -58,9 +58,31 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return _DATA
 
 
-def batch(seed: int, step: int, rank: int, micro: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+_STD: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def std_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits with standardised pixels, the almost-blank ones (std <= 0.05) set to 0.
+
+    For the preconditioned tests: a pixel that is almost never inked has an Adam second moment near
+    0, so ``P ~ 1/eps`` and the rare examples that ink it dominate ``tr(P Sigma P)`` (a heavy-tailed
+    truth that a few hundred steps do not estimate well). A pixel that is always 0 has a gradient of
+    exactly 0 in every example, so its ``P`` does not matter.
+    """
+    global _STD
+    if _STD is None:
+        X, y = data()
+        keep = X.std(0) > 0.05
+        Xs = torch.zeros_like(X)
+        Xs[:, keep] = (X[:, keep] - X[:, keep].mean(0)) / X[:, keep].std(0)
+        _STD = (Xs, y)
+    return _STD
+
+
+def batch(seed: int, step: int, rank: int, micro: int, size: int, standardized: bool = False
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Examples drawn with replacement, deterministic in (seed, step, rank, micro)."""
-    X, y = data()
+    X, y = std_data() if standardized else data()
     g = torch.Generator().manual_seed(1_000_003 * seed + 10_007 * step + 101 * rank + micro)
     idx = torch.randint(0, len(y), (size,), generator=g)
     return X[idx], y[idx]
@@ -196,18 +218,51 @@ class _null:
 
 
 def ddp_brute(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Many i.i.d. steps at fixed parameters, plain DDP, per-rank batch m: b_simple vs the exact value."""
+    """Many i.i.d. steps at fixed parameters, plain DDP, per-rank batch m: b_simple vs the exact value.
+
+    Options: ``groups`` (``"layers"``, or ``"kind"`` for a dict ``{"weight": ..., "bias": ...}`` across
+    layers), ``method``, ``standardized`` (inputs of :func:`std_data`), ``adam_steps`` (AdamW steps
+    first, real updates, to populate the optimizer state; with ``precondition`` set, ``"update"`` or
+    ``"curvature"``, the tracker is given that optimizer as its preconditioner). The measurement
+    itself runs at fixed parameters: no optimizer step once the tracker is attached.
+    """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = Net(cfg.get("hidden", 16), seed=cfg["seed"])
     ddp = DDP(model)
-    gns = ns.GradientNoiseScale(ddp, beta=1.0)
+    std = cfg.get("standardized", False)
+    opt = None
+    if cfg.get("adam_steps"):
+        opt = torch.optim.AdamW(ddp.parameters(), lr=cfg.get("lr", 1e-2))
+        for t in range(cfg["adam_steps"]):
+            x, y = batch(cfg["seed"] + 1, t, rank, 0, 32, std)
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    groups: Any = cfg.get("groups")
+    if groups == "kind":
+        groups = {"weight": [model.fc1.weight, model.fc2.weight], "bias": [model.fc1.bias, model.fc2.bias]}
+    pre = cfg.get("precondition")
+    gns = ns.GradientNoiseScale(ddp, method=cfg.get("method", "auto"), beta=1.0, groups=groups,
+                                preconditioner=opt if pre else None, precondition=pre or "update")
     for t in range(cfg["steps"]):
-        x, y = batch(cfg["seed"], t, rank, 0, cfg["m"])
+        x, y = batch(cfg["seed"], t, rank, 0, cfg["m"], std)
         F.cross_entropy(ddp(x), y).backward()
         gns.step()
         ddp.zero_grad(set_to_none=True)
-    out = {"b_simple": gns.b_simple, "interval": gns.interval(0.95), "measured": gns.measured}
+    out = {"b_simple": gns.b_simple, "interval": gns.interval(0.95), "measured": gns.measured,
+           "method": gns.method, "g2": gns.g2, "trace_sigma": gns.trace_sigma,
+           "by_group": {n: {"b_simple": e.b_simple, "g2": e.g2, "trace_sigma": e.trace_sigma,
+                            "interval": e.interval(0.95)} for n, e in gns.by_group().items()},
+           "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    if opt is not None:  # P = 1/(sqrt(v_hat) + eps), read from the optimizer state as it stands
+        grp = opt.param_groups[0]
+        P = {}
+        for n, p in model.named_parameters():
+            st = opt.state[p]
+            v_hat = st["exp_avg_sq"] / (1 - grp["betas"][1] ** float(st["step"]))
+            P[n] = 1.0 / (v_hat.sqrt() + grp["eps"])
+        out["P"] = P
     gns.close()
     return out
 
@@ -311,6 +366,65 @@ def fsdp_inert(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     return {"grads_equal": same, "params_equal": same_p}
 
 
+def _clip(model: nn.Module, kind: str, max_norm: float) -> None:
+    if kind == "fsdp1":
+        model.clip_grad_norm_(max_norm)  # FSDP1's own: the norm over every rank's shards
+    else:  # DDP: replicated .grad; FSDP2: DTensor gradients (the norm is reduced over the mesh)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm)
+
+
+def clip_survival(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The same seeded training (SGD, real updates, k micro-batches under no_sync) twice: gns.step()
+    before and after clip_grad_norm_(params, clip). The step gradient's norm is captured when the
+    last backward ends, so both runs record the same numbers.
+
+    With ``refusals`` (FSDP), first check that groups= and preconditioner= are refused.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kind, k = cfg["kind"], cfg.get("k", 2)
+    out: dict[str, Any] = {}
+    if cfg.get("refusals"):
+        model = _fsdp_model(kind, cfg, world)
+        errors = {}
+        for name, kwargs in (("groups", {"groups": "layers"}),
+                             ("preconditioner", {"preconditioner": torch.optim.AdamW(model.parameters())})):
+            try:
+                ns.GradientNoiseScale(model, **kwargs).close()
+                errors[name] = None
+            except NotImplementedError as e:
+                errors[name] = str(e)
+        out["refusals"] = errors
+        del model
+    for clip_first in (False, True):
+        model = DDP(Net(16, seed=cfg["seed"])) if kind == "ddp" else _fsdp_model(kind, cfg, world)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gns = ns.GradientNoiseScale(model, beta=1.0, groups="layers" if kind == "ddp" else None)
+        for t in range(cfg["steps"]):
+            for j in range(k):
+                x, y = batch(cfg["seed"], t, rank, j, 8)
+                last = j == k - 1
+                if kind == "fsdp2":
+                    model.set_requires_gradient_sync(last)
+                    ctx: Any = _null()
+                else:
+                    ctx = model.no_sync() if not last else _null()
+                with ctx:
+                    (F.cross_entropy(model(x), y) / k).backward()
+            if clip_first:
+                _clip(model, kind, cfg["clip"])
+                gns.step()
+            else:
+                gns.step()
+                _clip(model, kind, cfg["clip"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[clip_first] = {"history": list(gns.history),
+                           "params": [_local(p.detach()).clone() for p in model.parameters()]}
+        gns.close()
+    return out
+
+
 def _local(t: torch.Tensor | None) -> torch.Tensor:
     if t is None:  # FSDP1 with use_orig_params: a parameter with no elements in this rank's shard
         return torch.empty(0)
@@ -411,4 +525,5 @@ def many(rank: int, world: int, cfg: dict[str, Any]) -> list[Any]:
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (ddp_scaler, ddp_exact, ddp_brute, ddp_inert, fsdp_exact, fsdp_inert, ddp_bad, ddp_join, many)}
+SCENARIOS = {f.__name__: f for f in (ddp_scaler, ddp_exact, ddp_brute, ddp_inert, fsdp_exact, fsdp_inert, ddp_bad, ddp_join,
+                                     clip_survival, many)}

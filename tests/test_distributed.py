@@ -214,22 +214,41 @@ def test_fsdp_no_sync_accumulation(tmp_path):
         assert per_rank[0]["b_simple"] == per_rank[1]["b_simple"] == replay_b_simple(per_rank[0]["history"])
 
 
-def _exact_b_simple(seed: int) -> float:
-    """Brute force: per-example gradients of the whole data set (torch.func), tr(Sigma)/|G|^2."""
+def _brute_force(seed: int, groups: dict[str, list[str]] | None = None, params: dict | None = None,
+                 weights: dict | None = None, standardized: bool = False) -> dict[str, tuple[float, float]]:
+    """Brute force: per-example gradients of the whole data set (torch.func), ``{group: (g2, trace_sigma)}``.
+
+    ``groups``: ``{name: [parameter names of Net]}`` (default: one group ``"all"``), each restricted to
+    its parameters' elements; ``params``: the parameters to use (default: Net's initial ones);
+    ``weights``: ``{parameter name: P}`` multiplies every per-example gradient elementwise (the
+    preconditioner). ``"<total>"``: the sums over groups. Batches are drawn with replacement from
+    the data set, so the truth is its population statistics.
+    """
     from torch.func import functional_call, grad, vmap
 
     model = W.Net(16, seed=seed)
-    X, y = W.data()
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    if params is not None:
+        model.load_state_dict(params)
+    X, y = W.std_data() if standardized else W.data()
+    ps = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss1(p, x, t):
         return torch.nn.functional.cross_entropy(functional_call(model, p, (x[None],)), t[None])
 
-    g = vmap(grad(loss1), in_dims=(None, 0, 0))(params, X, y)
-    flat = torch.cat([v.reshape(len(y), -1) for v in g.values()], 1).double()
-    G = flat.mean(0)
-    trace_sigma = float((flat - G).square().sum(1).mean())  # sampling with replacement: population cov
-    return trace_sigma / float(G.square().sum())
+    per = vmap(grad(loss1), in_dims=(None, 0, 0))(ps, X, y)
+    out = {}
+    for name, names in (groups or {"all": list(ps)}).items():
+        flat = torch.cat([(per[k] * (weights[k] if weights else 1.0)).reshape(len(y), -1).double() for k in names], 1)
+        G = flat.mean(0)
+        out[name] = (float(G.square().sum()), float((flat - G).square().sum(1).mean()))  # population covariance
+    out["<total>"] = (sum(v[0] for v in out.values()), sum(v[1] for v in out.values()))
+    return out
+
+
+def _exact_b_simple(seed: int) -> float:
+    """Brute force: per-example gradients of the whole data set (torch.func), tr(Sigma)/|G|^2."""
+    g2, ts = _brute_force(seed)["<total>"]
+    return ts / g2
 
 
 def test_ddp_b_simple_close_to_exact(tmp_path):
@@ -241,6 +260,120 @@ def test_ddp_b_simple_close_to_exact(tmp_path):
     assert per_rank[1]["b_simple"] == b
     assert per_rank[0]["measured"] == cfg["steps"]
     assert rel(b, exact) < 0.10, (b, exact, per_rank[0]["interval"])
+
+
+# groups="layers" on DDP(Net) names the groups by the wrapper's module names; the dict case splits across layers
+LAYERS = {"module.fc1": ["fc1.weight", "fc1.bias"], "module.fc2": ["fc2.weight", "fc2.bias"]}
+BY_KIND = {"weight": ["fc1.weight", "fc2.weight"], "bias": ["fc1.bias", "fc2.bias"]}
+
+# Per-rank batches of 128 (b_small 128, b_big 256, above every b_simple here): the 95% intervals of
+# every group are within about +-7% after these steps (the small bias group needs more of them).
+# The preconditioned cases train 20 AdamW steps first (real updates, the same on both ranks), then
+# measure at fixed parameters on standardised inputs (see dist_workers.std_data).
+BRUTE_CASES = {
+    "layers": dict(seed=60, steps=400, m=128, groups="layers"),
+    "dict": dict(seed=61, steps=1000, m=128, groups="kind"),
+    "per_example_layers": dict(seed=62, steps=300, m=128, groups="layers", method="ddp_per_example"),
+    "adam_update": dict(seed=63, steps=400, m=128, groups="layers", standardized=True, adam_steps=20,
+                        precondition="update"),
+    "adam_curvature": dict(seed=64, steps=400, m=128, groups="layers", standardized=True, adam_steps=20,
+                           precondition="curvature"),
+}
+
+
+def _check_brute(per_rank: list[dict], cfg: dict) -> dict[str, float]:
+    """Per-group and total b_simple within 10% of brute force; groups add up; ranks agree. Returns the errors."""
+    r0 = per_rank[0]
+    assert r0["method"] == cfg.get("method", "ddp") and r0["measured"] == cfg["steps"]
+    for res in per_rank[1:]:  # the same reduced numbers on every rank (and the same state to measure)
+        assert res["by_group"] == r0["by_group"], "ranks report different by_group() values"
+        assert (res["b_simple"], res["g2"], res["trace_sigma"]) == (r0["b_simple"], r0["g2"], r0["trace_sigma"])
+        assert all(torch.equal(res["params"][k], v) for k, v in r0["params"].items())
+        assert all(torch.equal(res["P"][k], v) for k, v in r0.get("P", {}).items())
+    groups = BY_KIND if cfg["groups"] == "kind" else LAYERS
+    P = r0.get("P")
+    weights = None if P is None else {k: (v.sqrt() if cfg["precondition"] == "curvature" else v) for k, v in P.items()}
+    truth = _brute_force(cfg["seed"], groups, r0["params"], weights, cfg.get("standardized", False))
+    est = r0["by_group"]
+    assert set(est) == set(groups)
+    errors = {name: rel(e["b_simple"], truth[name][1] / truth[name][0]) for name, e in est.items()}
+    errors["<total>"] = rel(r0["b_simple"], truth["<total>"][1] / truth["<total>"][0])
+    assert max(errors.values()) < 0.10, (errors, est, truth)
+    # the groups add up to the total, exactly up to rounding
+    assert math.isclose(sum(e["g2"] for e in est.values()), r0["g2"], rel_tol=1e-9)
+    assert math.isclose(sum(e["trace_sigma"] for e in est.values()), r0["trace_sigma"], rel_tol=1e-9)
+    if P is not None:  # a different number than without P: the test would notice P being ignored
+        g2, ts = _brute_force(cfg["seed"], None, r0["params"], None, cfg.get("standardized", False))["all"]
+        pre = truth["<total>"][1] / truth["<total>"][0]
+        assert abs(pre - ts / g2) > 0.3 * pre, (pre, ts / g2)
+    return errors
+
+
+def test_ddp_per_group_and_preconditioned_b_simple_close_to_exact(tmp_path):
+    """2-process DDP at fixed parameters, groups= ("layers", a dict; also ddp_per_example) and preconditioner=
+    (AdamW state, update and curvature forms): every group's b_simple within 10% of brute force (per-sample
+    gradients of the whole data set restricted to the group, times P), groups adding up to the total, every
+    rank reporting the same by_group()."""
+    cases = {n: c for n, c in BRUTE_CASES.items() if c.get("method") != "ddp_per_example" or "per_example" in _probes()}
+    results = spawn(tmp_path, "many", {"items": [("ddp_brute", c) for c in cases.values()]})
+    for i, (name, cfg) in enumerate(cases.items()):
+        try:
+            errors = _check_brute(_items(results, i), cfg)
+        except AssertionError as e:
+            raise AssertionError(f"case {name!r}: {e}") from e
+        print(name, {k: round(v, 4) for k, v in errors.items()})
+
+
+CLIP = 1e-6
+CLIP_ITEMS = [("clip_survival", dict(kind="ddp", seed=50, steps=4, k=2, clip=CLIP)),
+              ("clip_survival", dict(kind="fsdp2", seed=51, steps=4, k=2, clip=CLIP, refusals=True)),
+              ("clip_survival", dict(kind="fsdp1", seed=52, steps=4, k=2, clip=CLIP, refusals=True))]
+
+
+@pytest.fixture(scope="module")
+def clip_results(tmp_path_factory):
+    """One spawn for the clipping runs (DDP with groups, FSDP2, FSDP1) and the FSDP refusals."""
+    return spawn(tmp_path_factory.mktemp("clip"), "many", {"items": CLIP_ITEMS})
+
+
+def test_step_after_clipping_equals_step_before_ddp_fsdp(clip_results):
+    """The step gradient's norm is captured when the last backward ends (after DDP's/FSDP's final callbacks):
+    gns.step() after clip_grad_norm_(params, 1e-6) records what it records before it, under DDP (no_sync
+    accumulation of 2 micro-batches, groups="layers"), FSDP2 and FSDP1 (no_sync accumulation)."""
+    keys = ("sq_small", "sq_big", "g2_step", "sq_parts", "sq_total")
+    for i, (_, cfg) in enumerate(CLIP_ITEMS):
+        per_rank = _items(clip_results, i)
+        for r, res in enumerate(per_rank):
+            before, after = res[False], res[True]  # gns.step() before / after clipping
+            where = f"{cfg['kind']} rank {r}"
+            # the same training: clipping comes before opt.step() in both runs
+            assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"])), where
+            assert len(before["history"]) == len(after["history"]) == cfg["steps"], where
+            for a, b in zip(before["history"], after["history"]):
+                assert a["status"] == b["status"] == "measured", (where, a.get("reason"), b.get("reason"))
+                assert a["parts"] == b["parts"] == WORLD * (cfg["k"] if cfg["kind"] == "ddp" else 1), where
+                for key in keys + tuple(k for k in a if k.startswith("group/")):  # (a group's b_simple may be None)
+                    assert a[key] == b[key] or rel(b[key], a[key]) <= 1e-9, (where, a["step"], key, a[key], b[key])
+                # the clipped gradient's squared norm is CLIP**2: what was measured is the unclipped one
+                assert b["sq_big"] > 1e6 * CLIP**2, (where, b["sq_big"])
+            if cfg["kind"] == "ddp":
+                assert any(k.startswith("group/module.fc1/") for k in after["history"][-1])
+        assert per_rank[1][True]["history"] == per_rank[0][True]["history"], cfg["kind"]
+
+
+def test_fsdp_refuses_groups_and_preconditioner(clip_results):
+    """Under FSDP (FSDP2 and FSDP1) groups= and preconditioner= raise NotImplementedError that says why."""
+    for i, (_, cfg) in enumerate(CLIP_ITEMS):
+        if not cfg.get("refusals"):
+            continue
+        for r, res in enumerate(_items(clip_results, i)):
+            errors = res["refusals"]
+            where = f"{cfg['kind']} rank {r}: {errors}"
+            assert errors["groups"] is not None and errors["preconditioner"] is not None, where
+            assert "groups=" in errors["groups"] and "FSDP" in errors["groups"], where
+            assert "flat buffers" in errors["groups"], where  # the reason: whole FSDP units, not per group
+            assert "preconditioner=" in errors["preconditioner"] and "FSDP" in errors["preconditioner"], where
+            assert "sharded" in errors["preconditioner"], where  # the reason: the second moment is sharded
 
 
 def test_inert_ddp_and_fsdp2(tmp_path):

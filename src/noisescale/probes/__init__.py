@@ -81,9 +81,11 @@ def make_probe(
     if unknown:
         takes = f"it takes {sorted(cls.options)}" if cls.options else "it takes none"
         raise TypeError(f"method={cls.name!r} does not take the options {unknown} ({takes})")
-    if config.groups is not None and config.groups.grouped and "groups" not in cls.supports:
-        raise NotImplementedError(f"method={cls.name!r} does not support groups=")
-    if config.preconditioner is not None and "preconditioner" not in cls.supports:
-        raise NotImplementedError(f"method={cls.name!r} does not support preconditioner=")
+    asked = {"groups": config.groups is not None and config.groups.grouped,
+             "preconditioner": config.preconditioner is not None}
+    for feature, wanted in asked.items():
+        if wanted and feature not in cls.supports:
+            why = getattr(cls, "why_unsupported", {}).get(feature)
+            raise NotImplementedError(why or f"method={cls.name!r} does not support {feature}=")
     probe: Probe = cls.from_config(model, params, config, **options)
     return probe

@@ -380,6 +380,21 @@ def sum_terms(terms: Sequence[torch.Tensor | float], device: torch.device) -> to
     return torch.stack([torch.as_tensor(t, dtype=torch.float64, device=device) for t in terms]).sum()
 
 
+_INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def _index_tensor(index: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The group indices as a device tensor, made once per (pattern, device): hooks fire in the same
+    order every pass, so this saves a host-to-device copy per pass."""
+    key = (tuple(index), device)
+    t = _INDEX_CACHE.get(key)
+    if t is None:
+        if len(_INDEX_CACHE) > 256:  # patterns are few; bound the cache anyway
+            _INDEX_CACHE.clear()
+        t = _INDEX_CACHE[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+    return t
+
+
 def group_sums(
     terms: Sequence[torch.Tensor | float], index: Sequence[int], n_groups: int, device: torch.device
 ) -> torch.Tensor:
@@ -398,7 +413,7 @@ def group_sums(
     if not terms:
         return out
     vals = torch.stack([torch.as_tensor(t, dtype=torch.float64, device=device).reshape(()) for t in terms])
-    return out.index_add_(0, torch.tensor(list(index), device=device), vals)
+    return out.index_add_(0, _index_tensor(index, device), vals)
 
 
 def grouped_sq_norms(
@@ -423,7 +438,7 @@ def grouped_sq_norms(
         dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
         norms = torch.stack(torch._foreach_norm(list(grads), 2, dtype=dtype)).to(torch.float64).square()
         out = torch.zeros(n_groups, dtype=torch.float64, device=device)
-        return out.index_add_(0, torch.tensor(list(index), device=device), norms)
+        return out.index_add_(0, _index_tensor(index, device), norms)
     return group_sums([sq_norm(g, w) for g, w in zip(grads, weights)], index, n_groups, device)
 
 

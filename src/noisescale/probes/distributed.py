@@ -86,6 +86,14 @@ __all__ = [
 
 DISTRIBUTED_METHODS = ("ddp", "ddp_per_example", "fsdp")
 
+# Why FSDP cannot carry these exactly (it refuses rather than approximates).
+FSDP_UNSUPPORTED = {
+    "groups": "groups= under FSDP is not supported: the local gradients reach the reduce-scatter as flat "
+    "buffers of whole FSDP units, not per group; use DDP, or measure per group on one process",
+    "preconditioner": "preconditioner= under FSDP is not supported: the optimizer's second moment is sharded "
+    "while the local gradient is not, so P * g cannot be formed exactly; use DDP, or measure on one process",
+}
+
 
 def distributed_kind(model: torch.nn.Module) -> str | None:
     """``"ddp"``, ``"fsdp1"``, ``"fsdp2"`` or ``None`` for how ``model`` is wrapped."""
@@ -243,17 +251,9 @@ class DistributedProbe(Joinable):
         if local is not None and found != "ddp":
             raise NotImplementedError("composition with a local probe (per-example) is available under DDP only")
         if found != "ddp" and self.groups.grouped:
-            raise NotImplementedError(
-                "groups= under FSDP is not supported: the local gradients reach the "
-                "reduce-scatter as flat buffers of whole FSDP units, not per group; use DDP "
-                "or measure per group on one process"
-            )
+            raise NotImplementedError(FSDP_UNSUPPORTED["groups"])
         if found != "ddp" and self.preconditioner is not None:
-            raise NotImplementedError(
-                "preconditioner= under FSDP is not supported: the optimizer's second moment "
-                "is sharded while the local gradient is not, so P * g cannot be formed "
-                "exactly; use DDP, or measure on one process"
-            )
+            raise NotImplementedError(FSDP_UNSUPPORTED["preconditioner"])
         self._lock = threading.Lock()
         self._active = True
         self._current: list[torch.Tensor] = []  # squared norms of the open part's gradients
@@ -593,6 +593,7 @@ class FSDPProbe(DistributedProbe):
 
     name = "fsdp"
     supports: ClassVar[frozenset[str]] = frozenset()
+    why_unsupported: ClassVar[dict[str, str]] = FSDP_UNSUPPORTED
 
     @staticmethod
     def applicable(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> str | None:
