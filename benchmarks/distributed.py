@@ -6,8 +6,14 @@ B, ...) so that both see the same machine load, and the ratio of median step tim
 A step is forward + backward (DDP all-reduce) [+ ``gns.step()``] + SGD step + ``zero_grad``; the
 tracker's lazy read of the all-reduced numbers (every ``max_pending`` = 64 steps) is included.
 
+``--variants`` adds tracked replicas with the tracker's options, in the same alternating rounds:
+``default`` (``method="ddp"``), ``groups`` (``groups="layers"``), both trained with SGD and
+compared with the plain SGD replica; ``preconditioner`` (``preconditioner=opt``, ``opt`` the AdamW
+optimizer that trains that replica), compared with a plain replica trained by AdamW (added).
+
     python benchmarks/distributed.py                     # the table in docs/benchmarks.md
     python benchmarks/distributed.py --steps 100 --configs lm
+    python benchmarks/distributed.py --configs mlp --variants default groups preconditioner
 """
 
 from __future__ import annotations
@@ -66,8 +72,24 @@ def make_case(kind: str, size, m: int, k: int, rank: int, path: str = DATA):
     return (lambda: mlp(size, seed=0)), batches, F.cross_entropy
 
 
+VARIANTS = ("default", "groups", "preconditioner")
+
+
+def replica_specs(variants: tuple[str, ...]) -> list[tuple[str, bool, dict | None, str | None]]:
+    """``(key, AdamW?, tracker options or None, key of the plain replica it is compared with)``."""
+    specs: list[tuple[str, bool, dict | None, str | None]] = [("plain", False, None, None)]
+    if "default" in variants:
+        specs.append(("tracked", False, {}, "plain"))
+    if "groups" in variants:
+        specs.append(("groups", False, {"groups": "layers"}, "plain"))
+    if "preconditioner" in variants:
+        specs.append(("plain_adamw", True, None, None))
+        specs.append(("preconditioner", True, {"preconditioner": True}, "plain_adamw"))
+    return specs
+
+
 def worker(rank: int, world: int, init: str, steps: int, warmup: int, out: str, threads: int,
-           keys: list[str], path: str) -> None:
+           keys: list[str], path: str, variants: tuple[str, ...] = ("default",)) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
@@ -75,15 +97,23 @@ def worker(rank: int, world: int, init: str, steps: int, warmup: int, out: str, 
     for key in keys:
         name, kind, size, m, k = CONFIGS[key]
         factory, batches, loss_fn = make_case(kind, size, m, k, rank, path)
+        specs = replica_specs(variants)
         replicas = []
-        for with_tracker in (False, True):
+        for _, adamw, tracker_kw, _ in specs:
             ddp = DDP(factory())
-            opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
-            gns = ns.GradientNoiseScale(ddp, method="ddp") if with_tracker else None
+            opt = (torch.optim.AdamW(ddp.parameters(), lr=1e-4) if adamw else
+                   torch.optim.SGD(ddp.parameters(), lr=1e-3))
+            gns = None
+            if tracker_kw is not None:
+                kw = dict(tracker_kw)
+                if kw.pop("preconditioner", False):
+                    kw["preconditioner"] = opt  # the optimizer that trains this replica
+                gns = ns.GradientNoiseScale(ddp, method="ddp", **kw)
             replicas.append((ddp, opt, gns))
-        times: list[list[float]] = [[], []]
+        n = len(replicas)
+        times: list[list[float]] = [[] for _ in range(n)]
         for it in range(warmup + steps):
-            for idx in (0, 1) if it % 2 == 0 else (1, 0):  # alternate the order too
+            for idx in range(n) if it % 2 == 0 else reversed(range(n)):  # alternate the order too
                 ddp, opt, gns = replicas[idx]
                 dist.barrier()
                 t0 = time.perf_counter()
@@ -100,11 +130,15 @@ def worker(rank: int, world: int, init: str, steps: int, warmup: int, out: str, 
                 dt = time.perf_counter() - t0
                 if it >= warmup:
                     times[idx].append(dt)
-        b = replicas[1][2].b_simple
-        for _, _, gns in replicas:
+        res: dict = {"b_simple": None}
+        for (key, _, _, ref), (_, _, gns), t in zip(specs, replicas, times):
+            res[key] = t
             if gns is not None:
+                res[f"{key}_ref"] = ref
+                res[f"{key}_b_simple"] = gns.b_simple
                 gns.close()
-        results[name] = {"plain": times[0], "tracked": times[1], "b_simple": b}
+        res["b_simple"] = res.get("tracked_b_simple")
+        results[name] = res
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
@@ -119,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                    help="which models to run (default: all)")
     p.add_argument("--data", default=DATA, help="tinyshakespeare.txt for the LM configs")
+    p.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
+                   help="tracked replicas to time against plain DDP (default: default); 'preconditioner' trains "
+                        "with AdamW and is compared with a plain AdamW replica")
     args = p.parse_args(argv)
     if any(CONFIGS[key][1] == "lm" for key in args.configs) and not os.path.exists(args.data):
         p.error(f"the LM configs read {args.data}, which does not exist; pass --data PATH or choose "
@@ -126,18 +163,33 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res.pt")
         mp.start_processes(worker, args=(2, os.path.join(d, "init"), args.steps, args.warmup, out, args.threads,
-                                         args.configs, args.data),
+                                         args.configs, args.data, tuple(args.variants)),
                            nprocs=2, join=True, start_method="spawn")
         results = torch.load(out, weights_only=False)
     print(f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, 2 processes x {args.threads} thread(s), gloo; "
-          f"{args.steps} timed steps per replica (A/B interleaved), rank 0")
+          f"{args.steps} timed steps per replica (replicas interleaved), rank 0")
     print()
-    print("| model, batch | plain DDP step (median) | with tracker (median) | ratio |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        a, b = statistics.median(r["plain"]), statistics.median(r["tracked"])
-        print(f"| {name} | {a * 1e3:.2f} ms | {b * 1e3:.2f} ms | {b / a:.3f}x |")
+    if "default" in args.variants:
+        print("| model, batch | plain DDP step (median) | with tracker (median) | ratio |")
+        print("|---|---|---|---|")
+        for name, r in results.items():
+            a, b = statistics.median(r["plain"]), statistics.median(r["tracked"])
+            print(f"| {name} | {a * 1e3:.2f} ms | {b * 1e3:.2f} ms | {b / a:.3f}x |")
+    if set(args.variants) - {"default"}:
+        labels = {"tracked": "default", "groups": 'groups="layers"', "preconditioner": "preconditioner=AdamW"}
+        print(f"\n2 processes x {args.threads} thread(s); ratio of median step times, each tracked replica against "
+              "the plain replica with the same optimizer\n")
+        print("| model, batch | tracker options | optimizer | plain DDP step (median) | with tracker (median) | ratio |")
+        print("|---|---|---|---|---|---|")
+        for name, r in results.items():
+            for key, label in labels.items():
+                if key not in r:
+                    continue
+                ref = r[f"{key}_ref"]
+                a, b = statistics.median(r[ref]), statistics.median(r[key])
+                print(f"| {name} | {label} | {'AdamW' if ref == 'plain_adamw' else 'SGD'} | {a * 1e3:.2f} ms | "
+                      f"{b * 1e3:.2f} ms | {b / a:.3f}x |")
     sys.stdout.flush()
 
 

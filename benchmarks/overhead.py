@@ -1,13 +1,21 @@
 """Step-time overhead of GradientNoiseScale (micro-batch probe) versus plain training.
 
-Side by side in one process: two identical copies of each model train on the same batches;
-their steps alternate (plain, tracked, plain, ...) so that drift of the machine hits both
-alike. Each optimizer step is ``--micro-batches`` forward/backward passes (gradient
-accumulation, which the micro-batch probe needs) plus an SGD step. We report the median step
-time of each and their ratio, and check that gradients stay bit-identical (inertness).
+Side by side in one process: identical copies of each model train on the same batches; in every
+round each copy takes one step, in a random order, so that drift of the machine hits all alike.
+Each optimizer step is ``--micro-batches`` forward/backward passes (gradient accumulation, which
+the micro-batch probe needs) plus an SGD step. We report the median step time of each and their
+ratio, and check that gradients stay bit-identical (inertness).
+
+``--variants`` adds tracked copies with the tracker's options, in the same rounds:
+
+- ``default``: ``GradientNoiseScale(model, method="microbatch")`` (SGD; against plain SGD);
+- ``groups``: the same with ``groups="layers"`` (SGD; against plain SGD);
+- ``preconditioner``: ``preconditioner=opt`` with ``opt`` an AdamW optimizer that trains that copy,
+  against a plain copy trained by AdamW too (``plain AdamW``, added automatically).
 
     python benchmarks/overhead.py                 # both models, markdown table
     python benchmarks/overhead.py --steps 60 --json out.json
+    python benchmarks/overhead.py --models mlp --variants default groups preconditioner
 """
 
 from __future__ import annotations
@@ -75,17 +83,38 @@ def make_case(name: str, micro: int, seed: int = 0):
     raise ValueError(name)
 
 
-def bench(name: str, steps: int, warmup: int, k: int, micro: int) -> dict:
+VARIANTS = ("default", "groups", "preconditioner")
+
+
+def bench(name: str, steps: int, warmup: int, k: int, micro: int, variants: tuple[str, ...] = ("default",),
+          method: str = "microbatch") -> dict:
     build, data, loss_fn = make_case(name, micro)
-    torch.manual_seed(0)
-    plain = build()
-    torch.manual_seed(0)
-    tracked = build()
-    opt_p = torch.optim.SGD(plain.parameters(), lr=1e-3)
-    opt_t = torch.optim.SGD(tracked.parameters(), lr=1e-3)
-    gns = ns.GradientNoiseScale(tracked, beta=0.99)
-    times = {"plain": [], "noisescale": []}
-    identical = True
+    # copies: key -> (model, optimizer, tracker, key of the plain copy it is compared with)
+    copies: dict[str, tuple] = {}
+
+    def add(key: str, adamw: bool, tracker_kw: dict | None, ref: str | None) -> None:
+        torch.manual_seed(0)
+        model = build()
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-4) if adamw else
+               torch.optim.SGD(model.parameters(), lr=1e-3))
+        gns = None
+        if tracker_kw is not None:
+            kw = dict(tracker_kw)
+            if kw.pop("preconditioner", False):
+                kw["preconditioner"] = opt  # the optimizer that trains this copy
+            gns = ns.GradientNoiseScale(model, method=method, beta=0.99, **kw)
+        copies[key] = (model, opt, gns, ref)
+
+    add("plain", False, None, None)
+    if "default" in variants:
+        add("noisescale", False, {}, "plain")
+    if "groups" in variants:
+        add("groups", False, {"groups": "layers"}, "plain")
+    if "preconditioner" in variants:
+        add("plain_adamw", True, None, None)
+        add("preconditioner", True, {"preconditioner": True}, "plain_adamw")
+    times: dict[str, list[float]] = {key: [] for key in copies}
+    identical = {key: True for key, c in copies.items() if c[3] is not None}
 
     def one_step(model, opt, batches, tracker):
         t0 = time.perf_counter()
@@ -100,22 +129,36 @@ def bench(name: str, steps: int, warmup: int, k: int, micro: int) -> dict:
     rng = random.Random(0)
     for step in range(warmup + steps):
         batches = [data() for _ in range(k)]
-        order = [("plain", plain, opt_p, None), ("noisescale", tracked, opt_t, gns)]
+        order = list(copies)
         rng.shuffle(order)
-        for key, model, opt, tr in order:
+        for key in order:
+            model, opt, tr, _ = copies[key]
             dt = one_step(model, opt, batches, tr)
             if step >= warmup:
                 times[key].append(dt)
-        identical &= all(torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), tracked.parameters()))
-        opt_p.zero_grad()
-        opt_t.zero_grad()
-    b = gns.b_simple  # read once at the end (the tracker syncs lazily)
-    gns.close()
-    mp, mt = statistics.median(times["plain"]), statistics.median(times["noisescale"])
-    paired = statistics.median(t / p for p, t in zip(times["plain"], times["noisescale"]))
-    return {"model": name, "params": sum(p.numel() for p in plain.parameters()), "micro_batch": micro,
-            "micro_batches": k, "steps": steps, "plain_ms": 1e3 * mp, "noisescale_ms": 1e3 * mt,
-            "ratio": paired, "ratio_of_medians": mt / mp, "bit_identical": identical, "b_simple": b}
+        for key in identical:
+            model, _, _, ref = copies[key]
+            identical[key] &= all(torch.equal(p.grad, q.grad)
+                                  for p, q in zip(copies[ref][0].parameters(), model.parameters()))
+        for _, opt, _, _ in copies.values():
+            opt.zero_grad()
+    row = {"model": name, "params": sum(p.numel() for p in copies["plain"][0].parameters()), "micro_batch": micro,
+           "micro_batches": k, "steps": steps, "method": method, "plain_ms": 1e3 * statistics.median(times["plain"])}
+    for key, (_, _, gns, ref) in copies.items():
+        if ref is None:
+            row[f"{key}_ms"] = 1e3 * statistics.median(times[key])
+            continue
+        mt, mp = statistics.median(times[key]), statistics.median(times[ref])
+        row[f"{key}_ms"] = 1e3 * mt
+        row[f"{key}_ratio"] = statistics.median(t / p for p, t in zip(times[ref], times[key]))
+        row[f"{key}_ratio_of_medians"] = mt / mp
+        row[f"{key}_bit_identical"] = identical[key]
+        row[f"{key}_b_simple"] = gns.b_simple  # read once at the end (the tracker syncs lazily)
+        gns.close()
+    if "noisescale" in copies:  # the keys of the original table
+        row.update(ratio=row["noisescale_ratio"], ratio_of_medians=row["noisescale_ratio_of_medians"],
+                   bit_identical=row["noisescale_bit_identical"], b_simple=row["noisescale_b_simple"])
+    return row
 
 
 def main() -> None:
@@ -127,20 +170,41 @@ def main() -> None:
     ap.add_argument("--mlp-micro", type=int, default=256)
     ap.add_argument("--transformer-micro", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
+                    help="tracked copies to time against plain training (default: default); 'preconditioner' "
+                         "trains with AdamW and is compared with a plain AdamW copy")
+    ap.add_argument("--method", default="microbatch", choices=["microbatch", "per_example", "auto"],
+                    help="the tracker's method (default: microbatch, the probe this benchmark is about)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
         micro = args.mlp_micro if name == "mlp" else args.transformer_micro
-        rows.append(bench(name, args.steps, args.warmup, args.micro_batches, micro))
+        rows.append(bench(name, args.steps, args.warmup, args.micro_batches, micro, tuple(args.variants), args.method))
     print(f"torch {torch.__version__}, noisescale {ns.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, {args.steps} steps after {args.warmup} warm-up, {args.micro_batches} micro-batches/step\n")
-    print("| model | parameters | micro-batch | plain step (ms) | with noisescale (ms) | ratio (median paired) | ratio of medians | gradients bit-identical |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['params']:,} | {r['micro_batch']} | {r['plain_ms']:.1f} | {r['noisescale_ms']:.1f} | "
-              f"{r['ratio']:.3f}x | {r['ratio_of_medians']:.3f}x | {'yes' if r['bit_identical'] else 'NO'} |")
+          f"{args.threads} threads, {args.steps} steps after {args.warmup} warm-up, {args.micro_batches} micro-batches/step, "
+          f"method={args.method}\n")
+    if "default" in args.variants:
+        print("| model | parameters | micro-batch | plain step (ms) | with noisescale (ms) | ratio (median paired) | ratio of medians | gradients bit-identical |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['params']:,} | {r['micro_batch']} | {r['plain_ms']:.1f} | {r['noisescale_ms']:.1f} | "
+                  f"{r['ratio']:.3f}x | {r['ratio_of_medians']:.3f}x | {'yes' if r['bit_identical'] else 'NO'} |")
+    if set(args.variants) - {"default"}:
+        # one row per tracked copy: ratio against its plain copy (SGD, or AdamW for preconditioner=)
+        labels = {"noisescale": ("default", "plain"), "groups": ('groups="layers"', "plain"),
+                  "preconditioner": ("preconditioner=AdamW", "plain_adamw")}
+        print(f"\n{args.threads} threads; ratio: median over rounds of (tracked step / its plain copy's step in the same round)\n")
+        print("| model | micro-batch | tracker options | optimizer | plain step (ms) | tracked step (ms) | ratio (median paired) | ratio of medians | gradients bit-identical |")
+        print("|---|---:|---|---|---:|---:|---:|---:|---|")
+        for r in rows:
+            for key, (label, ref) in labels.items():
+                if f"{key}_ratio" not in r:
+                    continue
+                print(f"| {r['model']} | {r['micro_batch']} | {label} | {'AdamW' if ref == 'plain_adamw' else 'SGD'} | "
+                      f"{r[ref + '_ms']:.1f} | {r[key + '_ms']:.1f} | {r[key + '_ratio']:.3f}x | "
+                      f"{r[key + '_ratio_of_medians']:.3f}x | {'yes' if r[key + '_bit_identical'] else 'NO'} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -9,6 +9,16 @@ squared gradient norms (or, for gns-pytorch, its noise-scale estimate):
 - ``noisescale``: ``PerExampleProbe`` (default: bit-identical gradients);
 - ``noisescale fused``: ``PerExampleProbe(fused=True)`` (weight gradients of sequence Linear and
   conv layers summed from the per-example gradients; equal up to rounding);
+- ``noisescale groups=layers``: the default probe with one group per layer (``groups=`` of the
+  tracker, ``Groups`` from ``resolve_groups(model, params, "layers")``); its groups must add up to
+  the reference;
+- ``plain AdamW``: ``plain`` followed by an AdamW step (the reference of the next two rows);
+- ``noisescale AdamW``: the default probe, then the AdamW step;
+- ``noisescale preconditioner``: ``PerExampleProbe(preconditioner=Preconditioner(opt, params))``
+  (the tracker's ``preconditioner=opt``: every squared norm of ``g / (sqrt(v_hat) + eps)``), then
+  the step of that AdamW ``opt``. A weight makes sequence Linear layers materialise per-example
+  gradients instead of taking the ghost norm, so these three rows are reported separately, as
+  ratios to ``plain AdamW`` (their norms are not comparable with the others: the weights differ);
 - ``vmap(grad)``: ``torch.func`` per-sample gradients, then the ordinary backward for ``.grad``;
 - ``BackPACK BatchL2Grad``: ``extend(model)`` + ``with backpack(BatchL2Grad())``;
 - ``Opacus ghost (1 bwd)``: ``GradSampleModuleFastGradientClipping(use_ghost_clipping=True)``,
@@ -50,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noisescale.probes.base import StepContext
+from noisescale.estimators import HEAD, SUM_A2
+from noisescale.probes.base import Preconditioner, StepContext, resolve_groups
 from noisescale.probes.per_example import PerExampleProbe
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from models import CharTransformer, SmallCNN, char_batches, char_data, mlp  # noqa: E402  (test models)
@@ -121,18 +132,47 @@ def m_plain(model, case):
     return step
 
 
-def m_noisescale(fused: bool):
+def sum_per_example(probe: PerExampleProbe, B: int) -> float:
+    """One step's ``sum_i |grad l_i|^2`` (summed over the probe's groups) from ``probe.collect``."""
+    st = probe.collect(StepContext(None))
+    if st.reason is not None:
+        raise RuntimeError(f"step not measurable: {st.reason}")
+    v, G = st.read(), st.n_groups
+    # sum_g sq_parts[g] / sum_a2 = mean_i |G_i|^2 (per-example gradients of the mean loss, G_i = B v_i)
+    # -> sum_i |grad l_i|^2
+    return float(v[HEAD:HEAD + G].sum() / v[SUM_A2]) * B
+
+
+def m_noisescale(fused: bool, groups: Any = None, optimizer: str | None = None):
+    """The per-example probe (``optimizer``: train with AdamW; ``"precondition"``: also weight by it)."""
     def build(model, case):
-        probe = PerExampleProbe(model, fused=fused)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if optimizer else None
+        pre = Preconditioner(opt, params) if optimizer == "precondition" else None
+        grp = resolve_groups(model, params, groups) if groups is not None else None
+        probe = PerExampleProbe(model, fused=fused, groups=grp, preconditioner=pre)
+        B = case["x"].shape[0]
 
         def step():
             model.zero_grad(set_to_none=True)
             loss_fn(case["loss"], model(case["x"]), case["y"]).backward()
-            m, reason, _ = probe.collect(StepContext(None))
-            # mean_i |G_i|^2 (per-example gradients of the mean loss, G_i = B v_i) -> sum_i |grad l_i|^2
-            return float(m.sq_norm_small) * case["x"].shape[0]
+            value = sum_per_example(probe, B)
+            if opt is not None:
+                opt.step()
+            return value if pre is None else None  # preconditioned norms: not comparable with the others
         return step
     return build
+
+
+def m_plain_adamw(model, case):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss_fn(case["loss"], model(case["x"]), case["y"]).backward()
+        opt.step()
+        return None
+    return step
 
 
 def m_vmap(model, case):
@@ -217,7 +257,13 @@ METHODS: list[tuple[str, Callable]] = [
     ("BackPACK BatchL2Grad", m_backpack),
     ("Opacus ghost (1 bwd)", m_opacus),
     ("gns-pytorch 0.1.5", m_gns_pytorch),
+    ("noisescale groups=layers", m_noisescale(False, groups="layers")),
+    ("plain AdamW", m_plain_adamw),
+    ("noisescale AdamW", m_noisescale(False, optimizer="adamw")),
+    ("noisescale preconditioner", m_noisescale(False, optimizer="precondition")),
 ]
+# rows timed against "plain AdamW" instead of "plain" (they train with AdamW), in a table of their own
+ADAMW_ROWS = ("plain AdamW", "noisescale AdamW", "noisescale preconditioner")
 
 
 def peak_bytes(step: Callable[[], Any]) -> int:
@@ -261,14 +307,19 @@ def run_case(case: dict[str, Any], rounds: int, warmup: int) -> dict[str, dict[s
             t = time.perf_counter()
             steps[n]()
             times[n].append(time.perf_counter() - t)
-    base_t = times["plain"]
+    def base(n: str) -> str:
+        return "plain AdamW" if n in ADAMW_ROWS and "plain AdamW" in steps else "plain"
+
     for n in steps:
+        base_t = times[base(n)]
         res[n]["time_ms"] = statistics.median(times[n]) * 1e3
         res[n]["ratio"] = statistics.median(t / b for t, b in zip(times[n], base_t))
         res[n]["ratio_min"] = min(times[n]) / min(base_t)  # best of N: least disturbed by other load
-    base_mem = peak_bytes(steps["plain"])
+        if base(n) != "plain":
+            res[n]["ratio_plain"] = statistics.median(t / b for t, b in zip(times[n], times["plain"]))
+    base_mem = {b: peak_bytes(steps[b]) for b in {base(n) for n in steps}}
     for n, st in steps.items():
-        res[n]["mem"] = peak_bytes(st) / base_mem
+        res[n]["mem"] = peak_bytes(st) / base_mem[base(n)]
     ref = res.get("noisescale", {}).get("value")
     for n in steps:
         v = res[n].get("value")
@@ -309,26 +360,43 @@ def main(argv: list[str] | None = None) -> None:
         unknown = keep - {n for n, _ in METHODS}
         if unknown:
             raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {[n for n, _ in METHODS]}")
+        if keep & set(ADAMW_ROWS):
+            keep.add("plain AdamW")  # their reference
         METHODS[:] = [(n, b) for n, b in METHODS if n in keep]
     for case in make_cases(a.models.split(",")):
         res = run_case(case, a.rounds, a.warmup)
-        if a.markdown:
-            print(f"\n**{case['name']}** (plain step {res['plain']['time_ms']:.1f} ms)\n")
-            print("| method | time ratio (median) | time ratio (best of N) | peak memory ratio | "
-                  "per-example norms vs noisescale |")
-            print("|---|---|---|---|---|")
-        else:
-            print(f"\n{case['name']}")
-        for n, _ in METHODS:
-            r = res[n]
-            if "error" in r:
-                cells = ("did not run", "-", "-", r["error"])
+        for adamw in (False, True):
+            names = [n for n, _ in METHODS if (n in ADAMW_ROWS) == adamw]
+            if adamw and not names:
+                continue
+            if a.markdown:
+                if not adamw:
+                    print(f"\n**{case['name']}** (plain step {res['plain']['time_ms']:.1f} ms, threads={a.threads})\n")
+                    print("| method | time ratio (median) | time ratio (best of N) | peak memory ratio | "
+                          "per-example norms vs noisescale |")
+                    print("|---|---|---|---|---|")
+                else:
+                    r0 = res["plain AdamW"]
+                    print(f"\nWith an AdamW step (preconditioner=), against plain AdamW "
+                          f"({r0.get('time_ms', float('nan')):.1f} ms, threads={a.threads}):\n")
+                    print("| method | time ratio (median) | time ratio (best of N) | peak memory ratio | "
+                          "vs plain (no optimizer step) |")
+                    print("|---|---|---|---|---|")
             else:
-                ag = r.get("agree")
-                cells = (f"{r['ratio']:.2f}x", f"{r['ratio_min']:.2f}x", f"{r['mem']:.2f}x",
-                         NOTES.get(n) or ("-" if ag is None else
-                                          ("reference" if n == "noisescale" else f"rel. diff {ag:.1e}")))
-            print(f"| {n} | " + " | ".join(cells) + " |" if a.markdown else f"  {n:22s} " + "  ".join(cells))
+                print(f"\n{case['name']}" if not adamw else "  -- with AdamW, ratios to plain AdamW:")
+            for n in names:
+                r = res[n]
+                if "error" in r:
+                    cells = ("did not run", "-", "-", r["error"])
+                elif adamw:
+                    cells = (f"{r['ratio']:.2f}x", f"{r['ratio_min']:.2f}x", f"{r['mem']:.2f}x",
+                             f"{r['ratio_plain']:.2f}x" if "ratio_plain" in r else "-")
+                else:
+                    ag = r.get("agree")
+                    cells = (f"{r['ratio']:.2f}x", f"{r['ratio_min']:.2f}x", f"{r['mem']:.2f}x",
+                             NOTES.get(n) or ("-" if ag is None else
+                                              ("reference" if n == "noisescale" else f"rel. diff {ag:.1e}")))
+                print(f"| {n} | " + " | ".join(cells) + " |" if a.markdown else f"  {n:26s} " + "  ".join(cells))
         sys.stdout.flush()
 
 

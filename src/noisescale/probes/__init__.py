@@ -81,8 +81,10 @@ def make_probe(
     if unknown:
         takes = f"it takes {sorted(cls.options)}" if cls.options else "it takes none"
         raise TypeError(f"method={cls.name!r} does not take the options {unknown} ({takes})")
-    asked = {"groups": config.groups is not None and config.groups.grouped,
-             "preconditioner": config.preconditioner is not None}
+    asked = {
+        "groups": config.groups is not None and config.groups.grouped,
+        "preconditioner": config.preconditioner is not None,
+    }
     for feature, wanted in asked.items():
         if wanted and feature not in cls.supports:
             why = getattr(cls, "why_unsupported", {}).get(feature)
