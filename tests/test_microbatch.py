@@ -194,9 +194,18 @@ def test_single_micro_batch(digits):
     model = digits_mlp(hidden=16)
     explicit = ns.GradientNoiseScale(model, method="microbatch")
     F.cross_entropy(model(X[:16]), y[:16]).backward()
-    with pytest.raises(ValueError, match="only one backward pass"):
-        explicit.step()
+    with pytest.warns(UserWarning, match="only one backward pass.*method='per_example'"):
+        explicit.step()  # the same policy as auto: warn (once) and say why, never raise
+    assert explicit.b_simple is None and "only one backward pass" in explicit.reason
     explicit.close()
+    # with batch norm in training mode the advice must not point to per-example norms (wrong there)
+    bn = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 10))
+    gbn = ns.GradientNoiseScale(bn, method="microbatch")
+    F.cross_entropy(bn(X[:16]), y[:16]).backward()
+    with pytest.warns(UserWarning, match="batch norm") as rec:
+        gbn.step()
+    assert all("per_example" not in str(w.message) for w in rec)
+    gbn.close()
 
     class RawMatmul(nn.Module):  # a parameter outside any layer type the per-example probe covers
         def __init__(self):

@@ -14,6 +14,7 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -534,3 +535,204 @@ def test_import_is_light():
     code = "import sys, noisescale; bad = [m for m in ('matplotlib', 'lightning', 'transformers', 'accelerate', 'scipy', 'sklearn') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+# -- transients, warm-up, reset -----------------------------------------------------------------
+
+
+def _linear_transient_run(model, X, y, steps, at, gain, **kw):
+    """Steps at fixed parameters; at step ``at`` the loss gains a term linear in the parameters, which
+    adds the same vector to every example's gradient: |G|^2 jumps, tr(Sigma) does not."""
+    torch.manual_seed(5)
+    direction = [torch.randn_like(p) for p in model.parameters()]
+    gns = ns.GradientNoiseScale(model, beta=0.99, **kw)
+    gen = torch.Generator().manual_seed(6)
+    for t in range(1, steps + 1):
+        idx = torch.randint(len(y), (64,), generator=gen)
+        loss = F.cross_entropy(model(X[idx]), y[idx])
+        if t == at:
+            loss = loss + gain * sum((p * u).sum() for p, u in zip(model.parameters(), direction))
+        loss.backward()
+        gns.step()
+        model.zero_grad(set_to_none=True)
+    return gns
+
+
+def test_a_single_transient_cannot_hijack_the_average(digits):
+    """One step whose |G|^2 is 10^4 times the truth (tr(Sigma) unchanged): 300 steps later the default
+    tracker is within 15% of brute force; the plain EMA (robust=False) is still far off."""
+    X, y = digits
+    model = _digits_model(X, y)
+    g2, ts = brute_force(model, F.cross_entropy, (X, y), {"all": [n for n, _ in model.named_parameters()]})["all"]
+    gain = 100.0 * math.sqrt(g2) / math.sqrt(sum(p.numel() for p in model.parameters()))  # |c u|^2 ~ 1e4 |G|^2
+    robust = _linear_transient_run(model, X, y, 310, at=10, gain=gain)
+    assert robust.method == "per_example"
+    rec = robust.history[9]
+    assert rec["status"] == "outlier" and rec["g2_step"] > 1e3 * g2  # the transient itself, held out
+    assert robust.outliers == 1 and robust.b_simple == pytest.approx(ts / g2, rel=0.15)
+    assert "outliers=1" in robust.summary()
+    robust.close()
+    plain = _linear_transient_run(model, X, y, 310, at=10, gain=gain, robust=False)
+    assert plain.b_simple < 0.5 * ts / g2  # what the issue saw: the spike still dominates
+    plain.close()
+
+
+def test_a_lasting_change_restarts_the_average(digits):
+    """When the run moves for good (here: the loss is scaled by 1e3 from step 40 on) the held steps
+    become the new average after 5 steps instead of being dropped forever."""
+    X, y = digits
+    model = _digits_model(X, y)
+    gns = ns.GradientNoiseScale(model, beta=0.99)
+    gen = torch.Generator().manual_seed(7)
+    for t in range(1, 80):
+        idx = torch.randint(len(y), (64,), generator=gen)
+        (F.cross_entropy(model(X[idx]), y[idx]) * (1e3 if t >= 40 else 1.0)).backward()
+        gns.step()
+        model.zero_grad(set_to_none=True)
+    statuses = [r["status"] for r in gns.history]
+    assert statuses[39:43] == ["outlier"] * 4 and gns.history[43]["restart"]
+    assert gns.metrics()["gns/restarts"] == 1.0 and gns.outliers == 0
+    assert gns.g2 > 1e5 * gns.history[38]["g2"]  # the average now describes the scaled run
+    gns.close()
+
+
+def test_warmup_and_reset(digits):
+    X, y = digits
+    model = _digits_model(X, y)
+    gns = ns.GradientNoiseScale(model, warmup=5, warmup_examples=64 * 8)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(12):
+        idx = torch.randint(len(y), (64,), generator=gen)
+        F.cross_entropy(model(X[idx]), y[idx]).backward()
+        gns.step()
+        model.zero_grad(set_to_none=True)
+    assert [r["status"] for r in gns.history] == ["warmup"] * 8 + ["measured"] * 4  # examples bound the longer
+    assert gns.measured == 4 and gns.metrics()["gns/warmup"] == 8.0 and gns.n_eff < 4.01
+    gns.reset()
+    assert gns.b_simple is None and gns.steps == 12 and gns.examples == 12 * 64
+    with pytest.raises(ValueError, match="warmup must be"):
+        ns.GradientNoiseScale(model, warmup=-1)
+    gns.close()
+
+
+def test_robust_average_keeps_the_interval_calibrated_on_stationary_data():
+    """The default averaging (transient filter + EMA) on stationary synthetic micro-batch estimates:
+    the nominal 95% interval covers the true b_simple in 90-99% of 200 seeded repetitions, and no
+    step is ever held out."""
+    from noisescale.ema import RobustAverage
+
+    from helpers import pooled
+
+    rng = np.random.default_rng(2024)
+    d, k, b, steps = 50, 4, 8, 400
+    G = rng.normal(size=d) * 0.3
+    sd = rng.uniform(0.5, 2.0, size=d)
+    true = float((sd**2).sum() / (G**2).sum())
+    covered = held = 0
+    for _ in range(200):
+        avg = RobustAverage(0.98)
+        x = G + sd * rng.normal(size=(steps, k, b, d))
+        v = x.mean(2) / k
+        small, big = (v**2).sum(-1), (v.sum(1) ** 2).sum(-1)
+        for t in range(steps):
+            m = pooled(list(small[t]), [b] * k, float(big[t]))
+            held += avg.fold(m.g2, m.trace_sigma) != "measured"
+        lo, hi = avg.ema.interval(0.95)
+        covered += lo <= true <= hi
+    assert 0.90 <= covered / 200 <= 0.99, covered
+    assert held == 0
+
+
+# -- misplaced calls -------------------------------------------------------------------------------
+
+
+def test_step_between_micro_batches_is_detected(digits):
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, "per_example")
+    with pytest.warns(UserWarning, match="step\\(\\) is called between the micro-batches"):
+        for i in range(4):  # the mistake: step() inside the micro-batch loop, zero_grad only after it
+            (F.cross_entropy(model(X[16 * i:16 * (i + 1)]), y[16 * i:16 * (i + 1)]) / 4).backward()
+            gns.step()
+    gns.close()
+    ok = ns.GradientNoiseScale(model, "per_example")  # the right loop: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            model.zero_grad(set_to_none=False)  # zeroed, not None: still fine
+            F.cross_entropy(model(X[:32]), y[:32]).backward()
+            ok.step()
+    ok.close()
+
+
+def test_step_without_backward_and_zero_grad_before_step(digits):
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, "microbatch")
+    for i in range(2):
+        (F.cross_entropy(model(X[16 * i:16 * (i + 1)]), y[16 * i:16 * (i + 1)]) / 2).backward()
+    model.zero_grad(set_to_none=False)  # zeroed before step(): the captured norm is still the step's
+    gns.step()
+    assert gns.history[-1]["status"] == "measured" and gns.history[-1]["sq_big"] > 0
+    with pytest.warns(UserWarning, match="no backward pass reached the measured parameters"):
+        gns.step()  # no backward since the last step()
+    gns.close()
+
+
+def test_all_zero_gradients_say_so(digits):
+    X, _ = digits
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, "microbatch")
+    for _ in range(3):
+        for xb in X[:32].chunk(2):
+            (0.0 * model(xb).sum()).backward()
+        gns.step()
+        model.zero_grad()
+    assert gns.b_simple is None and "exactly zero" in gns.reason and "loss does not depend" in gns.reason
+    gns.close()
+
+
+def test_metrics_name_counts_by_unit_and_summary_shows_coverage_and_method(digits):
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, "microbatch", unit="tokens")
+    for _ in range(4):
+        for i in range(2):
+            (F.cross_entropy(model(X[16 * i:16 * (i + 1)]), y[16 * i:16 * (i + 1)]) / 2).backward()
+        gns.step(sizes=[100, 100])
+        model.zero_grad()
+    m = gns.metrics()
+    assert m["gns/tokens"] == 800 and "gns/examples" not in m and m["gns/coverage"] == 1.0
+    assert "method=microbatch" in gns.summary()
+    gns.close()
+
+
+def test_auto_falls_back_to_micro_batches_when_per_example_coverage_drops(digits):
+    """A position table used with shared ids (not batch-first) is excluded at run time; it holds most of
+    the parameters, so auto switches to the micro-batch probe (which sees every gradient) and says so."""
+
+    class PosNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(512, 64)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.head(x + self.pos(torch.arange(x.shape[1]) % 512).mean(0))
+
+    X, y = digits
+    model = PosNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gns = ns.GradientNoiseScale(model)
+    assert gns.method == "per_example"
+    with pytest.warns(UserWarning, match="switching to method='microbatch'"):
+        for t in range(4):
+            for i in range(2):
+                sl = slice(32 * t + 16 * i, 32 * t + 16 * (i + 1))
+                (F.cross_entropy(model(X[sl]), y[sl]) / 2).backward()
+            gns.step()
+            model.zero_grad()
+    assert gns.method == "microbatch" and gns.history[-1]["status"] == "measured"
+    assert gns.metrics()["gns/coverage"] == 1.0
+    gns.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -61,14 +62,26 @@ class RunLogWriter:
 
 @dataclass
 class RunLog:
-    """A parsed run log: the header and the step records, in order."""
+    """A parsed run log: the header and the step records, in order.
+
+    ``path`` and ``lines`` (the line number of each record) are set by :func:`read_run_log`, so
+    that a problem found later (a value too large to draw) can name the line it came from.
+    """
 
     header: dict[str, Any]
     records: list[dict[str, Any]] = field(default_factory=list)
+    path: Path | None = None
+    lines: list[int] = field(default_factory=list)
 
     @property
     def unit(self) -> str:
         return str(self.header.get("unit", "examples"))
+
+    def where(self, index: int) -> str:
+        """``FILE:LINE`` of record ``index`` (``record N`` for a log built in memory)."""
+        if self.path is not None and len(self.lines) == len(self.records):
+            return f"{self.path}:{self.lines[index]}"
+        return f"record {index + 1}"
 
     def column(self, name: str) -> list[float]:
         """Values of ``name`` over step records (``nan`` where missing or null)."""
@@ -79,20 +92,49 @@ class RunLog:
         return out
 
 
+# Fields of a step record that are text, not numbers.
+_TEXT_FIELDS = ("type", "status", "reason", "source")
+
+
+def _check_number(p: Path, lineno: int, k: str, v: Any) -> None:
+    if v is None or isinstance(v, bool):
+        return
+    if not isinstance(v, (int, float)):
+        raise RunLogError(f"{p}:{lineno}: field {k!r} should be a number or null, got {v!r}")
+    try:
+        finite = math.isfinite(v)
+    except OverflowError:  # an integer beyond the float range
+        finite = False
+    if not finite:
+        shown = v if isinstance(v, float) else f"an integer of {len(str(abs(v)))} digits"
+        raise RunLogError(
+            f"{p}:{lineno}: field {k!r} = {shown} is not a finite number "
+            "(a run log writes null for an undefined value)"
+        )
+
+
 def read_run_log(path: str | os.PathLike) -> RunLog:
-    """Parse and validate a run log; raise :class:`RunLogError` naming the first bad line."""
+    """Parse and validate a run log; raise :class:`RunLogError` naming the first bad line.
+
+    A last line without its newline that is not valid JSON was cut (a crash, a full disk, a copy
+    of a file still being written): it is left out with a warning naming the line, and the
+    complete records before it are returned.
+    """
     p = Path(path)
     if not p.exists():
         raise RunLogError(f"{p}: no such file")
     if p.is_dir():
         raise RunLogError(f"{p}: is a directory, expected a .jsonl run log written by noisescale")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise RunLogError(
             f"{p}: not a text file ({e.reason} at byte {e.start}); expected a JSON-lines run log"
         ) from None
-    lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
+    all_lines = [ln.removesuffix("\r") for ln in text.split("\n")]
+    # the last line lacks its newline: it may have been cut in the middle of a write
+    torn_at = len(all_lines) if not text.endswith("\n") else None
+    lines = [(i + 1, ln) for i, ln in enumerate(all_lines) if ln.strip()]
     if not lines:
         raise RunLogError(f"{p}: empty file; expected a header line and step records")
     log: RunLog | None = None
@@ -100,7 +142,22 @@ def read_run_log(path: str | os.PathLike) -> RunLog:
         try:
             obj = json.loads(ln)
         except json.JSONDecodeError as e:
+            if lineno == torn_at:
+                if log is None:
+                    raise RunLogError(
+                        f"{p}:{lineno}: the header line is incomplete (the file was cut while being written)"
+                    ) from None
+                warnings.warn(
+                    f"{p}:{lineno}: the last line is incomplete (the file was cut while being written); "
+                    f"left out, {len(log.records)} complete step records read",
+                    stacklevel=2,
+                )
+                break
             raise RunLogError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise RunLogError(f"{p}:{lineno}: JSON nested too deeply (not a run-log record)") from None
+        except ValueError as e:  # e.g. an integer literal with more digits than Python converts
+            raise RunLogError(f"{p}:{lineno}: not a valid run-log record ({e})") from None
         if not isinstance(obj, dict):
             raise RunLogError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         if log is None:
@@ -114,7 +171,7 @@ def read_run_log(path: str | os.PathLike) -> RunLog:
                     f"{p}:{lineno}: run-log version {obj.get('version')!r} is not supported "
                     f"(this noisescale reads version {VERSION})"
                 )
-            log = RunLog(header=obj)
+            log = RunLog(header=obj, path=p)
             continue
         if obj.get("type") != "step":
             continue  # forward compatible: ignore record types we do not know
@@ -122,10 +179,9 @@ def read_run_log(path: str | os.PathLike) -> RunLog:
         if missing:
             raise RunLogError(f"{p}:{lineno}: step record lacks {missing}")
         for k, v in obj.items():
-            if k in ("type", "status", "reason", "source"):
-                continue
-            if v is not None and not isinstance(v, (int, float)):
-                raise RunLogError(f"{p}:{lineno}: field {k!r} should be a number or null, got {v!r}")
+            if k not in _TEXT_FIELDS:
+                _check_number(p, lineno, k, v)
         log.records.append(obj)
+        log.lines.append(lineno)
     assert log is not None
     return log

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ema import Estimate, NoiseScaleEMA
+from .ema import Estimate, NoiseScaleEMA, RobustAverage
 from .estimators import EXAMPLES, HEAD, PARTS, RANKS, SUM_A2, SUM_A2_OVER_B, StepStats, step_estimates
-from .probes import make_probe, select_probe
-from .probes.base import Preconditioner, ProbeConfig, StepContext, resolve_groups, trainable_parameters
+from .probes import PROBES, make_probe, select_probe
+from .probes.base import Hook, Preconditioner, ProbeConfig, StepContext, resolve_groups, trainable_parameters
 from .runlog import RunLogWriter
 
 __all__ = ["GradientNoiseScale", "Update", "Subscription"]
@@ -117,6 +117,11 @@ class GradientNoiseScale:
             before this step's update (docs/method.md).
         precondition: ``"update"`` (``tr(P Sigma P)/|P G|^2``, default) or ``"curvature"``
             (``tr(P Sigma)/(G^T P G)``, for a Hessian that ``P`` preconditions well).
+        robust: hold out per-step estimates that a transient made absurd (more than 50 median
+            absolute deviations from the recent steps) and restart the average when 5 steps in a row
+            are (:class:`~noisescale.ema.TransientFilter`); ``False``: the plain debiased EMA.
+        warmup: steps not averaged at the start (recorded with status ``"warmup"``).
+        warmup_examples: likewise, until this many examples (in :attr:`unit`) have been seen.
         log: path of a JSON-lines run log to write (see :mod:`noisescale.runlog`); it is
             written every ``max_pending`` steps and at :meth:`close`.
         max_pending: steps queued on the device before they are read anyway.
@@ -137,6 +142,9 @@ class GradientNoiseScale:
         groups: Any = None,
         preconditioner: Any = None,
         precondition: str = "update",
+        robust: bool = True,
+        warmup: int = 0,
+        warmup_examples: float = 0.0,
         log: str | os.PathLike | None = None,
         max_pending: int = 64,
         **probe_options: Any,
@@ -147,6 +155,11 @@ class GradientNoiseScale:
             raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if not (isinstance(warmup, int) and warmup >= 0):
+            raise ValueError(f"warmup must be a number of steps >= 0, got {warmup!r}")
+        if not (isinstance(warmup_examples, (int, float)) and warmup_examples >= 0):
+            raise ValueError(f"warmup_examples must be a number >= 0 (in the tracker's unit), got {warmup_examples!r}")
+        self.model = model
         self.params = self._tracked(model, params)
         cls = select_probe(method, model, self.params)
         self.method: str = cls.name
@@ -161,8 +174,12 @@ class GradientNoiseScale:
         config = ProbeConfig(
             reduction=reduction, unit=unit, groups=self.groups, preconditioner=pre, auto=not self._explicit
         )
+        self._config = config
         self.probe = make_probe(cls, model, self.params, config, probe_options)
-        self._ema = NoiseScaleEMA(beta, 1 + len(self.groups) if self.groups.grouped else 1)
+        self._avg = RobustAverage(beta, 1 + len(self.groups) if self.groups.grouped else 1, robust=robust)
+        self.warmup, self.warmup_examples = warmup, float(warmup_examples)
+        self._accumulation_checks = 3  # first steps: check that .grad was cleared after step() (_check_hook)
+        self._check_handles = [p.register_hook(Hook(self._make_check(p))) for p in self.params]
         self._pending: list[_Entry] = []
         self._subscribers: list[Subscription] = []
         self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
@@ -172,6 +189,8 @@ class GradientNoiseScale:
         self._skipped = 0
         self._unmeasurable = 0
         self._examples = 0.0
+        self._warmup_steps = 0
+        self._first_pass = False  # the first backward pass after a step() (checks; set by step())
         self._last_reason: str | None = None
         self._warned: set[str] = set()
         self._closed = False
@@ -224,26 +243,82 @@ class GradientNoiseScale:
         self._check_open()
         stats = self.probe.collect(self._context(sizes))
         self.steps += 1
+        self._first_pass = True
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
-        if stats.reason is not None:
+        if stats.reason is not None:  # one policy for every method: warn once per reason, never raise
             reason = stats.reason
-            if (
-                self._explicit
-                and self._measured == 0
-                and not any(e.stats.reason is None for e in self._pending)
-                and self.steps == 1
-            ):
-                raise ValueError(f"method={self.method!r} cannot measure: {reason}")
             if reason not in self._warned:
                 self._warned.add(reason)
                 warnings.warn(f"noisescale: step {self.steps} not measured: {reason}", stacklevel=2)
         self._pending.append(_Entry(self.steps, stats, loss))
+        self._maybe_fall_back()
         due = [s for s in self._subscribers if self.steps % s.every == 0]
         if due or len(self._pending) >= self.max_pending:
             self._flush()
         if due:
             self._notify(due)
+
+    def _maybe_fall_back(self) -> None:
+        """``method="auto"`` chose exact per-example norms, but they turned out to cover less than 90%
+        of the parameters (gradient reaching parameters outside their layers: a functionally tied
+        head, a loss term on the parameters; inputs shared by all examples): measure with the
+        micro-batch probe from now on, which sees every gradient, rather than report a noise scale of
+        a fraction of the model."""
+        cov = getattr(self.probe, "coverage", None)
+        if self._explicit or self.method != "per_example" or cov is None or cov.fraction >= 0.9:
+            return
+        why = "; ".join(f"{k}: {v}" for k, v in list(cov.uncovered.items())[:4])
+        warnings.warn(
+            f"noisescale: exact per-example norms now cover only {cov.fraction:.0%} of the parameters ({why}); "
+            "switching to method='microbatch' from the next step (it needs >= 2 backward passes per optimizer "
+            "step). Pass method='per_example' to keep the partial measurement instead.",
+            stacklevel=3,
+        )
+        self.probe.close()
+        self.probe = make_probe(PROBES["microbatch"], self.model, self.params, self._config, {})
+        self.method = "microbatch"
+
+    def _make_check(self, p: torch.nn.Parameter) -> Callable[[torch.Tensor], None]:
+        def check(grad: torch.Tensor) -> None:
+            # The first backward pass after a step() should start from a cleared .grad: what it adds
+            # is a new step's gradient. If .grad still holds earlier gradients, step() sits between
+            # the micro-batches of one optimizer step (or zero_grad is missing), and every step would
+            # compare its own parts with an accumulation of several.
+            if self._accumulation_checks <= 0 or not self._first_pass:
+                return
+            self._first_pass = False
+            self._accumulation_checks -= 1
+            if p.grad is not None and bool((p.grad != 0).any()):
+                msg = (
+                    "a backward pass began with gradients left in .grad from before the last step(): "
+                    "step() is called between the micro-batches of one optimizer step, or zero_grad() is "
+                    "missing after optimizer.step(). Call gns.step() once per optimizer step, after all its "
+                    "backward passes; the numbers measured so far are wrong"
+                )
+                if msg not in self._warned:
+                    self._warned.add(msg)
+                    warnings.warn(f"noisescale: {msg}", stacklevel=2)
+            if self._accumulation_checks <= 0:
+                self._remove_checks()
+
+        return check
+
+    def _remove_checks(self) -> None:
+        for h in self._check_handles:
+            h.remove()
+        self._check_handles = []
+
+    def reset(self) -> None:
+        """Forget the averages (not the counters): measure afresh from the next step, e.g. after a
+        learning-rate change or when resuming with other settings."""
+        self._check_open()
+        self._flush()
+        self._avg.reset()
+
+    @property
+    def _ema(self) -> NoiseScaleEMA:
+        return self._avg.ema
 
     def _context(self, sizes: Sequence[Any] | None) -> StepContext:
         if sizes is not None and isinstance(sizes, (int, float)):
@@ -329,21 +404,37 @@ class GradientNoiseScale:
             if e.stats.reason is not None:
                 status, reason = "unmeasurable", e.stats.reason
             if status == "measured":
-                if grouped:
-                    self._ema.update(np.concatenate([[g2.sum()], g2]), np.concatenate([[ts.sum()], ts]))
-                else:
-                    self._ema.update(g2.sum(), ts.sum())
-                self._measured += 1
+                g2_t, ts_t = float(g2.sum()), float(ts.sum())
                 # the effective App. A.1 pair of the step (see estimators.step_estimates)
                 record.update(
-                    status="measured",
-                    g2_step=float(g2.sum()),
-                    trace_sigma_step=float(ts.sum()),
+                    g2_step=g2_t,
+                    trace_sigma_step=ts_t,
+                    b_simple_step=ts_t / g2_t if g2_t > 0 and ts_t >= 0 else None,
                     b_small=a2 / a2b,
                     b_big=1.0 / a2b,
                     sq_small=sq_parts / a2,
                     sq_big=sq_total,
                 )
+                if e.step <= self.warmup or self._examples <= self.warmup_examples:
+                    self._warmup_steps += 1
+                    record.update(status="warmup", reason="in the warm-up (warmup=/warmup_examples=): not averaged")
+                else:
+                    held = len(self._avg.filter.held) if self._avg.filter is not None else 0
+                    if grouped:
+                        fold = self._avg.fold(np.concatenate([[g2_t], g2]), np.concatenate([[ts_t], ts]))
+                    else:
+                        fold = self._avg.fold(g2_t, ts_t)
+                    if fold == "outlier":
+                        record.update(
+                            status="outlier",
+                            reason=(
+                                "held out: far from the recent steps (more than 50 median absolute deviations); "
+                                "dropped as a transient unless the next steps agree"
+                            ),
+                        )
+                    else:
+                        self._measured += 1 + (held if fold == "restart" else 0)
+                        record.update(status="measured", restart=fold == "restart")
             else:
                 if status == "skipped":
                     self._skipped += 1
@@ -524,7 +615,11 @@ class GradientNoiseScale:
                 "measured": float(self._measured),
                 "skipped": float(self._skipped),
                 "unmeasurable": float(self._unmeasurable),
-                "examples": float(self._examples),
+                "outliers": float(self.outliers),
+                "restarts": float(self._avg.filter.restarts if self._avg.filter is not None else 0),
+                "warmup": float(self._warmup_steps),
+                # the count is named by its unit ("examples", "tokens", ...)
+                self.unit: float(self._examples),
             }
         )
         out.update(self.probe.metrics())
@@ -533,14 +628,26 @@ class GradientNoiseScale:
                 out.update(series(est, name + "/"))
         return {prefix + k: float(v) for k, v in out.items()}
 
+    @property
+    def outliers(self) -> int:
+        """Steps held out as transients (far from the recent steps; see ``robust=``)."""
+        self._flush()
+        flt = self._avg.filter
+        return 0 if flt is None else flt.outliers + len(flt.held)
+
     def summary(self, level: float = 0.95) -> str:
-        """One human line: ``B_simple = 812 [95%: 640, 1.1e+03] examples``."""
+        """One human line: ``B_simple = 812 [95%: 640, 1.1e+03] examples (n_eff=199, skipped=0)``,
+        with the coverage when not every parameter is measured and the steps held out."""
         b = self.b_simple
+        cov = self.probe.metrics().get("coverage", 1.0)
+        extra = f", coverage {cov:.0%} of the parameters" if cov < 1.0 else ""
+        extra += f", outliers={self.outliers}" if self.outliers else ""
+        extra += f", method={self.method}"
         if b is None:
-            return f"B_simple undefined: {self.reason}"
+            return f"B_simple undefined: {self.reason} ({extra.lstrip(', ')})"
         iv = self.interval(level)
         ivs = f" [{level:.0%}: {iv[0]:.3g}, {iv[1]:.3g}]" if iv else ""
-        return f"B_simple = {b:.4g}{ivs} {self.unit} (n_eff={self.n_eff:.0f}, skipped={self._skipped})"
+        return f"B_simple = {b:.4g}{ivs} {self.unit} (n_eff={self.n_eff:.0f}, skipped={self._skipped}{extra})"
 
     # -- state -------------------------------------------------------------------------
 
@@ -555,12 +662,13 @@ class GradientNoiseScale:
             "reduction": self.reduction,
             "groups": list(self.groups.names),
             "preconditioned": self.preconditioned,
-            "ema": self._ema.state_dict(),
+            "ema": self._avg.state_dict(),
             "counters": {
                 "steps": self.steps,
                 "measured": self._measured,
                 "skipped": self._skipped,
                 "unmeasurable": self._unmeasurable,
+                "warmup": self._warmup_steps,
                 "examples": self._examples,
             },
         }
@@ -583,8 +691,9 @@ class GradientNoiseScale:
                 f"{self.groups.names!r}; construct the tracker with the same groups="
             )
         self._flush()
-        self._ema.load_state_dict(sd["ema"])
+        self._avg.load_state_dict(sd["ema"])
         c = sd["counters"]
+        self._warmup_steps = int(c.get("warmup", 0))
         self.steps, self._measured, self._skipped = int(c["steps"]), int(c["measured"]), int(c["skipped"])
         self._unmeasurable, self._examples = int(c["unmeasurable"]), float(c["examples"])
 
@@ -602,6 +711,7 @@ class GradientNoiseScale:
         if self._subscribers:
             self._notify(list(self._subscribers), final=True)
         self.probe.close()
+        self._remove_checks()
         if self._log is not None:
             self._log.close()
         self._closed = True

@@ -346,46 +346,135 @@ def check_single_process(model: torch.nn.Module, method: str) -> str | None:
     )
 
 
-def sq_norm(t: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared L2 norm of a gradient (times ``weight`` elementwise, if given) as a 0-d tensor on its device.
+# Squared norms in float64 for any finite gradient.
+#
+# fp32 arithmetic (a BLAS ``sdot``, or a reduction that accumulates in fp32) squares and sums in
+# fp32's range: entries below ~1e-19 square to subnormals or zero and sums above ~3.4e38 become
+# inf, although every gradient is finite and its squared norm a perfectly good float64. In float64
+# the squared norm of any fp16/bf16/fp32 tensor (entries in [1e-45, 3.4e38], so squares in
+# [1e-90, 1.2e77]) is representable and computed without underflow or overflow, so:
+#
+# - CPU: the fast fp32 dot (or fp32 norm) is read at once (nothing on the CPU is asynchronous, so the
+#   read costs no sync) and kept when it shows that nothing went out of range: finite, and at least
+#   ``n * 2**-100``, where squares that fell below fp32's normal range (each off by at most 2**-126)
+#   change it by at most 2**-26 relative. Otherwise the term is recomputed exactly in float64
+#   (:func:`_sq_norm_exact`): an all-zero gradient, tiny or huge gradients, a product ``w * g``
+#   that left fp32's range. No extra pass in the common case.
+# - Accelerators (no host reads): ``_foreach_norm(..., dtype=float64)``, which reads the gradient in
+#   its own dtype and squares and accumulates in float64 in one fused pass (no float64 copy of the
+#   gradient); the norm is squared in float64. A weighted gradient ``w * g`` is formed in float64
+#   (its product of two fp32 numbers is exact there) before the norm.
+#
+# float64 gradients are reduced in float64 throughout: their squared norm is exact unless it lies
+# outside float64's own range (entries >= ~1e154 give inf, which no float64 can hold).
 
-    Reduced in float32 (float64 for float64 tensors): squaring fp16/bf16 values in their own
-    dtype overflows or loses the small terms. Sparse gradients are coalesced first (repeated
-    indices must be summed before squaring).
+_F32_SAFE_PER_ELEMENT = 2.0**-100  # the fp32 sum is trusted when >= numel * this (see above)
+_ZERO64: dict[torch.device, torch.Tensor] = {}
+
+
+def sq_norm(t: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared L2 norm of a gradient (times ``weight`` elementwise, if given) as a 0-d float64 tensor
+    on its device.
+
+    Finite and correct (to float64 rounding, or fp32 accumulation where that is safe) for any finite
+    fp16/bf16/fp32/fp64 gradient and weight, however small or large: no underflow to zero and no
+    overflow to inf on the way (see the notes above :data:`_F32_SAFE_PER_ELEMENT`). On the CPU the
+    fast fp32 result is checked and recomputed exactly when it is out of range; on accelerators the
+    reduction accumulates in float64, with no host sync. Sparse gradients are coalesced first
+    (repeated indices must be summed before squaring).
     """
-    if t.is_sparse:
-        if weight is not None:
-            t = t.coalesce() * weight  # sparse * dense: the weights at the stored indices
-        t = t.coalesce().values()
-    elif weight is not None:
-        t = _weighted(t.detach(), weight)
     t = t.detach()
-    if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
-        # BLAS dot: one pass over the gradient, measured 2.5x faster than vector_norm on CPU
-        flat = t.view(-1)
-        return torch.dot(flat, flat)
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(t, 2, dtype=dtype).square()
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return _sq_norm_device(t, weight)
+    s = _sq_norm_cpu(t, weight)
+    return s if isinstance(s, torch.Tensor) else torch.scalar_tensor(s, dtype=torch.float64)
+
+
+def _sq_norm_cpu(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor | float:
+    """CPU: a float64 0-d tensor (float64 data, reduced in float64) or a Python float (fp32 data:
+    the fast fp32 sum when it is in range, else the exact float64 one)."""
+    if t.is_sparse:
+        t = t.coalesce()
+        x = (t * weight).coalesce().values() if weight is not None else t.values()
+    elif weight is not None:
+        x = _weighted(t, weight)
+    else:
+        x = t
+    if x.dtype == torch.float64:
+        return _dot64(x)
+    if x.dtype == torch.float32 and x.is_contiguous():
+        flat = x.view(-1)
+        s = float(torch.dot(flat, flat))  # BLAS dot: one pass, 2.5x faster than vector_norm here
+    else:
+        s = float(torch.linalg.vector_norm(x, 2, dtype=torch.float32)) ** 2
+    if x.numel() * _F32_SAFE_PER_ELEMENT <= s < math.inf:
+        return s
+    if s != s:  # NaN: a non-finite gradient, nothing to recover
+        return s
+    return float(_sq_norm_exact(t, weight))
+
+
+def _dot64(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1)
+    return torch.dot(flat, flat)
+
+
+def _sq_norm_exact(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``|w * t|^2`` with the product and the reduction in float64 (CPU; a float64 copy of ``t``)."""
+    if t.is_sparse:
+        t = t.coalesce().to(torch.float64)
+        return _dot64((t * weight).coalesce().values() if weight is not None else t.values())
+    x = torch.empty(t.shape, dtype=torch.float64, device=t.device)
+    x.copy_(t)
+    if weight is not None:
+        x.mul_(weight)
+    return _dot64(x)
+
+
+def _sq_norm_device(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Accelerator branch (also taken under ``torch.compile``): float64 accumulation, no host read."""
+    if t.is_sparse:
+        t = t.coalesce()
+        if weight is not None:
+            t = t.to(torch.float64) * weight
+            t = t.coalesce()
+        x = t.values()
+    elif weight is not None:
+        x = _weighted(t, weight, torch.float64)
+    else:
+        x = t
+    return torch._foreach_norm([x], 2, dtype=torch.float64)[0].square()
 
 
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _weighted(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``g * weight`` written into a scratch buffer reused across calls (one per device and dtype,
-    as large as the largest gradient seen): a full-size temporary per gradient and pass cost more
-    than the product itself. The result is valid until the next call on the same device; hooks on
-    one device run one after another, in stream order."""
-    dtype = torch.promote_types(g.dtype, weight.dtype)
+def _weighted(g: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``g * weight`` (computed in ``dtype``, default the promoted dtype) written into a scratch buffer
+    reused across calls (one per device and dtype, as large as the largest gradient seen): a
+    full-size temporary per gradient and pass cost more than the product itself. The result is valid
+    until the next call on the same device; hooks on one device run one after another, in stream
+    order. With ``dtype=float64`` and fp32 operands the product is formed in float64 (exact) without
+    a float64 copy of either operand."""
+    promoted = torch.promote_types(g.dtype, weight.dtype)
+    dtype = dtype if dtype is not None else promoted
     if not (g.is_contiguous() and weight.is_contiguous()) or dtype not in (torch.float32, torch.float64):
-        return g * weight
+        return g.to(dtype) * weight if dtype != promoted else g * weight
     key = (g.device, dtype)
     buf = _SCRATCH.get(key)
     n = g.numel()
     if buf is None or buf.numel() < n:
         buf = _SCRATCH[key] = torch.empty(n, dtype=dtype, device=g.device)
     out = buf[:n]
-    torch.mul(g.view(-1), weight.view(-1), out=out)
+    if dtype == promoted:
+        torch.mul(g.view(-1), weight.view(-1), out=out)
+    else:
+        # 0 + g * w with a float64 (dimensioned, broadcast) first operand: type promotion computes
+        # in float64, and device kernels cast g and w as they load them
+        zero = _ZERO64.get(g.device)
+        if zero is None:
+            zero = _ZERO64[g.device] = torch.zeros(1, dtype=torch.float64, device=g.device)
+        torch.addcmul(zero.expand(n), g.view(-1), weight.view(-1), out=out)
     return out
 
 

@@ -91,6 +91,7 @@ class MicroBatchProbe:
             [(p, None, None, True) for p in self.params], self.groups, self.preconditioner, self.device
         )
         self._end = EndOfBackward(self._end_backward)
+        self._batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         self._handles: list[Any] = [p.register_hook(Hook(self._make_hook(p))) for p in self.params]
         if config.infer_sizes:
             self._handles.append(model.register_forward_pre_hook(Hook(self._pre_forward), with_kwargs=True))
@@ -142,18 +143,7 @@ class MicroBatchProbe:
         total = self._total.take(ctx)
         G = len(self.groups)
         if k < 2:
-            reason = (
-                (
-                    "no backward pass reached the measured parameters since the last step(); call step() once "
-                    "per optimizer step, after the backward passes"
-                )
-                if k == 0
-                else (
-                    "only one backward pass (micro-batch) in this step, so there is no smaller batch to compare "
-                    "with: accumulate gradients over >= 2 micro-batches per optimizer step, or use "
-                    "method='per_example'"
-                )
-            )
+            reason = self._why_unmeasurable(k)
             ex = float(sum(sizes)) if sizes is not None else float("nan")
             st = make_step_stats([0.0] * G, [0.0] * G, [1.0], parts=k, examples=ex, device=self.device)
             st.reason = reason
@@ -166,6 +156,27 @@ class MicroBatchProbe:
             )
         small = torch.stack(parts).sum(0) if k > 1 else parts[0]
         return make_step_stats(small * ctx.inv_scale2_small, total, sizes, reduction=self.reduction, device=self.device)
+
+    def _why_unmeasurable(self, k: int) -> str:
+        if k == 0:
+            return (
+                "no backward pass reached the measured parameters since the last step(); call step() once per "
+                "optimizer step, after the backward passes"
+            )
+        bn = [type(m).__name__ for m in self._batch_norms if m.training]
+        # per-example norms are wrong under batch norm in training mode: do not send the user there
+        other = (
+            (
+                f"(batch norm in training mode, {', '.join(bn)}, rules out per-example norms: accumulate, or "
+                "measure in eval mode at a checkpoint with ns.measure)"
+            )
+            if bn
+            else "or use method='per_example'"
+        )
+        return (
+            "only one backward pass (micro-batch) in this step, so there is no smaller batch to compare with: "
+            f"accumulate gradients over >= 2 micro-batches per optimizer step {other}"
+        )
 
     @staticmethod
     def _resolve_sizes(given: Sequence[float] | None, seen: list[int | None], k: int) -> list[float] | None:
