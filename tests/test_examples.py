@@ -11,7 +11,37 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("extra", [[], ["--amp"]])
 def test_quickstart_runs(tmp_path, extra):
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--steps", "30", *extra],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--steps", "30", *extra],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "gns/b_simple" in out.stdout and (tmp_path / "quickstart.jsonl").exists()
+
+
+def test_gpt_warmup_example_runs(tmp_path, shakespeare_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "gpt_warmup.py"),
+            "--steps",
+            "8",
+            "--warmup",
+            "3",
+            "--batch",
+            "2",
+            "--data",
+            shakespeare_path,
+            "--out",
+            str(tmp_path / "gpt"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "final B_simple" in out.stdout and (tmp_path / "gpt" / "run.jsonl").exists()

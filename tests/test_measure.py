@@ -48,7 +48,7 @@ def test_b_simple_matches_brute_force_at_fixed_parameters(digits):
     gen = torch.Generator().manual_seed(1)
     batches = [(X[i], y[i]) for i in torch.randint(len(y), (400, 64), generator=gen)]
     r = ns.measure(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), batches, micro_batches=4)
-    assert r.n == 400 and r.skipped == 0
+    assert r.n == 400 and r.skipped == 0 and r.coverage == 1.0
     assert r.b_simple == pytest.approx(exact, rel=0.10), (r.b_simple, exact)
     lo, hi = r.interval(0.95)
     assert lo <= exact <= hi
@@ -62,7 +62,9 @@ def test_measure_leaves_model_exactly_as_it_was(digits):
     before = copy.deepcopy(model.state_dict())
     grads = [p.grad.clone() for p in model.parameters()]
     rng_before = torch.get_rng_state()
-    r = ns.measure(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(X[i:i + 32], y[i:i + 32]) for i in range(0, 320, 32)])
+    r = ns.measure(
+        model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), [(X[i : i + 32], y[i : i + 32]) for i in range(0, 320, 32)]
+    )
     assert r.b_simple is not None
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k

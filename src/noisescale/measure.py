@@ -31,6 +31,7 @@ class MeasureResult:
     unit: str
     method: str
     reason: str | None
+    coverage: float = 1.0  # fraction of the parameters' elements measured (per-example norms may cover fewer)
     _tracker_state: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def interval(self, level: float = 0.95) -> tuple[float, float] | None:
@@ -109,7 +110,10 @@ def measure(
     saved_grads = [p.grad for p in tracked]
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index for p in tracked if p.device.type == "cuda" and p.device.index is not None})
-    gns = GradientNoiseScale(model, "per_example" if per_example else "microbatch", beta=1.0, unit=unit, params=params)
+    # the plain mean of independent draws at fixed parameters: nothing to hold out as a transient
+    gns = GradientNoiseScale(
+        model, "per_example" if per_example else "microbatch", beta=1.0, unit=unit, params=params, robust=False
+    )
     try:
         with torch.random.fork_rng(devices=devices):
             for p in tracked:
@@ -139,6 +143,7 @@ def measure(
             unit=unit,
             method=gns.method,
             reason=gns.reason,
+            coverage=float(gns.probe.metrics().get("coverage", 1.0)),
             _tracker_state=sd,
         )
     finally:
