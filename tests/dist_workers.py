@@ -6,7 +6,6 @@ micro-batch ``j``. The parent process recomputes every quantity on one process f
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import traceback
@@ -451,7 +450,7 @@ def ddp_bad(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
             errors.append(str(e))
         ddp.zero_grad(set_to_none=True)
     out = {"errors": errors, "measured": gns.measured, "skipped": gns.skipped, "b_simple": gns.b_simple,
-           "last_reason": gns._last_reason}
+           "last_reason": gns.history[1].get("reason"), "steps": gns.steps, "examples": gns.examples}
     # An explicit non-distributed method on a DDP model is refused on every rank.
     try:
         ns.GradientNoiseScale(ddp, method="microbatch")

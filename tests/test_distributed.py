@@ -22,8 +22,8 @@ from noisescale.ema import NoiseScaleEMA
 from noisescale.estimators import estimate
 
 sys.path.insert(0, os.path.dirname(__file__))
-import dist_workers as W  # noqa: E402
-from helpers import pooled  # noqa: E402
+import dist_workers as W
+from helpers import pooled
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -407,7 +407,9 @@ def test_bad_inputs_consistent_on_all_ranks(tmp_path):
     # rank 1 raised (its step() is not recorded); rank 0 skipped the same step; no hang; same averages
     assert bad[0]["skipped"] == 1 and bad[0]["measured"] == 3
     assert "raised an error" in bad[0]["last_reason"]  # the real reason, not "non-finite"
-    assert bad[1]["skipped"] == 0 and bad[1]["measured"] == 3
+    # the rank that raised records the same skipped step: counters agree on every rank
+    assert bad[1]["skipped"] == 1 and bad[1]["measured"] == 3
+    assert bad[0]["steps"] == bad[1]["steps"] == 4 and bad[0]["examples"] == bad[1]["examples"]
     for res in bad:
         assert res["microbatch_error"] is not None and "method='auto'" in res["microbatch_error"]
     assert bad[0]["b_simple"] == bad[1]["b_simple"]

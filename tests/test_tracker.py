@@ -169,8 +169,10 @@ def adam_weights(model, opt, mode="update"):
     return out
 
 
-@pytest.mark.parametrize("method,k,steps,mode", [("microbatch", 4, 400, "update"), ("per_example", 1, 300, "update"),
-                                                 ("per_example", 1, 300, "curvature")])
+@pytest.mark.parametrize(
+    "method,k,steps,mode",
+    [("microbatch", 4, 400, "update"), ("per_example", 1, 300, "update"), ("per_example", 1, 300, "curvature")],
+)
 def test_preconditioned_b_simple_matches_brute_force(digits, method, k, steps, mode):
     X, y = digits
     # Standardised pixels, the always-blank ones dropped: a pixel that is almost never inked has a
@@ -179,8 +181,13 @@ def test_preconditioned_b_simple_matches_brute_force(digits, method, k, steps, m
     keep = X.std(0) > 0.05
     X = (X[:, keep] - X[:, keep].mean(0)) / X[:, keep].std(0)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(X.shape[1], 32), torch.nn.Tanh(), torch.nn.Linear(32, 32),
-                                torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(X.shape[1], 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 10),
+    )
     opt = _adam_state(model, X, y)
     P = adam_weights(model, opt, mode)
     truth = brute_force(model, F.cross_entropy, (X, y), layer_groups(model), P)
@@ -201,7 +208,7 @@ def test_preconditioner_is_read_before_the_optimizer_update(digits):
     model = digits_mlp(hidden=16)
     opt = _adam_state(model, X, y, steps=3)
     gns = ns.GradientNoiseScale(model, "microbatch", preconditioner=opt)
-    parts = [(X[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    parts = [(X[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
     before = adam_weights(model, opt)
     want = 0.0
     twin = copy.deepcopy(model)  # (a deep copy does not carry the tracker's hooks)
@@ -235,8 +242,9 @@ def test_preconditioner_refuses_what_it_cannot_do(digits):
     with pytest.raises(ValueError, match="not optimised by this optimizer"):
         ns.GradientNoiseScale(model, "microbatch", preconditioner=torch.optim.Adam(other.parameters()))
     with pytest.raises(ValueError, match="precondition"):
-        ns.GradientNoiseScale(model, "microbatch", preconditioner=torch.optim.Adam(model.parameters()),
-                              precondition="diagonal")
+        ns.GradientNoiseScale(
+            model, "microbatch", preconditioner=torch.optim.Adam(model.parameters()), precondition="diagonal"
+        )
 
 
 def test_preconditioner_identity_before_the_first_update(digits):
@@ -247,7 +255,7 @@ def test_preconditioner_identity_before_the_first_update(digits):
     gb = ns.GradientNoiseScale(b, "microbatch", preconditioner=torch.optim.Adam(b.parameters()))
     for m, g in ((a, ga), (b, gb)):
         for i in range(0, 64, 16):
-            (F.cross_entropy(m(X[i:i + 16]), y[i:i + 16]) / 4).backward()
+            (F.cross_entropy(m(X[i : i + 16]), y[i : i + 16]) / 4).backward()
         g.step()
     assert ga.history[-1]["g2_step"] == gb.history[-1]["g2_step"]
 
@@ -294,7 +302,7 @@ def test_subscribe_pushes_every_n_steps_with_one_device_read(digits):
     handle = gns.subscribe(got.append, every=5)
     for t in range(20):
         for i in range(2):
-            (F.cross_entropy(model(X[16 * i:16 * (i + 1)]), y[16 * i:16 * (i + 1)]) / 2).backward()
+            (F.cross_entropy(model(X[16 * i : 16 * (i + 1)]), y[16 * i : 16 * (i + 1)]) / 2).backward()
         gns.step()
         model.zero_grad()
         assert gns.device_reads == (t + 1) // 5  # read once per push, never per step
@@ -304,7 +312,7 @@ def test_subscribe_pushes_every_n_steps_with_one_device_read(digits):
     assert got[-1].metrics["gns/b_simple"] == gns.metrics()["gns/b_simple"]
     handle.remove()
     for i in range(2):
-        (F.cross_entropy(model(X[16 * i:16 * (i + 1)]), y[16 * i:16 * (i + 1)]) / 2).backward()
+        (F.cross_entropy(model(X[16 * i : 16 * (i + 1)]), y[16 * i : 16 * (i + 1)]) / 2).backward()
     gns.step()
     gns.close()
     assert len(got) == 4
@@ -320,7 +328,7 @@ def test_close_pushes_the_rest_and_marks_it_final(digits):
     gns.subscribe(got.append, every=4)
     for _ in range(6):
         for i in range(2):
-            F.cross_entropy(model(X[16 * i:16 * (i + 1)]), y[16 * i:16 * (i + 1)]).backward()
+            F.cross_entropy(model(X[16 * i : 16 * (i + 1)]), y[16 * i : 16 * (i + 1)]).backward()
         gns.step()
     gns.close()
     assert [(u.step, len(u.records), u.final) for u in got] == [(4, 4, False), (6, 2, True)]
@@ -524,8 +532,16 @@ def test_run_log_and_metrics(digits, tmp_path):
     assert [r["status"] for r in log.records] == ["measured"] * 6 + ["unmeasurable"]
     assert log.records[-1]["loss"] == 0.5 and log.records[-1]["examples"] == 6 * 32 + 8
     assert log.records[5]["b_simple"] == pytest.approx(gns.b_simple)
-    assert set(gns.metrics()) >= {"gns/b_simple", "gns/b_simple_low", "gns/b_simple_high", "gns/g2",
-                                  "gns/trace_sigma", "gns/n_eff", "gns/steps", "gns/skipped"}
+    assert set(gns.metrics()) >= {
+        "gns/b_simple",
+        "gns/b_simple_low",
+        "gns/b_simple_high",
+        "gns/g2",
+        "gns/trace_sigma",
+        "gns/n_eff",
+        "gns/steps",
+        "gns/skipped",
+    }
 
 
 def test_import_is_light():
@@ -619,9 +635,8 @@ def test_robust_average_keeps_the_interval_calibrated_on_stationary_data():
     """The default averaging (transient filter + EMA) on stationary synthetic micro-batch estimates:
     the nominal 95% interval covers the true b_simple in 90-99% of 200 seeded repetitions, and no
     step is ever held out."""
-    from noisescale.ema import RobustAverage
-
     from helpers import pooled
+    from noisescale.ema import RobustAverage
 
     rng = np.random.default_rng(2024)
     d, k, b, steps = 50, 4, 8, 400
@@ -652,7 +667,7 @@ def test_step_between_micro_batches_is_detected(digits):
     gns = ns.GradientNoiseScale(model, "per_example")
     with pytest.warns(UserWarning, match="step\\(\\) is called between the micro-batches"):
         for i in range(4):  # the mistake: step() inside the micro-batch loop, zero_grad only after it
-            (F.cross_entropy(model(X[16 * i:16 * (i + 1)]), y[16 * i:16 * (i + 1)]) / 4).backward()
+            (F.cross_entropy(model(X[16 * i : 16 * (i + 1)]), y[16 * i : 16 * (i + 1)]) / 4).backward()
             gns.step()
     gns.close()
     ok = ns.GradientNoiseScale(model, "per_example")  # the right loop: no warning
@@ -670,7 +685,7 @@ def test_step_without_backward_and_zero_grad_before_step(digits):
     model = digits_mlp(hidden=16)
     gns = ns.GradientNoiseScale(model, "microbatch")
     for i in range(2):
-        (F.cross_entropy(model(X[16 * i:16 * (i + 1)]), y[16 * i:16 * (i + 1)]) / 2).backward()
+        (F.cross_entropy(model(X[16 * i : 16 * (i + 1)]), y[16 * i : 16 * (i + 1)]) / 2).backward()
     model.zero_grad(set_to_none=False)  # zeroed before step(): the captured norm is still the step's
     gns.step()
     assert gns.history[-1]["status"] == "measured" and gns.history[-1]["sq_big"] > 0
@@ -698,7 +713,7 @@ def test_metrics_name_counts_by_unit_and_summary_shows_coverage_and_method(digit
     gns = ns.GradientNoiseScale(model, "microbatch", unit="tokens")
     for _ in range(4):
         for i in range(2):
-            (F.cross_entropy(model(X[16 * i:16 * (i + 1)]), y[16 * i:16 * (i + 1)]) / 2).backward()
+            (F.cross_entropy(model(X[16 * i : 16 * (i + 1)]), y[16 * i : 16 * (i + 1)]) / 2).backward()
         gns.step(sizes=[100, 100])
         model.zero_grad()
     m = gns.metrics()
@@ -736,3 +751,128 @@ def test_auto_falls_back_to_micro_batches_when_per_example_coverage_drops(digits
     assert gns.method == "microbatch" and gns.history[-1]["status"] == "measured"
     assert gns.metrics()["gns/coverage"] == 1.0
     gns.close()
+
+
+# -- state, logs, lifetime ----------------------------------------------------------------------------
+
+
+def _steps(model, gns, X, y, n, start=0):
+    for t in range(start, start + n):
+        for i in range(2):
+            sl = slice((32 * t + 16 * i) % 1700, (32 * t + 16 * (i + 1)) % 1700 or 1700)
+            (F.cross_entropy(model(X[sl]), y[sl]) / 2).backward()
+        gns.step()
+        model.zero_grad()
+
+
+def test_load_state_dict_validates_everything_first_and_names_the_bad_value(digits):
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, "microbatch")
+    _steps(model, gns, X, y, 6)
+    good = gns.state_dict()
+    before = (gns.b_simple, gns.steps, gns.examples)
+    cases = [
+        (("ema", "g2"), float("nan"), r"ema.g2=nan"),
+        (("ema", "count"), -3, r"ema.count=-3"),
+        (("ema", "beta"), 1.5, r"ema.beta=1.5"),
+        (("counters", "steps"), "7", r"counters.steps='7'"),
+        (("counters", "examples"), float("inf"), r"counters.examples=inf"),
+    ]
+    for (sec, key), value, pattern in cases:
+        bad = copy.deepcopy(good)
+        bad[sec][key] = value
+        with pytest.raises(ValueError, match=pattern):
+            gns.load_state_dict(bad)
+        assert (gns.b_simple, gns.steps, gns.examples) == before  # nothing half-loaded
+    missing = copy.deepcopy(good)
+    del missing["counters"]
+    with pytest.raises(ValueError, match="lacks its 'counters' section"):
+        gns.load_state_dict(missing)
+    gns.load_state_dict(good)
+    assert (gns.b_simple, gns.steps, gns.examples) == before
+    gns.close()
+
+
+def test_state_dict_loads_with_weights_only(digits, tmp_path):
+    """The tracker state is numbers, strings, lists and dicts: torch.load(weights_only=True) takes it."""
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, "microbatch", groups="layers")
+    _steps(model, gns, X, y, 4)
+    torch.save({"noisescale": gns.state_dict()}, tmp_path / "ckpt.pt")
+    sd = torch.load(tmp_path / "ckpt.pt", weights_only=True)["noisescale"]
+    other = ns.GradientNoiseScale(digits_mlp(hidden=16), "microbatch", groups="layers")
+    other.load_state_dict(sd)
+    assert other.b_simple == gns.b_simple
+    gns.close()
+    other.close()
+
+
+def test_resumed_run_log_holds_every_step_once_in_order(digits, tmp_path):
+    """A run restored from a checkpoint older than its last logged step continues the same log: the
+    steps after the checkpoint are logged once (the new ones), never twice, never lost."""
+    X, y = digits
+    path = tmp_path / "run.jsonl"
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, "microbatch", log=path, max_pending=2)
+    _steps(model, gns, X, y, 5)
+    ckpt = gns.state_dict()  # saved at step 5
+    _steps(model, gns, X, y, 3, start=5)  # steps 6-8 logged, then the process "dies"
+    gns._flush()
+    gns._notify(list(gns._subscribers))
+    del gns  # (no close: a crash)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        import gc
+
+        gc.collect()
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"type": "step", "step": 9, "exam')  # a torn last line from the crash
+    resumed = ns.GradientNoiseScale(model, "microbatch", log=path)
+    resumed.load_state_dict(ckpt)
+    _steps(model, resumed, X, y, 4, start=5)  # steps 6-9 again
+    resumed.close()
+    log = ns.read_run_log(path)
+    assert [r["step"] for r in log.records] == list(range(1, 10))
+    fresh = ns.GradientNoiseScale(model, "microbatch", log=path)  # a new run: the old log is kept aside
+    with pytest.warns(UserWarning, match="moved it to"):
+        _steps(model, fresh, X, y, 1)
+        fresh.close()
+    assert (tmp_path / "run.jsonl.old").exists() and len(ns.read_run_log(path).records) == 1
+
+
+def test_log_is_written_at_least_every_log_seconds(digits, tmp_path):
+    import time
+
+    X, y = digits
+    path = tmp_path / "run.jsonl"
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, "microbatch", log=path, max_pending=1000, log_seconds=0.05)
+    _steps(model, gns, X, y, 2)
+    time.sleep(0.1)
+    _steps(model, gns, X, y, 1, start=2)
+    assert len(ns.read_run_log(path).records) == 3  # on disk before close()
+    gns.close()
+
+
+def test_parameters_added_later_are_reported(digits):
+    X, y = digits
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, "microbatch")
+    model[0].register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))  # added after the tracker
+    with pytest.warns(UserWarning, match="1 trainable parameters the tracker does not measure \\(0.extra"):
+        _steps(model, gns, X, y, 1)
+    gns.close()
+
+
+def test_a_dropped_tracker_removes_its_hooks_and_warns(digits):
+    import gc
+
+    model = digits_mlp(hidden=16)
+    gns = ns.GradientNoiseScale(model, "microbatch", log=None)
+    assert any(p._backward_hooks for p in model.parameters())
+    with pytest.warns(ResourceWarning, match="dropped without close"):
+        del gns
+        gc.collect()
+    assert not any(p._backward_hooks for p in model.parameters()) and not model._forward_pre_hooks

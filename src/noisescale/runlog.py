@@ -38,23 +38,87 @@ def _clean(x: Any) -> Any:
 
 
 class RunLogWriter:
-    """Appends records to a JSON-lines file, flushing each line (a crash loses nothing written)."""
+    """Writes a run log: a header, then one record per line, each flushed as it is written.
 
-    def __init__(self, path: str | os.PathLike, header: dict[str, Any], *, append: bool = False) -> None:
+    The file is opened at the first write. What is already there is never silently lost:
+
+    - after :meth:`resume` (the tracker was restored from a checkpoint at step ``S``), the existing
+      log keeps its header and its records of steps ``<= S`` (those the restored state has seen;
+      later ones will be measured again) and new records are appended: a resumed run's log holds
+      every measured step once, in order. The rewrite goes through a temporary file and an atomic
+      rename, and a torn last line (a crash mid-write) is dropped;
+    - a new run writing to a path that holds a log moves that log aside to ``<name>.old`` first
+      (one generation), with a warning.
+    """
+
+    def __init__(self, path: str | os.PathLike, header: dict[str, Any]) -> None:
         self.path = Path(path)
+        self.header = {"type": "header", "format": FORMAT, "version": VERSION, **header}
+        self.resume_from: int | None = None
+        self._f: IO[str] | None = None
+        self._closed = False
+        if self.path.is_dir():
+            raise ValueError(f"log={str(self.path)!r} is a directory; give a file path such as run.jsonl")
+
+    def resume(self, step: int) -> None:
+        """Continue the existing log after step ``step`` instead of starting a new one."""
+        if self._f is not None:
+            raise RuntimeError("resume() must come before the first record is written (load the state first)")
+        self.resume_from = int(step)
+
+    def _open(self) -> IO[str]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        exists = append and self.path.exists() and self.path.stat().st_size > 0
-        self._f: IO[str] | None = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (held open; closed by close())
-        if not exists:
-            self.write({"type": "header", "format": FORMAT, "version": VERSION, **header})
+        if self.path.exists() and self.path.stat().st_size > 0:
+            if self.resume_from is not None:
+                kept = self._kept_lines(self.resume_from)
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(kept)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+                if kept:
+                    return open(self.path, "a", encoding="utf-8")
+            else:
+                old = self.path.with_name(self.path.name + ".old")
+                os.replace(self.path, old)
+                warnings.warn(
+                    f"noisescale: {self.path} held a run log; moved it to {old} (a new run starts here; "
+                    "load the tracker's state_dict before the first step to continue it instead)",
+                    stacklevel=4,
+                )
+        f = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (held open; closed by close())
+        f.write(json.dumps(self.header, allow_nan=False) + "\n")
+        return f
+
+    def _kept_lines(self, last_step: int) -> list[str]:
+        """The header and step records up to ``last_step`` of the existing log (complete lines only)."""
+        kept: list[str] = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # a torn last line
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                if obj.get("type") == "step" and not (isinstance(obj.get("step"), int) and obj["step"] <= last_step):
+                    continue
+                kept.append(line)
+        return kept if kept and json.loads(kept[0]).get("type") == "header" else []
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._f is None:
+        if self._closed:
             raise RuntimeError(f"run log {self.path} is closed")
+        if self._f is None:
+            self._f = self._open()
         self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}, allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:
+        self._closed = True
         if self._f is not None:
             self._f.close()
             self._f = None
@@ -108,8 +172,7 @@ def _check_number(p: Path, lineno: int, k: str, v: Any) -> None:
     if not finite:
         shown = v if isinstance(v, float) else f"an integer of {len(str(abs(v)))} digits"
         raise RunLogError(
-            f"{p}:{lineno}: field {k!r} = {shown} is not a finite number "
-            "(a run log writes null for an undefined value)"
+            f"{p}:{lineno}: field {k!r} = {shown} is not a finite number (a run log writes null for an undefined value)"
         )
 
 

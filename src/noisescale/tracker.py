@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,13 +67,63 @@ class Update:
 class Subscription:
     """Handle returned by :meth:`GradientNoiseScale.subscribe`; :meth:`remove` stops the pushes."""
 
-    def __init__(self, tracker: GradientNoiseScale, fn: Callable[[Update], Any], every: int) -> None:
-        self.tracker, self.fn, self.every = tracker, fn, every
+    def __init__(
+        self, tracker: GradientNoiseScale, fn: Callable[[Update], Any], every: int, seconds: float | None = None
+    ) -> None:
+        self.tracker, self.fn, self.every, self.seconds = tracker, fn, every, seconds
         self.records: list[dict[str, Any]] = []
+        self.last = time.monotonic()
+
+    def due(self, step: int, now: float) -> bool:
+        return step % self.every == 0 or (self.seconds is not None and now - self.last >= self.seconds)
 
     def remove(self) -> None:
         if self in self.tracker._subscribers:
             self.tracker._subscribers.remove(self)
+
+
+_COUNTERS = ("steps", "measured", "skipped", "unmeasurable")
+
+
+def _section(sd: dict[str, Any], key: str) -> dict[str, Any]:
+    sec = sd.get(key)
+    if not isinstance(sec, dict):
+        raise ValueError(
+            f"state_dict lacks its {key!r} section (got {type(sec).__name__}); it is not a complete "
+            "GradientNoiseScale state_dict"
+        )
+    return sec
+
+
+def _number(name: str, v: Any, *, integer: bool = False, lo: float = 0.0) -> Any:
+    """``v`` checked to be a finite number (an integer if asked) >= ``lo``; the error names it."""
+    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and integer:
+        ok = float(v).is_integer()
+    if not ok or v < lo:
+        kind = "a whole number" if integer else "a finite number"
+        raise ValueError(f"state_dict entry {name}={v!r} is not valid: expected {kind} >= {lo:g}")
+    return int(v) if integer else float(v)
+
+
+class _Lifetime:
+    """What a dropped tracker must release: its probe's hooks (weakref.finalize keeps no tracker alive)."""
+
+    def __init__(self, probe: Any, handles: list[Any]) -> None:
+        self.probe = probe
+        self.handles = handles  # the tracker's own hooks
+
+    @staticmethod
+    def release(lifetime: _Lifetime) -> None:
+        warnings.warn(
+            "noisescale: a GradientNoiseScale was dropped without close(); its hooks were removed now. Call "
+            "gns.close() (or use `with GradientNoiseScale(...) as gns:`) so that they go when you mean them to",
+            ResourceWarning,
+            stacklevel=2,
+        )
+        lifetime.probe.close()
+        for h in lifetime.handles:
+            h.remove()
 
 
 class _Entry:
@@ -123,7 +175,10 @@ class GradientNoiseScale:
         warmup: steps not averaged at the start (recorded with status ``"warmup"``).
         warmup_examples: likewise, until this many examples (in :attr:`unit`) have been seen.
         log: path of a JSON-lines run log to write (see :mod:`noisescale.runlog`); it is
-            written every ``max_pending`` steps and at :meth:`close`.
+            written every ``max_pending`` steps, at least every ``log_seconds`` seconds, and at
+            :meth:`close`, so a crash loses at most that much. Restored with
+            :meth:`load_state_dict` before the first step, the tracker continues the existing log
+            (no step twice); a new run moves an existing log aside to ``<name>.old``.
         max_pending: steps queued on the device before they are read anyway.
         **probe_options: options of the chosen probe (``strict``, ``layers``, ``fused`` for
             per-example norms; ``process_group`` for the distributed methods).
@@ -146,6 +201,7 @@ class GradientNoiseScale:
         warmup: int = 0,
         warmup_examples: float = 0.0,
         log: str | os.PathLike | None = None,
+        log_seconds: float = 10.0,
         max_pending: int = 64,
         **probe_options: Any,
     ) -> None:
@@ -160,6 +216,7 @@ class GradientNoiseScale:
         if not (isinstance(warmup_examples, (int, float)) and warmup_examples >= 0):
             raise ValueError(f"warmup_examples must be a number >= 0 (in the tracker's unit), got {warmup_examples!r}")
         self.model = model
+        self._own_params = params is None
         self.params = self._tracked(model, params)
         cls = select_probe(method, model, self.params)
         self.method: str = cls.name
@@ -180,6 +237,9 @@ class GradientNoiseScale:
         self.warmup, self.warmup_examples = warmup, float(warmup_examples)
         self._accumulation_checks = 3  # first steps: check that .grad was cleared after step() (_check_hook)
         self._check_handles = [p.register_hook(Hook(self._make_check(p))) for p in self.params]
+        # a tracker dropped without close() must not leave its hooks behind (they slow every step)
+        self._lifetime = _Lifetime(self.probe, self._check_handles)
+        self._finalizer = weakref.finalize(self, _Lifetime.release, self._lifetime)
         self._pending: list[_Entry] = []
         self._subscribers: list[Subscription] = []
         self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
@@ -214,7 +274,8 @@ class GradientNoiseScale:
                     },
                 },
             )
-            self.subscribe(self._write_log, every=max_pending)
+            # written every max_pending steps and at least every log_seconds: a crash loses no more
+            self.subscribe(self._write_log, every=max_pending, seconds=log_seconds)
 
     @staticmethod
     def _tracked(model: torch.nn.Module, params: Sequence[torch.nn.Parameter] | None) -> list[torch.nn.Parameter]:
@@ -241,9 +302,20 @@ class GradientNoiseScale:
                 (a tensor is not read until the log is written).
         """
         self._check_open()
-        stats = self.probe.collect(self._context(sizes))
+        try:
+            stats = self.probe.collect(self._context(sizes))
+        except Exception as e:
+            # A distributed probe that raised has still taken part in the step's all-reduce (its peers
+            # record the step as skipped): record it the same way so that counters agree on every rank.
+            failed = getattr(e, "noisescale_stats", None)
+            if isinstance(failed, StepStats):
+                self.steps += 1
+                self._pending.append(_Entry(self.steps, failed, None))
+            raise
         self.steps += 1
         self._first_pass = True
+        if self._own_params and (self.steps <= 3 or self.steps % 100 == 0):
+            self._check_new_parameters()
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
         if stats.reason is not None:  # one policy for every method: warn once per reason, never raise
@@ -253,7 +325,8 @@ class GradientNoiseScale:
                 warnings.warn(f"noisescale: step {self.steps} not measured: {reason}", stacklevel=2)
         self._pending.append(_Entry(self.steps, stats, loss))
         self._maybe_fall_back()
-        due = [s for s in self._subscribers if self.steps % s.every == 0]
+        now = time.monotonic()
+        due = [s for s in self._subscribers if s.due(self.steps, now)]
         if due or len(self._pending) >= self.max_pending:
             self._flush()
         if due:
@@ -276,11 +349,16 @@ class GradientNoiseScale:
             stacklevel=3,
         )
         self.probe.close()
-        self.probe = make_probe(PROBES["microbatch"], self.model, self.params, self._config, {})
+        self.probe = self._lifetime.probe = make_probe(PROBES["microbatch"], self.model, self.params, self._config, {})
         self.method = "microbatch"
 
     def _make_check(self, p: torch.nn.Parameter) -> Callable[[torch.Tensor], None]:
+        ref = weakref.ref(self)  # the hooks must not keep a dropped tracker alive (see _release)
+
         def check(grad: torch.Tensor) -> None:
+            self = ref()
+            if self is None:
+                return
             # The first backward pass after a step() should start from a cleared .grad: what it adds
             # is a new step's gradient. If .grad still holds earlier gradients, step() sits between
             # the micro-batches of one optimizer step (or zero_grad is missing), and every step would
@@ -304,10 +382,23 @@ class GradientNoiseScale:
 
         return check
 
+    def _check_new_parameters(self) -> None:
+        known = {id(p) for p in self.params}
+        new = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in known]
+        if new:
+            msg = (
+                f"the model has {len(new)} trainable parameters the tracker does not measure ({', '.join(new[:4])}"
+                f"{', ...' if len(new) > 4 else ''}): they were added or unfrozen after the tracker was created. "
+                "Create the tracker after the model is complete (or pass params=)"
+            )
+            if msg not in self._warned:
+                self._warned.add(msg)
+                warnings.warn(f"noisescale: {msg}", stacklevel=3)
+
     def _remove_checks(self) -> None:
         for h in self._check_handles:
             h.remove()
-        self._check_handles = []
+        self._check_handles.clear()  # (the list is shared with the finalizer's record)
 
     def reset(self) -> None:
         """Forget the averages (not the counters): measure afresh from the next step, e.g. after a
@@ -344,15 +435,18 @@ class GradientNoiseScale:
         except Exception:  # an unknown scaler: trust the documented call order
             return True
 
-    def subscribe(self, fn: Callable[[Update], Any], every: int = 100) -> Subscription:
-        """Call ``fn(update)`` every ``every`` steps (and once more at :meth:`close`) with the latest
-        estimates (:class:`Update`). The device values are read once per push, not per step.
-        Returns a handle whose ``remove()`` stops the pushes."""
+    def subscribe(self, fn: Callable[[Update], Any], every: int = 100, *, seconds: float | None = None) -> Subscription:
+        """Call ``fn(update)`` every ``every`` steps, or at the first step ``seconds`` after the last
+        push if that comes sooner (and once more at :meth:`close`), with the latest estimates
+        (:class:`Update`). The device values are read once per push, not per step. Returns a handle
+        whose ``remove()`` stops the pushes."""
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"every must be a positive integer number of steps, got {every!r}")
+        if seconds is not None and not (isinstance(seconds, (int, float)) and seconds > 0):
+            raise ValueError(f"seconds must be a positive number or None, got {seconds!r}")
         if not callable(fn):
             raise TypeError(f"subscribe() needs a callable, got {type(fn).__name__}")
-        sub = Subscription(self, fn, every)
+        sub = Subscription(self, fn, every, seconds)
         self._subscribers.append(sub)
         return sub
 
@@ -360,8 +454,10 @@ class GradientNoiseScale:
         total = Estimate(self._ema.series(0))
         groups = self._group_estimates()
         metrics = self._metrics_now("gns/", 0.95)
+        now = time.monotonic()
         for sub in subs:
             records, sub.records = sub.records, []
+            sub.last = now
             sub.fn(Update(self.steps, self._examples, total, groups, metrics, records, final))
 
     def _write_log(self, update: Update) -> None:
@@ -674,7 +770,12 @@ class GradientNoiseScale:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore averages and counters saved by :meth:`state_dict` (same method, unit, groups)."""
+        """Restore averages and counters saved by :meth:`state_dict` (same method, unit, groups, beta).
+
+        Everything is validated before anything is assigned: a bad state raises ``ValueError``
+        naming the key and the value, and leaves the tracker as it was. Call it before the first
+        ``step()`` of a resumed run: the run log (``log=``) then continues after the saved step.
+        """
         if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
             raise ValueError("not a GradientNoiseScale state_dict (missing format='noisescale-tracker')")
         if sd.get("version") != STATE_VERSION:
@@ -690,12 +791,37 @@ class GradientNoiseScale:
                 f"state_dict was saved with groups {sd.get('groups')!r} but this tracker has "
                 f"{self.groups.names!r}; construct the tracker with the same groups="
             )
+        counters = _section(sd, "counters")
+        c = {k: _number(f"counters.{k}", counters.get(k), integer=True) for k in _COUNTERS}
+        c["warmup"] = _number("counters.warmup", counters.get("warmup", 0), integer=True)
+        examples = _number("counters.examples", counters.get("examples"))
+        ema = _section(sd, "ema")
+        beta = _number("ema.beta", ema.get("beta"))
+        if not 0 < beta <= 1 or beta != self._ema.beta:
+            raise ValueError(
+                f"state_dict has ema.beta={ema.get('beta')!r} but this tracker has beta={self._ema.beta!r}; "
+                "construct the tracker with the same beta"
+            )
+        for k in ("count",):
+            _number(f"ema.{k}", ema.get(k), integer=True)
+        for k in ("weight", "weight_sq"):
+            _number(f"ema.{k}", ema.get(k))
+        for k in ("g2", "trace_sigma", "m2_g2", "m2_trace_sigma", "c_cross"):
+            vals = np.atleast_1d(np.asarray(ema.get(k), dtype=object))
+            for v in vals.tolist():
+                _number(f"ema.{k}", v, lo=-math.inf)
+        fresh = RobustAverage(self._ema.beta, self._ema.size, robust=self._avg.filter is not None)
+        try:
+            fresh.load_state_dict(ema)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"state_dict section 'ema' is not valid: {e}") from None
         self._flush()
-        self._avg.load_state_dict(sd["ema"])
-        c = sd["counters"]
-        self._warmup_steps = int(c.get("warmup", 0))
-        self.steps, self._measured, self._skipped = int(c["steps"]), int(c["measured"]), int(c["skipped"])
-        self._unmeasurable, self._examples = int(c["unmeasurable"]), float(c["examples"])
+        self._avg = fresh
+        self._warmup_steps = c["warmup"]
+        self.steps, self._measured, self._skipped = c["steps"], c["measured"], c["skipped"]
+        self._unmeasurable, self._examples = c["unmeasurable"], examples
+        if self._log is not None and self._log.resume_from is None:
+            self._log.resume(self.steps)  # continue the existing log after the saved step
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -715,6 +841,7 @@ class GradientNoiseScale:
         if self._log is not None:
             self._log.close()
         self._closed = True
+        self._finalizer.detach()
 
     def __enter__(self) -> GradientNoiseScale:
         return self

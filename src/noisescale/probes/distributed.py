@@ -422,6 +422,8 @@ class DistributedProbe(Joinable):
         work = dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         if error is not None:
             work.wait()
+            # the tracker records the step from the reduced numbers, as the other ranks do
+            error.noisescale_stats = StepStats(vec, G)  # type: ignore[attr-defined]
             raise error
         return StepStats(vec, G, work=work)
 
