@@ -177,8 +177,10 @@ def test_tradeoff_model_identities():
         est.b_crit(0.0, 10.0)
 
 
-@pytest.mark.parametrize("df,expected,tol", [(3, 3.182446, 5e-3), (5, 2.570582, 4e-4), (10, 2.228139, 1e-5),
-                                             (30, 2.042272, 1e-5), (math.inf, 1.959964, 1e-6)])
+@pytest.mark.parametrize(
+    "df,expected,tol",
+    [(3, 3.182446, 5e-3), (5, 2.570582, 4e-4), (10, 2.228139, 1e-5), (30, 2.042272, 1e-5), (math.inf, 1.959964, 1e-6)],
+)
 def test_t_quantile(df, expected, tol):
     assert est.t_quantile(0.975, df) == pytest.approx(expected, abs=tol)
 
@@ -188,3 +190,13 @@ def test_fieller_reduces_to_delta_when_precise_and_opens_when_not():
     assert lo < 5.0 < hi and hi - lo < 1e-2
     lo, hi = est.fieller_interval(10.0, 0.01, 0.01, 1.0, 0.0, 1.96)  # denominator not resolved
     assert hi == math.inf and lo > 0
+
+
+def test_b_simple_is_never_negative_and_intervals_are_ordered():
+    from noisescale.ema import EMAState, state_interval, state_reason
+
+    assert est.b_simple(1.0, -0.5) is None
+    st = EMAState(count=10, weight=10.0, weight_sq=10.0, g2=1.0, trace_sigma=-0.5, m2_g2=0.1, m2_trace_sigma=0.01)
+    assert "tr(Sigma) is -0.5 < 0" in state_reason(st)
+    lo, hi = state_interval(st)
+    assert 0 <= lo <= hi

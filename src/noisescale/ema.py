@@ -111,7 +111,13 @@ def state_reason(st: EMAState) -> str | None:
         return (
             f"the averaged estimate of |G|^2 is {st.g2:.3g} <= 0: the gradient is not "
             "yet resolved above its noise (B_simple is then beyond what these batch sizes can "
-            "measure); average more steps (beta closer to 1) or measure with larger batches"
+            "measure); measure with larger batches, or at fixed parameters over more batches (ns.measure)"
+        )
+    if st.trace_sigma < 0:
+        return (
+            f"the averaged estimate of tr(Sigma) is {st.trace_sigma:.3g} < 0: the gradient noise is not resolved "
+            "(B_simple is below what these batch sizes can measure); compare smaller batches, e.g. per-example "
+            "norms"
         )
     return None
 
@@ -137,7 +143,7 @@ def state_interval(st: EMAState, level: float = 0.95) -> tuple[float, float] | N
     var_g, var_s, cov = v
     q = t_quantile(0.5 + level / 2.0, max(st.n_eff - 1.0, 1.0))
     low, high = fieller_interval(st.trace_sigma, st.g2, var_s, var_g, cov, q)
-    return max(low, 0.0), high
+    return max(low, 0.0), max(high, 0.0)  # a noise scale is not negative; the ends stay ordered
 
 
 _SERIES = ("g2", "trace_sigma", "m2_g2", "m2_trace_sigma", "c_cross")

@@ -265,9 +265,10 @@ def b_simple(g2: float, trace_sigma: float) -> float | None:
     """Simple noise scale ``B_simple = tr(Sigma)/|G|^2`` (McCandlish Eq. 2.9).
 
     ``None`` when ``g2 <= 0`` (the estimate of ``|G|^2`` is not yet positive: the ratio is
-    undefined, not infinite). Feed it *averaged* ``g2`` and ``trace_sigma``.
+    undefined, not infinite) or ``trace_sigma < 0`` (the noise is not resolved: a noise scale
+    cannot be negative). Feed it *averaged* ``g2`` and ``trace_sigma``.
     """
-    if not g2 > 0:
+    if not (g2 > 0 and trace_sigma >= 0):
         return None
     return trace_sigma / g2
 
