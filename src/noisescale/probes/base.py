@@ -383,11 +383,18 @@ def sq_norm(t: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor
     reduction accumulates in float64, with no host sync. Sparse gradients are coalesced first
     (repeated indices must be summed before squaring).
     """
-    t = t.detach()
-    if t.device.type != "cpu" or torch.compiler.is_compiling():
-        return _sq_norm_device(t, weight)
-    s = _sq_norm_cpu(t, weight)
+    s = _sq_norm_term(t, weight)
     return s if isinstance(s, torch.Tensor) else torch.scalar_tensor(s, dtype=torch.float64)
+
+
+def _sq_norm_term(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor | float:
+    """:func:`sq_norm` as a term for :func:`group_sums`: a Python float where the CPU path has read
+    the value already (no 0-d tensor to make and read back), else a 0-d float64 tensor."""
+    if t.requires_grad:  # (a hook under create_graph=True): nothing here belongs in a graph
+        t = t.detach()
+    if not t.is_cpu or torch.compiler.is_compiling():
+        return _sq_norm_device(t, weight)
+    return _sq_norm_cpu(t, weight)
 
 
 def _sq_norm_cpu(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor | float:
@@ -403,7 +410,7 @@ def _sq_norm_cpu(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor |
     if x.dtype == torch.float64:
         return _dot64(x)
     if x.dtype == torch.float32 and x.is_contiguous():
-        flat = x.view(-1)
+        flat = x if x.dim() == 1 else x.view(-1)  # (a view costs as much as a small dot)
         s = float(torch.dot(flat, flat))  # BLAS dot: one pass, 2.5x faster than vector_norm here
     else:
         s = float(torch.linalg.vector_norm(x, 2, dtype=torch.float32)) ** 2
@@ -415,7 +422,7 @@ def _sq_norm_cpu(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor |
 
 
 def _dot64(x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1)
+    flat = x if x.dim() == 1 and x.is_contiguous() else x.reshape(-1)
     return torch.dot(flat, flat)
 
 
@@ -533,10 +540,12 @@ def grouped_sq_norms(
     n_groups: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """``sum |w * g|^2`` per group as a float64 ``[n_groups]`` tensor on ``device``.
+    """``sum |w * g|^2`` per group as a float64 ``[n_groups]`` tensor on ``device``, finite and correct
+    for any finite gradients (see :func:`sq_norm`).
 
     Dense unweighted tensors of one dtype on one accelerator: a single ``_foreach_norm`` (one fused
-    pass, fp32/fp64 accumulation). On the CPU one BLAS dot per tensor (:func:`sq_norm`) is faster.
+    pass, float64 accumulation, no host sync). On the CPU one BLAS dot per tensor (:func:`sq_norm`)
+    is faster.
     """
     if (
         grads
@@ -545,11 +554,19 @@ def grouped_sq_norms(
         and not any(g.is_sparse for g in grads)
         and len({(g.device, g.dtype) for g in grads}) == 1
     ):
-        dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-        norms = torch.stack(torch._foreach_norm(list(grads), 2, dtype=dtype)).to(torch.float64).square()
-        out = torch.zeros(n_groups, dtype=torch.float64, device=device)
-        return out.index_add_(0, _index_tensor(index, device), norms)
-    return group_sums([sq_norm(g, w) for g, w in zip(grads, weights)], index, n_groups, device)
+        return _grouped_sq_norms_fused(grads, index, n_groups, device)
+    return group_sums([_sq_norm_term(g, w) for g, w in zip(grads, weights)], index, n_groups, device)
+
+
+def _grouped_sq_norms_fused(
+    grads: Sequence[torch.Tensor], index: Sequence[int], n_groups: int, device: torch.device
+) -> torch.Tensor:
+    """The accelerator branch of :func:`grouped_sq_norms`: each gradient is read in its own dtype and
+    squared and summed in float64 (fp32 accumulation underflows below ~1e-19 and overflows above
+    ~1e19 per entry; float64 holds the squared norm of any finite fp16/bf16/fp32 tensor)."""
+    norms = torch.stack(torch._foreach_norm([g.detach() for g in grads], 2, dtype=torch.float64)).square()
+    out = torch.zeros(n_groups, dtype=torch.float64, device=device)
+    return out.index_add_(0, _index_tensor(index, device), norms)
 
 
 # A piece of the step gradient whose norm a process takes: (parameter, lo, hi, first) -- elements
