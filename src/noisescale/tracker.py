@@ -302,6 +302,7 @@ class GradientNoiseScale:
                 (a tensor is not read until the log is written).
         """
         self._check_open()
+        passes = self.probe.pending_parts()  # backward passes (micro-batches) of this step
         try:
             stats = self.probe.collect(self._context(sizes))
         except Exception as e:
@@ -324,7 +325,7 @@ class GradientNoiseScale:
                 self._warned.add(reason)
                 warnings.warn(f"noisescale: step {self.steps} not measured: {reason}", stacklevel=2)
         self._pending.append(_Entry(self.steps, stats, loss))
-        self._maybe_fall_back()
+        self._maybe_fall_back(passes)
         now = time.monotonic()
         due = [s for s in self._subscribers if s.due(self.steps, now)]
         if due or len(self._pending) >= self.max_pending:
@@ -332,20 +333,31 @@ class GradientNoiseScale:
         if due:
             self._notify(due)
 
-    def _maybe_fall_back(self) -> None:
+    def _maybe_fall_back(self, passes: int) -> None:
         """``method="auto"`` chose exact per-example norms, but they turned out to cover less than 90%
         of the parameters (gradient reaching parameters outside their layers: a functionally tied
-        head, a loss term on the parameters; inputs shared by all examples): measure with the
-        micro-batch probe from now on, which sees every gradient, rather than report a noise scale of
-        a fraction of the model."""
+        head, a loss term on the parameters; inputs shared by all examples). With gradient
+        accumulation the micro-batch probe sees every gradient: measure with it from now on, rather
+        than report the noise scale of a fraction of the model. Without accumulation nothing else can
+        measure this step: keep the partial measurement, and say so once."""
         cov = getattr(self.probe, "coverage", None)
         if self._explicit or self.method != "per_example" or cov is None or cov.fraction >= 0.9:
             return
         why = "; ".join(f"{k}: {v}" for k, v in list(cov.uncovered.items())[:4])
+        if passes < 2:
+            msg = (
+                f"exact per-example norms cover only {cov.fraction:.0%} of the parameters ({why}); B_simple is "
+                "that of the covered parameters. With gradient accumulation (>= 2 micro-batches per step) "
+                "method='auto' would switch to the micro-batch probe, which sees every gradient"
+            )
+            if msg not in self._warned:
+                self._warned.add(msg)
+                warnings.warn(f"noisescale: {msg}", stacklevel=3)
+            return
         warnings.warn(
             f"noisescale: exact per-example norms now cover only {cov.fraction:.0%} of the parameters ({why}); "
-            "switching to method='microbatch' from the next step (it needs >= 2 backward passes per optimizer "
-            "step). Pass method='per_example' to keep the partial measurement instead.",
+            "switching to method='microbatch' from the next step (this step has several backward passes, "
+            "and that probe sees every gradient). Pass method='per_example' to keep the partial measurement.",
             stacklevel=3,
         )
         self.probe.close()
