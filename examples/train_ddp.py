@@ -52,8 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt", default=None, help="checkpoint directory (resume from it if it has one)")
     p.add_argument("--ckpt-every", type=int, default=50)
-    p.add_argument("--die-at-step", type=int, default=None,
-                   help="demo: the last rank exits abruptly at this step on the first attempt")
+    p.add_argument(
+        "--die-at-step",
+        type=int,
+        default=None,
+        help="demo: the last rank exits abruptly at this step on the first attempt",
+    )
     p.add_argument("--out", default=None, help="rank 0 writes the final tracker state here (JSON)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     return p.parse_args(argv)
@@ -70,10 +74,17 @@ def setup() -> tuple[int, int, torch.device]:
         # After a restart the agent's store still holds the dead workers' addresses under the same
         # keys (gloo then dials ports that no longer exist; seen with torch 2.13): give each
         # attempt its own key space.
-        store = dist.PrefixStore(f"attempt_{attempt}/", dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout))
-        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        store = dist.PrefixStore(
+            f"attempt_{attempt}/",
+            dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout),
+        )
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timeout,
+        )
     else:
         dist.init_process_group(backend, timeout=timeout)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -81,9 +92,18 @@ def setup() -> tuple[int, int, torch.device]:
 
 
 def save_checkpoint(path: str, step: int, ddp: DDP, opt: torch.optim.Optimizer, gns: ns.GradientNoiseScale) -> None:
-    """Rank 0 writes atomically (a crash mid-write leaves the previous checkpoint intact)."""
-    state = {"step": step, "model": ddp.module.state_dict(), "optimizer": opt.state_dict(),
-             "noisescale": gns.state_dict()}  # numbers only: identical on every rank
+    """Rank 0 writes atomically (a crash mid-write leaves the previous checkpoint intact).
+
+    Everything saved is tensors, numbers, strings, lists and dicts, so that the checkpoint loads
+    with ``torch.load(..., weights_only=True)``: no pickle, a planted file cannot run code.
+    """
+    state = {
+        "step": step,
+        "model": ddp.module.state_dict(),
+        "optimizer": opt.state_dict(),
+        "noisescale": gns.state_dict(),
+    }  # numbers only: identical on every rank
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -104,8 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = 0
     ckpt = os.path.join(args.ckpt, "last.pt") if args.ckpt else None
+    if args.ckpt:
+        os.makedirs(args.ckpt, exist_ok=True)  # a new directory: no crash at the first save
     if ckpt and os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors and plain data, no pickle
         ddp.module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gns.load_state_dict(state["noisescale"])
@@ -122,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             g = torch.Generator().manual_seed(1_000_003 * args.seed + 10_007 * step + 101 * rank + j)
             idx = torch.randint(0, len(y), (args.batch_size,), generator=g).to(device)
             sync = j == args.accum - 1
-            with (ddp.no_sync() if not sync else _nullcontext()):
+            with ddp.no_sync() if not sync else _nullcontext():
                 loss = F.cross_entropy(ddp(X[idx]), y[idx]) / args.accum
                 loss.backward()
         gns.step(loss=loss)  # after the backward passes; before or after clipping
@@ -135,13 +157,21 @@ def main(argv: list[str] | None = None) -> dict:
             dist.barrier()  # nobody runs ahead of a checkpoint being written
         if rank == 0 and (done % args.log_every == 0 or done == args.steps):
             m = gns.metrics()
-            print(f"step {done:5d}  loss {loss.item() * args.accum:.3f}  B_simple {m['gns/b_simple']:.1f} "
-                  f"[{m['gns/b_simple_low']:.1f}, {m['gns/b_simple_high']:.1f}] examples "
-                  f"(b_small {args.batch_size}, b_big {args.batch_size * args.accum * world})", flush=True)
+            print(
+                f"step {done:5d}  loss {loss.item() * args.accum:.3f}  B_simple {m['gns/b_simple']:.1f} "
+                f"[{m['gns/b_simple_low']:.1f}, {m['gns/b_simple_high']:.1f}] examples "
+                f"(b_small {args.batch_size}, b_big {args.batch_size * args.accum * world})",
+                flush=True,
+            )
     elapsed = time.perf_counter() - t0
-    result = {"state": gns.state_dict(), "b_simple": gns.b_simple, "attempt": attempt, "world": world,
-              "params_sum": float(sum(p.detach().double().sum() for p in ddp.module.parameters())),
-              "seconds": elapsed}
+    result = {
+        "state": gns.state_dict(),
+        "b_simple": gns.b_simple,
+        "attempt": attempt,
+        "world": world,
+        "params_sum": float(sum(p.detach().double().sum() for p in ddp.module.parameters())),
+        "seconds": elapsed,
+    }
     if rank == 0:
         print(gns.summary(), flush=True)
         if args.out:

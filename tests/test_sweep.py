@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 
 import numpy as np
 import pytest
@@ -34,6 +35,11 @@ def model_train(batch_size: int, lr: float, seed: int):
 
 
 CALLS: list[tuple[int, float, int]] = []
+
+
+def _csv_rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def counting_train(batch_size: int, lr: float, seed: int):
@@ -139,7 +145,7 @@ def test_sweep_results_file_and_resume(tmp_path):
     kw = dict(targets=[0.5, 0.2], max_steps=5000, results=path, progress=False)
     r1 = ns.sweep(counting_train, [32, 128], [0.1, 0.2], **kw)
     assert len(CALLS) == 4 and r1.skipped == 0
-    rows = list(csv.DictReader(open(path)))
+    rows = _csv_rows(path)
     assert len(rows) == 8 and list(rows[0]) == list(RESULT_FIELDS)
     # the same sweep again: nothing runs, the results come from the file
     CALLS.clear()
@@ -151,7 +157,7 @@ def test_sweep_results_file_and_resume(tmp_path):
     r3 = ns.sweep(counting_train, [32, 128, 512], [0.1, 0.2, 0.4], **kw)
     assert sorted(CALLS) == sorted([(32, 0.4, 0), (128, 0.4, 0), (512, 0.1, 0), (512, 0.2, 0), (512, 0.4, 0)])
     assert r3.skipped == 4 and len(r3.runs) == 9
-    assert len(list(csv.DictReader(open(path)))) == 18
+    assert len(_csv_rows(path)) == 18
 
 
 def test_resume_after_a_torn_write(tmp_path):
@@ -162,20 +168,81 @@ def test_resume_after_a_torn_write(tmp_path):
     ns.sweep(counting_train, [32, 64], [0.1], **kw)
     text = path.read_text()
     path.write_text(text[: len(text) - 12])  # tear the last row (B=64)
-    assert [r.spec.batch_size for r in read_results(path)] == [32]
+    with pytest.warns(UserWarning, match=r"sweep.csv:3: the last row is incomplete"):
+        assert [r.spec.batch_size for r in read_results(path)] == [32]
     CALLS.clear()
-    res = ns.sweep(counting_train, [32, 64], [0.1], **kw)
+    with pytest.warns(UserWarning, match="the last row is incomplete"):
+        res = ns.sweep(counting_train, [32, 64], [0.1], **kw)
     assert CALLS == [(64, 0.1, 0)]
     assert [r.spec.batch_size for r in read_results(path)] == [32, 64]
     assert len(res.runs) == 2
 
 
-def test_resume_reruns_when_targets_change(tmp_path):
+def test_resume_with_changed_targets_runs_only_what_is_missing(tmp_path):
+    """Changing the targets of a resumed sweep: each run is redone for the targets it lacks only,
+    the finished ones are kept, and no (run, target) row is ever written twice."""
     path = tmp_path / "sweep.csv"
-    ns.sweep(counting_train, [32], [0.1], targets=[0.5], max_steps=5000, results=path, progress=False)
+    kw = dict(max_steps=5000, results=path, progress=False)
+    first = ns.sweep(counting_train, [32, 64], [0.1], targets=[0.5], **kw)
     CALLS.clear()
-    ns.sweep(counting_train, [32], [0.1], targets=[0.5, 0.1], max_steps=5000, results=path, progress=False)
-    assert CALLS == [(32, 0.1, 0)]  # the old run lacks target 0.1
+    res = ns.sweep(counting_train, [32, 64], [0.1], targets=[0.5, 0.1], **kw)
+    assert CALLS == [(32, 0.1, 0), (64, 0.1, 0)]  # the old runs lack target 0.1
+    assert res.skipped == 0 and res.partial == 2
+    rows = _csv_rows(path)
+    keys = [(r["batch_size"], r["target"]) for r in rows]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 4  # no duplicated row
+    assert keys == [("32", "0.5"), ("32", "0.1"), ("64", "0.5"), ("64", "0.1")]  # in grid order
+    # target 0.5 comes from the first sweep, 0.1 from the second; both in the fit's records
+    recs = {(r.batch_size, r.target): r.steps for r in res.records()}
+    assert set(recs) == {(32, 0.5), (32, 0.1), (64, 0.5), (64, 0.1)}
+    assert {b: recs[(b, 0.5)] for b in (32, 64)} == {r.spec.batch_size: r.steps[0.5] for r in first.runs}
+    assert [sorted(f) for f in [res.fastest(0.1)]] == [[32, 64]]
+    # the same again: nothing runs; fewer targets: nothing runs either
+    CALLS.clear()
+    again = ns.sweep(counting_train, [32, 64], [0.1], targets=[0.5, 0.1], **kw)
+    fewer = ns.sweep(counting_train, [32, 64], [0.1], targets=[0.1], **kw)
+    assert CALLS == [] and again.skipped == 2 and fewer.skipped == 2
+    assert [r.target for r in fewer.records()] == [0.1, 0.1]
+    assert len(_csv_rows(path)) == 4
+
+
+def test_targets_with_many_digits_are_recognised_on_resume(tmp_path):
+    """The file writes targets with 10 significant digits; a resumed sweep still finds them."""
+    path = tmp_path / "sweep.csv"
+    kw = dict(targets=[0.123456789012345], max_steps=5000, results=path, progress=False)
+    ns.sweep(counting_train, [32], [0.1], **kw)
+    CALLS.clear()
+    res = ns.sweep(counting_train, [32], [0.1], **kw)
+    assert CALLS == [] and res.skipped == 1
+    assert [r.target for r in res.records()] == [0.123456789012345]
+
+
+def test_duplicated_and_malformed_rows_are_left_out_with_a_warning(tmp_path):
+    path = tmp_path / "sweep.csv"
+    kw = dict(targets=[0.5], max_steps=5000, results=path, progress=False)
+    ns.sweep(counting_train, [32, 64], [0.1], **kw)
+    lines = path.read_text().splitlines()
+    bad = lines[1].replace(",1,0,", ",maybe,0,", 1)
+    path.write_text("\n".join([lines[0], lines[1], lines[1], bad, lines[2]]) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        runs = read_results(path)
+    text = " | ".join(str(w.message) for w in caught)
+    assert "1 duplicated row (the same run and target again) left out: line 3" in text
+    assert "1 malformed row left out (their runs are redone): line 4 (reached = 'maybe' is not 0 or 1)" in text
+    assert sorted(r.spec.batch_size for r in runs) == [32, 64]
+    CALLS.clear()
+    with pytest.warns(UserWarning):
+        ns.sweep(counting_train, [32, 64], [0.1], **kw)
+    assert CALLS == []
+    assert len(path.read_text().splitlines()) == 3  # rewritten: header and one row per run and target
+
+
+def test_results_file_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "sweep.csv"
+    kw = dict(targets=[0.5], max_steps=5000, results=path, progress=False)
+    ns.sweep(counting_train, [32], [0.1], **kw)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # saved by a spreadsheet
+    assert [r.spec.batch_size for r in read_results(path)] == [32]
 
 
 def test_results_file_of_another_kind_is_refused(tmp_path):
@@ -191,6 +258,25 @@ def test_sweep_in_worker_processes_matches_serial(tmp_path):
     par = ns.sweep(model_train, [16, 64, 256], [0.1, 0.3], workers=2, results=tmp_path / "p.csv", **kw)
     assert [(r.spec, r.steps) for r in par.runs] == [(r.spec, r.steps) for r in serial.runs]
     assert len(read_results(tmp_path / "p.csv")) == 6
+
+
+def failing_or_endless_train(batch_size: int, lr: float, seed: int):
+    """B = 16 fails at once; every other run would train forever."""
+    if batch_size == 16:
+        raise RuntimeError("this run failed")
+    while True:
+        time.sleep(0.01)
+        yield 1.0
+
+
+def test_a_failed_run_stops_the_worker_sweep_at_once(tmp_path):
+    """An exception in one run stops the sweep now: the other workers are killed, not waited for
+    (before, the sweep waited for every running run to end, here forever)."""
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="this run failed"):
+        ns.sweep(failing_or_endless_train, [64, 16, 32], [0.1], targets=[0.5], max_steps=10**9, workers=2,
+                 results=tmp_path / "s.csv", progress=False)
+    assert time.perf_counter() - t0 < 60
 
 
 @pytest.mark.parametrize("kw, match", [

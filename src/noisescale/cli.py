@@ -48,7 +48,10 @@ class Interrupted(BaseException):
 
     def __init__(self, signum: int, message: str = "") -> None:
         self.signum = int(signum)
-        name = signal.Signals(self.signum).name if self.signum in signal.Signals._value2member_map_ else str(signum)
+        try:
+            name = signal.Signals(self.signum).name
+        except ValueError:
+            name = f"signal {self.signum}"
         self.message = message or f"stopped by {name}"
         super().__init__(self.message)
 
@@ -126,7 +129,14 @@ def _signals() -> Iterator[None]:
 def _one_line_warnings(command: str) -> Iterator[None]:
     """Warnings raised while a command runs are printed as one line each on stderr."""
 
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, *args: Any) -> None:
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
         text = " ".join(str(message).split())
         print(f"noisescale {command}: warning: {text}", file=sys.stderr)
 
@@ -173,4 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m noisescale.cli`: run the imported module's main, so that the exception classes
+    # the commands raise (noisescale.cli.Interrupted, ...) are the ones caught here
+    from noisescale.cli import main as _main
+
+    sys.exit(_main())

@@ -98,6 +98,10 @@ class RunRecord:
                 raise ValueError(f"{name} must be a finite positive number, got {v!r}")
         if self.examples is not None and not (math.isfinite(self.examples) and self.examples > 0):
             raise ValueError(f"examples must be a finite positive number, got {self.examples!r}")
+        if self.examples is None and not math.isfinite(float(self.batch_size) * float(self.steps)):
+            raise ValueError(
+                f"batch_size x steps = {self.batch_size!r} x {self.steps!r} overflows; give examples= explicitly"
+            )
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
 
@@ -467,6 +471,11 @@ def _em_censored(
     return c, a
 
 
+def _exp(x: float) -> float:
+    """``exp(x)``, ``inf`` instead of an ``OverflowError`` (a fit to sweeps of absurd sizes)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
 def _percentile(x: np.ndarray, level: float) -> tuple[float, float]:
     q = 100 * (1 - level) / 2
     lo, hi = np.percentile(x, [q, 100 - q])
@@ -545,7 +554,7 @@ def fit_critical_batch(
     d = _Data(points)
     a, c, sigma = _fit_one(d, d.y, d.ylow, optimize, special)
     messages: list[str] = []
-    span = (math.exp(d.logb.min()), math.exp(d.logb.max()))
+    span = (_exp(d.logb.min()), _exp(d.logb.max()))
     at_edge = not (d.c_bounds[0] + 1e-6 < c < d.c_bounds[1] - 1e-6)
     if at_edge:
         side = "far below the smallest" if c <= d.c_bounds[0] + 1e-6 else "far above the largest"
@@ -553,10 +562,9 @@ def fit_critical_batch(
             f"b_crit is {side} batch size swept ({span[0]:g}..{span[1]:g}): the sweep cannot "
             "measure it; sweep batch sizes on both sides of it"
         )
-    elif not (span[0] / 4 <= math.exp(c) <= span[1] * 4):
+    elif not (span[0] / 4 <= _exp(c) <= span[1] * 4):
         messages.append(
-            f"b_crit = {math.exp(c):.3g} lies outside the swept batch sizes "
-            f"({span[0]:g}..{span[1]:g}): an extrapolation"
+            f"b_crit = {_exp(c):.3g} lies outside the swept batch sizes ({span[0]:g}..{span[1]:g}): an extrapolation"
         )
     n = len(points)
     nan2 = (math.nan, math.nan)
@@ -589,11 +597,11 @@ def fit_critical_batch(
         k = t_quantile(0.5 + level / 2, n - 2) / NormalDist().inv_cdf(0.5 + level / 2)
         lo_c, hi_c = (c + k * (v - c) for v in _percentile(cb, level))
         cb_edge = (lo_c <= d.c_bounds[0] + 1e-6, hi_c >= d.c_bounds[1] - 1e-6)
-        b_iv = (0.0 if cb_edge[0] else math.exp(lo_c), math.inf if cb_edge[1] else math.exp(hi_c))
+        b_iv = (0.0 if cb_edge[0] else _exp(lo_c), math.inf if cb_edge[1] else _exp(hi_c))
         s_lo, s_hi = (a + k * (v - a) for v in _percentile(ab, level))
-        s_iv = (math.exp(s_lo), math.exp(s_hi))
+        s_iv = (_exp(s_lo), _exp(s_hi))
         e_lo, e_hi = (a + c + k * (v - a - c) for v in _percentile(ab + cb, level))
-        e_iv = (0.0 if cb_edge[0] else math.exp(e_lo), math.inf if cb_edge[1] else math.exp(e_hi))
+        e_iv = (0.0 if cb_edge[0] else _exp(e_lo), math.inf if cb_edge[1] else _exp(e_hi))
         if not at_edge and (b_iv[0] == 0.0 or b_iv[1] == math.inf):
             at_edge = True
             messages.append(
@@ -607,8 +615,8 @@ def fit_critical_batch(
         )
     ex = d.exact | d.interval
     resid = [float(v) if e else math.nan for v, e in zip(d.y - _mu(a, c, d.logb), ex)]
-    s_min = math.exp(a)
-    b = math.exp(c)
+    s_min = _exp(a)
+    b = _exp(c)
     for m in messages:
         warnings.warn(f"noisescale.fit_critical_batch{tlabel}: {m}", stacklevel=2)
     return CriticalBatchFit(
@@ -691,5 +699,7 @@ def plot_fit(
     axr.set_title("Residuals (dashed: $B_{crit}$)", fontsize=9)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        from .plot import save_figure
+
+        save_figure(fig, path, dpi=110)
     return fig, (ax, axr)

@@ -8,13 +8,48 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from .runlog import RunLog, read_run_log
 
-__all__ = ["plot_b_simple", "plot_groups", "plot_components", "plot_loss", "plot_run"]
+__all__ = ["plot_b_simple", "plot_groups", "plot_components", "plot_loss", "plot_run", "figure_path", "save_figure"]
 
 _X_LABEL = {"step": "optimizer step", "examples": "{unit} seen"}
+
+# Larger magnitudes are refused (a corrupt log; matplotlib would fail on them without naming the
+# line). No real noise-scale quantity comes near: float32 gradients square to at most ~1e77.
+PLOT_LIMIT = 1e100
+
+
+def figure_path(output: str | os.PathLike, name: str) -> Path:
+    """Where a figure asked for as ``output`` is written (what the command line prints).
+
+    - a directory (an existing one, or a name ending in ``/``, created): ``output/name``;
+    - an existing file (or a device such as ``/dev/full``): ``output`` itself;
+    - a new name without a suffix: ``output.png`` (what matplotlib would write);
+    - otherwise ``output``; its suffix picks the format (``.png``, ``.pdf``, ``.svg``, ...).
+    """
+    raw = os.fspath(output)
+    out = Path(raw)
+    if out.is_dir() or raw.endswith(("/", os.sep)):
+        out.mkdir(parents=True, exist_ok=True)
+        return out / name
+    if not out.exists() and not out.suffix:
+        return out.with_name(out.name + ".png")
+    return out
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 120) -> None:
+    """``fig.savefig`` to exactly ``path`` (never ``path.png``): the format from the suffix, else PNG."""
+    fmt = Path(path).suffix[1:].lower() or "png"
+    try:
+        fig.savefig(path, dpi=dpi, format=fmt)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        # an error while writing (a full disk) names no file: name it
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from e
 
 
 def _plt() -> Any:
@@ -40,10 +75,22 @@ def _axes(ax: Any) -> tuple[Any, Any]:
     return ax.figure, ax
 
 
+def _col(log: RunLog, name: str) -> list[float]:
+    """``log.column(name)``; ``ValueError`` naming file, line and field for a value too large to draw."""
+    values = log.column(name)
+    for i, v in enumerate(values):
+        if abs(v) > PLOT_LIMIT:  # False for nan
+            raise ValueError(
+                f"{log.where(i)}: field {name!r} = {v:.6g} is too large to plot (|value| > {PLOT_LIMIT:.0e}); "
+                "the run log is corrupt or the run diverged"
+            )
+    return values
+
+
 def _xs(log: RunLog, x: str) -> tuple[list[float], str]:
     if x not in _X_LABEL:
         raise ValueError(f"x must be 'step' or 'examples', got {x!r}")
-    return log.column(x), _X_LABEL[x].format(unit=log.unit)
+    return _col(log, x), _X_LABEL[x].format(unit=log.unit)
 
 
 def _positive_log_scale(ax: Any, *series: list[float]) -> None:
@@ -56,7 +103,7 @@ def plot_b_simple(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "
     log = _run(run)
     fig, ax = _axes(ax)
     xs, xlabel = _xs(log, x)
-    b, lo, hi = log.column("b_simple"), log.column("b_simple_low"), log.column("b_simple_high")
+    b, lo, hi = _col(log, "b_simple"), _col(log, "b_simple_low"), _col(log, "b_simple_high")
     # An unbounded upper end (|G|^2 not resolved) is drawn to the top of the axis, which is
     # set from B_simple itself so that one wild interval does not flatten the curve.
     finite_top = max([v for v in b if math.isfinite(v) and v > 0], default=1.0)
@@ -88,10 +135,10 @@ def plot_groups(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "st
         raise ValueError("the run log has no groups; create the tracker with groups=... to record them")
     fig, ax = _axes(ax)
     xs, xlabel = _xs(log, x)
-    series = [log.column(f"group/{n}/b_simple") for n in names]
+    series = [_col(log, f"group/{n}/b_simple") for n in names]
     for i, (n, b) in enumerate(zip(names, series)):
         ax.plot(xs, b, color=f"C{i % 10}", label=n, linewidth=1.2)
-    total = log.column("b_simple")
+    total = _col(log, "b_simple")
     ax.plot(xs, total, color="k", linestyle="--", linewidth=1, label="total")
     _positive_log_scale(ax, total, *series)
     ax.set_xlabel(xlabel)
@@ -106,7 +153,7 @@ def plot_components(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str =
     log = _run(run)
     fig, ax = _axes(ax)
     xs, xlabel = _xs(log, x)
-    g2, ts = log.column("g2"), log.column("trace_sigma")
+    g2, ts = _col(log, "g2"), _col(log, "trace_sigma")
     ax.plot(xs, [v if v > 0 else math.nan for v in g2], color="C1", label="$|G|^2$")
     ax.plot(xs, [v if v > 0 else math.nan for v in ts], color="C2", label="$tr(\\Sigma)$")
     _positive_log_scale(ax, g2, ts)
@@ -121,7 +168,7 @@ def plot_loss(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "step
     log = _run(run)
     fig, ax = _axes(ax)
     xs, xlabel = _xs(log, x)
-    loss = log.column("loss")
+    loss = _col(log, "loss")
     if not any(math.isfinite(v) for v in loss):
         raise ValueError("the run log has no loss values; pass loss= to GradientNoiseScale.step()")
     ax.plot(xs, loss, color="C3", label="training loss")
@@ -136,20 +183,31 @@ def plot_run(run: RunLog | str | os.PathLike, path: str | os.PathLike | None = N
     """Panels: ``B_simple``; per-group ``B_simple`` if the log has groups; ``|G|^2`` and ``tr(Sigma)``;
     the loss if logged. Saves a PNG if ``path``."""
     log = _run(run)
-    has_loss = any(math.isfinite(v) for v in log.column("loss"))
+    if x not in _X_LABEL:
+        raise ValueError(f"x must be 'step' or 'examples', got {x!r}")
+    # every value drawn is checked before a figure exists (an error leaves no figure open)
+    for name in (x, "b_simple", "b_simple_low", "b_simple_high", "g2", "trace_sigma"):
+        _col(log, name)
+    has_loss = any(math.isfinite(v) for v in _col(log, "loss"))
     has_groups = bool(_groups(log))
+    for g in _groups(log):
+        _col(log, f"group/{g}/b_simple")
     plt = _plt()
     n = 2 + has_loss + has_groups
     fig, axes = plt.subplots(n, 1, figsize=(7, 3.2 * n), sharex=True)
-    plot_b_simple(log, axes[0], x=x)
-    if has_groups:
-        plot_groups(log, axes[1], x=x)
-    plot_components(log, axes[1 + has_groups], x=x)
-    if has_loss:
-        plot_loss(log, axes[-1], x=x)
-    for a in axes[:-1]:
-        a.set_xlabel("")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
+    try:
+        plot_b_simple(log, axes[0], x=x)
+        if has_groups:
+            plot_groups(log, axes[1], x=x)
+        plot_components(log, axes[1 + has_groups], x=x)
+        if has_loss:
+            plot_loss(log, axes[-1], x=x)
+        for a in axes[:-1]:
+            a.set_xlabel("")
+        fig.tight_layout()
+        if path is not None:
+            save_figure(fig, path, dpi=120)
+    except BaseException:
+        plt.close(fig)
+        raise
     return fig

@@ -20,16 +20,20 @@ comes back. No SciPy is needed except to fit. (The module is ``sweeps`` so that
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import io
 import itertools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,7 +294,64 @@ def run_one(
     )
 
 
-def _init_worker(threads: int) -> None:  # pragma: no cover - runs in worker processes
+# ---------------------------------------------------------------------------------------
+# Worker processes: they die with the sweep.
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _set_parent_death_signal() -> bool:
+    """Linux: ask the kernel to SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)) == 0
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - no libc prctl
+        return False
+
+
+def _parent_alive(sweep_pid: int, first_ppid: int) -> bool:
+    if os.getppid() != first_ppid:
+        return False  # re-parented: the process that started this one has died
+    if os.name == "posix" and sweep_pid != first_ppid:
+        try:
+            os.kill(sweep_pid, 0)  # signal 0: only checks that the process exists
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # pragma: no cover - exists, owned by someone else (a reused pid)
+            return False
+    return True
+
+
+def _watch_parent(sweep_pid: int, first_ppid: int, interval: float) -> None:  # pragma: no cover - in workers
+    while True:
+        time.sleep(interval)
+        if not _parent_alive(sweep_pid, first_ppid):
+            os._exit(1)
+
+
+def _init_worker(threads: int, sweep_pid: int | None = None, watch_interval: float = 1.0) -> None:  # pragma: no cover
+    """Runs first in every worker process (measured in the tests by real processes).
+
+    - The worker dies with the sweep: on Linux by the kernel (parent-death signal), everywhere by a
+      watchdog thread that exits when the parent is gone. A sweep killed by SIGKILL (the OOM
+      killer, a scheduler's hard kill) leaves no orphan training on.
+    - SIGINT is ignored: Ctrl-C reaches the whole process group, and the parent stops the sweep
+      (and these workers) itself, keeping every finished run.
+    """
+    first_ppid = os.getppid()
+    if sweep_pid is not None:
+        _set_parent_death_signal()
+        if not _parent_alive(sweep_pid, first_ppid):
+            os._exit(1)  # the parent died before the death signal was armed
+        threading.Thread(
+            target=_watch_parent, args=(sweep_pid, first_ppid, watch_interval), name="noisescale-watch", daemon=True
+        ).start()
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
 
@@ -299,34 +360,137 @@ def _init_worker(threads: int) -> None:  # pragma: no cover - runs in worker pro
         pass
 
 
+def _kill_pool(pool: Any) -> None:
+    """Stop a ``ProcessPoolExecutor`` now: cancel what has not started, kill what is running."""
+    kill = getattr(pool, "kill_workers", None)  # Python >= 3.14
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    if kill is not None:
+        with contextlib.suppress(Exception):  # already shut down
+            kill()
+    for proc in procs:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # already gone or closed
+            proc.kill()
+    for proc in procs:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            proc.join(timeout=5)
+
+
 # ---------------------------------------------------------------------------------------
 # The results file.
 
 
-def read_results(path: str | os.PathLike) -> list[RunResult]:
-    """Finished runs in a results file written by :func:`sweep` (a torn last line is ignored)."""
-    p = Path(path)
-    if not p.exists() or p.stat().st_size == 0:
-        return []
-    text = p.read_text()
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines = lines[:-1]  # a crash in the middle of a write: that run is simply redone
-    reader = csv.DictReader(io.StringIO("".join(lines)))
-    missing = [f for f in RESULT_FIELDS if f not in (reader.fieldnames or [])]
-    if missing:
-        raise ValueError(
-            f"{p}: not a noisescale sweep results file (missing columns {missing}); give another --out/results path"
-        )
-    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
-    for row in reader:
-        if None in row or any(row.get(f) is None for f in RESULT_FIELDS):
-            continue  # a malformed row
+def _same_target(a: float, b: float) -> bool:
+    return _num(a) == _num(b)
+
+
+def _bad_row(row: Mapping[str, str | None]) -> str | None:
+    """Why a results row cannot be used, or ``None`` if it can."""
+    for f in ("batch_size", "lr", "seed", "target", "steps", "examples", "final_loss", "wall_s"):
+        v = row.get(f)
         try:
-            spec = RunSpec(int(float(row["batch_size"])), float(row["lr"]), int(float(row["seed"])))
+            x = float(v)  # type: ignore[arg-type]
         except (TypeError, ValueError):
+            return f"{f} = {v!r} is not a number"
+        if f not in ("final_loss",) and not math.isfinite(x):
+            return f"{f} = {v!r} is not a finite number"
+    for f in ("reached", "diverged"):
+        if row.get(f) not in ("0", "1"):
+            return f"{f} = {row.get(f)!r} is not 0 or 1"
+    try:
+        m = json.loads(row.get("metrics") or "{}")
+    except (ValueError, RecursionError):
+        return "metrics is not valid JSON"
+    if not isinstance(m, dict) or not all(v is None or isinstance(v, (int, float)) for v in m.values()):
+        return "metrics is not a JSON object of numbers"
+    return None
+
+
+def _read_rows(path: Path, *, quiet: bool = False) -> list[tuple[int, dict[str, str]]]:
+    """``(line, row)`` of every usable row of a results file, in file order (warnings for the rest).
+
+    A torn last row (a stop in the middle of a write) and malformed or duplicated rows (the same
+    run and target twice) are left out with a warning naming the line: their runs are redone or
+    already present.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a noisescale sweep results file (not UTF-8 text: {e.reason})") from None
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        if len(lines) > 1 and not quiet:
+            warnings.warn(
+                f"{path}:{len(lines)}: the last row is incomplete (the sweep stopped while writing it); "
+                "left out, that run is redone",
+                stacklevel=3,
+            )
+        lines = lines[:-1]
+    if not lines:
+        return []  # nothing but a torn header: a fresh file
+    reader = csv.DictReader(io.StringIO("".join(lines)))
+    names = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [f for f in RESULT_FIELDS if f not in names]
+    dup = sorted({c for c in names if c in RESULT_FIELDS and names.count(c) > 1})
+    if missing or dup:
+        why = f"missing columns {missing}" if missing else f"column {dup[0]} appears twice"
+        raise ValueError(f"{path}: not a noisescale sweep results file ({why}); give another --out/results path")
+    reader.fieldnames = names
+    out: list[tuple[int, dict[str, str]]] = []
+    seen: set[tuple[str, str, str, str]] = set()
+    bad: list[str] = []
+    dups: list[int] = []
+    for row in reader:
+        line = reader.line_num
+        if None in row or any(row.get(f) is None for f in RESULT_FIELDS):
+            bad.append(f"{line} (wrong number of fields)")
             continue
-        groups.setdefault(spec.key, []).append(row)
+        problem = _bad_row(row)
+        if problem is not None:
+            bad.append(f"{line} ({problem})")
+            continue
+        key = (
+            _num(int(float(row["batch_size"]))),
+            _num(float(row["lr"])),
+            str(int(float(row["seed"]))),
+            _num(float(row["target"])),
+        )
+        if key in seen:
+            dups.append(line)
+            continue
+        seen.add(key)
+        out.append((line, row))
+    if bad and not quiet:
+        warnings.warn(
+            f"{path}: {len(bad)} malformed row{'s' if len(bad) > 1 else ''} left out (their runs are redone): "
+            f"line {', line '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}",
+            stacklevel=3,
+        )
+    if dups and not quiet:
+        warnings.warn(
+            f"{path}: {len(dups)} duplicated row{'s' if len(dups) > 1 else ''} (the same run and target again) "
+            f"left out: line {', '.join(map(str, dups[:5]))}{', ...' if len(dups) > 5 else ''}",
+            stacklevel=3,
+        )
+    return out
+
+
+def read_results(path: str | os.PathLike) -> list[RunResult]:
+    """Finished runs in a results file written by :func:`sweep`.
+
+    One :class:`RunResult` per execution of a run (a resumed sweep whose targets changed runs a
+    grid point again for the new targets only; its rows are a second execution of the same
+    :class:`RunSpec`). A torn last line, malformed rows and duplicated (run, target) rows are
+    left out with a warning naming the lines; the file may start with a UTF-8 byte-order mark.
+    """
+    groups: dict[tuple[Any, ...], list[dict[str, str]]] = {}
+    for _, row in _read_rows(Path(path)):
+        spec = RunSpec(int(float(row["batch_size"])), float(row["lr"]), int(float(row["seed"])))
+        # the rows of one execution were written together and share these columns
+        run_id = (row["diverged"], row["final_loss"], row["wall_s"], row["metrics"])
+        groups.setdefault((spec.key, run_id), []).append(row)
     return [RunResult.from_rows(rows) for rows in groups.values()]
 
 
@@ -343,19 +507,69 @@ class _ResultsWriter:
         self.fh = open(path, "a", newline="")  # noqa: SIM115 (held open; closed by close())
         self.writer = csv.DictWriter(self.fh, fieldnames=list(RESULT_FIELDS))
         if fresh:
-            self.writer.writeheader()
-            self.fh.flush()
+            with _naming(path):
+                self.writer.writeheader()
+                self.fh.flush()
 
     def write(self, result: RunResult) -> None:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(RESULT_FIELDS))
         w.writerows(result.rows())
-        self.fh.write(buf.getvalue())  # all rows of a run in one write
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
+        with _naming(self.path):  # a full disk: a torn row left behind is cut on resume
+            self.fh.write(buf.getvalue())  # all rows of a run in one write
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
 
     def close(self) -> None:
-        self.fh.close()
+        # after a failed write (a full disk) the buffer may still hold that run's rows: the write
+        # already raised, and the run is redone on resume
+        with contextlib.suppress(OSError):
+            self.fh.close()
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` raised while writing (``ENOSPC`` names no file) names ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+
+def _canonical_order(path: Path, specs: Sequence[RunSpec], targets: Sequence[float]) -> None:
+    """Rewrite a complete results file in grid order (runs as in ``specs``, then targets), so that a
+    sweep gives the same file however it was interrupted, resumed or parallelised. Rows of runs
+    outside the grid keep their order after them; duplicated rows are dropped. Atomic: the file is
+    replaced only by a complete copy."""
+    rows = _read_rows(path, quiet=True)
+    spec_index = {sp.key: i for i, sp in enumerate(specs)}
+    target_index = {_num(t): i for i, t in enumerate(targets)}
+    n, m = len(spec_index), len(target_index)
+
+    def order(item: tuple[int, tuple[int, dict[str, str]]]) -> tuple[int, int, int]:
+        k, (_, row) = item
+        key = (_num(int(float(row["batch_size"]))), _num(float(row["lr"])), str(int(float(row["seed"]))))
+        return (spec_index.get(key, n), target_index.get(_num(float(row["target"])), m), k)
+
+    ordered = [row for _, (_, row) in sorted(enumerate(rows), key=order)]
+    with open(path, "rb") as raw:
+        n_lines = sum(1 for _ in raw)
+    if [r for _, r in rows] == ordered and n_lines == len(rows) + 1:
+        return  # already in order, nothing left out
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(RESULT_FIELDS), extrasaction="ignore")
+            w.writeheader()
+            w.writerows(ordered)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,12 +578,18 @@ class _ResultsWriter:
 
 @dataclass
 class SweepResult:
-    """All runs of a sweep (resumed ones included) and where they were written."""
+    """All runs of a sweep (resumed ones included) and where they were written.
+
+    ``runs`` holds one :class:`RunResult` per execution: a run that a resumed sweep redid for
+    targets the results file lacked appears twice, each with its own targets. ``skipped``: runs
+    taken whole from the results file; ``partial``: runs redone for missing targets only.
+    """
 
     runs: list[RunResult]
     targets: tuple[float, ...]
     path: Path | None = None
     skipped: int = 0
+    partial: int = 0  # runs redone only for targets the results file lacked
 
     def records(self) -> list[RunRecord]:
         """Every run to every target, as :class:`~noisescale.critical.RunRecord` s."""
@@ -428,10 +648,19 @@ def sweep(
         seeds: one run per seed at every grid point.
         max_steps, max_examples: budget of a run; a target not reached within it is recorded as
             censored (``reached = 0``, ``steps`` = the budget). Give at least one.
-        results: CSV file; every finished run is appended (one row per target) and runs already
-            in it are skipped, so an interrupted sweep resumes where it stopped.
+        results: CSV file; every finished run is appended (one row per target, fsynced) and runs
+            already in it are skipped, so an interrupted or killed sweep resumes where it
+            stopped. A run in the file that lacks some of ``targets`` (the targets changed) is
+            redone for those targets only; no (run, target) row is ever written twice. When the
+            sweep completes, the file is rewritten in grid order (atomically), so that it does
+            not depend on interruptions, resumption or the number of workers.
         workers: ``0`` runs in this process; ``n > 0`` uses ``n`` worker processes
-            (``mp_context``, ``threads_per_worker`` torch threads each).
+            (``mp_context``, ``threads_per_worker`` torch threads each). Workers die with this
+            process, even when it is killed with SIGKILL (Linux: a parent-death signal; elsewhere a
+            watchdog thread), ignore SIGINT (this process stops them), and are killed at once
+            when the sweep stops on an exception (Ctrl-C, a failed run): finished runs stay in
+            ``results``. SIGTERM has its default action here; ``noisescale sweep`` turns it into
+            a clean stop.
         progress: show a progress bar (tqdm) on stderr.
 
     Returns:
@@ -478,15 +707,27 @@ def sweep(
         if not (math.isfinite(sp.lr) and sp.lr > 0):
             raise ValueError(f"learning rate {sp.lr!r} at batch size {sp.batch_size} is not a positive number")
 
-    done: dict[tuple[str, str, str], RunResult] = {}
+    # What the results file already has: every execution of every run, and per run the targets
+    # it covers. A run is redone only for the targets it lacks (changed --targets), never twice.
+    canon = {_num(t): t for t in targets}
+    previous: dict[tuple[str, str, str], list[RunResult]] = {}
     path = Path(results) if results is not None else None
     if path is not None:
         for r in read_results(path):
-            if all(t in r.targets for t in targets):
-                done[r.spec.key] = r
-    todo = [sp for sp in specs if sp.key not in done]
-    runs = [done[sp.key] for sp in specs if sp.key in done]
-    skipped = len(runs)
+            previous.setdefault(r.spec.key, []).append(_retarget(r, canon))
+    runs: list[RunResult] = []
+    todo: list[tuple[RunSpec, tuple[float, ...]]] = []
+    skipped = partial = 0
+    for sp in specs:
+        old = [r for r in previous.get(sp.key, []) if any(_num(t) in canon for t in r.targets)]
+        covered = {_num(t) for r in old for t in r.targets}
+        need = tuple(t for t in targets if _num(t) not in covered)
+        runs += old
+        if not need:
+            skipped += 1
+        else:
+            partial += bool(old)
+            todo.append((sp, need))
     writer = _ResultsWriter(path) if path is not None else None
     bar = None
     if progress:
@@ -508,32 +749,78 @@ def sweep(
 
     try:
         if workers == 0:
-            for sp in todo:
-                finished(run_one(train_fn, sp, targets, **kwargs))
+            for sp, need in todo:
+                finished(run_one(train_fn, sp, need, **kwargs))
         elif todo:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            ctx = multiprocessing.get_context(mp_context)
-            with ProcessPoolExecutor(
-                max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads_per_worker,)
-            ) as pool:
-                futs = [pool.submit(run_one, train_fn, sp, targets, **kwargs) for sp in todo]
-                try:
-                    for fut in as_completed(futs):
-                        finished(fut.result())
-                except BaseException:
-                    for f in futs:
-                        f.cancel()
-                    raise
+            _run_in_workers(train_fn, todo, kwargs, finished, workers, threads_per_worker, mp_context, path, len(runs))
     finally:
         if writer is not None:
             writer.close()
         if bar is not None:
             bar.close()
+    if path is not None:
+        _canonical_order(path, specs, targets)
     order = {sp.key: i for i, sp in enumerate(specs)}
     runs.sort(key=lambda r: order.get(r.spec.key, len(order)))
-    return SweepResult(runs, targets, path, skipped)
+    return SweepResult(runs, targets, path, skipped, partial)
+
+
+def _retarget(run: RunResult, canon: Mapping[str, float]) -> RunResult:
+    """``run`` with its targets replaced by the equal targets of this sweep (as the file writes them)."""
+    if all(canon.get(_num(t), t) == t for t in run.targets):
+        return run
+    m = {t: canon.get(_num(t), t) for t in run.targets}
+    return dataclasses.replace(
+        run,
+        targets=tuple(m[t] for t in run.targets),
+        steps={m.get(t, t): v for t, v in run.steps.items()},
+        examples={m.get(t, t): v for t, v in run.examples.items()},
+    )
+
+
+def _run_in_workers(
+    train_fn: Callable[..., Iterable[Any]],
+    todo: Sequence[tuple[RunSpec, tuple[float, ...]]],
+    kwargs: dict[str, Any],
+    finished: Callable[[RunResult], None],
+    workers: int,
+    threads: int,
+    mp_context: str,
+    path: Path | None,
+    n_before: int,
+) -> None:
+    """Run ``todo`` in worker processes that die with this one; on any exception (SIGTERM turned
+    into one by the caller, Ctrl-C, a failed run) the workers are killed at once and the runs
+    finished so far stay written."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = multiprocessing.get_context(mp_context)
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, os.getpid())
+    )
+    n_done = 0
+    try:
+        futs = {pool.submit(run_one, train_fn, sp, need, **kwargs): i for i, (sp, need) in enumerate(todo)}
+        pending = set(futs)
+        while pending:
+            # a timeout, so that a signal handler runs within a second however long a run takes
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for fut in sorted(done, key=futs.__getitem__):
+                finished(fut.result())
+                n_done += 1
+    except BrokenProcessPool:
+        _kill_pool(pool)
+        kept = f"the {n_before + n_done} finished runs are in {path}: " if path is not None else ""
+        raise ChildProcessError(
+            "a sweep worker process died abruptly (killed by a signal, or out of memory?); "
+            f"{kept}run the sweep again to resume (fewer workers need less memory)"
+        ) from None
+    except BaseException:
+        _kill_pool(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------------

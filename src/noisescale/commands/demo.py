@@ -53,6 +53,8 @@ def _check(args: argparse.Namespace) -> None:
         raise CLIError(f"--lr must be a positive number, got {args.lr}")
     if args.print_every < 1:
         raise CLIError(f"--print-every must be positive, got {args.print_every}")
+    if args.out.exists() and not args.out.is_dir():
+        raise CLIError(f"--out {args.out} is a file; give a directory (the demo writes run.jsonl and a PNG into it)")
 
 
 def _fmt(gns: GradientNoiseScale) -> str:

@@ -14,6 +14,10 @@ For every target, the fastest run per batch size (the Pareto frontier) is fitted
 (S/S_min - 1)(E/E_min - 1) = 1, giving S_min, E_min and b_crit = E_min/S_min with bootstrap
 intervals. `noisescale sweep` writes files in this format.
 
+The file is streamed (only the fastest run and the smallest unreached budget per target and
+batch size are kept, so any size fits in memory); a UTF-8 byte-order mark is accepted; a bad
+value, a duplicated column or a non-finite target is an error naming the line.
+
 Examples:
     noisescale fit sweep.csv
     noisescale fit sweep.csv --json
@@ -29,6 +33,8 @@ import math
 import warnings
 from pathlib import Path
 from typing import Any
+
+from ..cli import CLIError
 
 HELP = "fit S_min, E_min and the critical batch size to a batch-size sweep (.csv)"
 
@@ -46,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="PNG",
-        help="write the frontier, fitted hyperbola and b_crit to this PNG",
+        help="write the frontier, fitted hyperbola and b_crit to this PNG (a directory: DIR/critical-frontier.png)",
     )
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals (default: 0.95)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default: 1000)")
@@ -54,9 +60,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unit", default="examples", help="what a batch size counts (default: examples)")
 
 
-def _number(raw: str | None, col: str, line: int, path: Path) -> float:
-    from ..cli import CLIError
+# Larger magnitudes are refused: no sweep comes near, and the fit and its figure overflow on them.
+MAX_VALUE = 1e100
 
+
+def _number(raw: str | None, col: str, line: int, path: Path) -> float:
+    try:
+        v = float(raw)  # type: ignore[arg-type]  # None: the message below
+    except (TypeError, ValueError):
+        pass
+    else:
+        if 0.0 < v <= MAX_VALUE:  # the common case, fast (nan and inf fail the comparison)
+            return v
     s = (raw or "").strip()
     try:
         v = float(s)
@@ -66,72 +81,232 @@ def _number(raw: str | None, col: str, line: int, path: Path) -> float:
         raise CLIError(f"{path}, line {line}: {col} = {s!r} is not a finite number")
     if v <= 0:
         raise CLIError(f"{path}, line {line}: {col} = {s} must be positive")
+    if v > MAX_VALUE:
+        raise CLIError(f"{path}, line {line}: {col} = {s} is out of range (at most {MAX_VALUE:.0e})")
     return v
 
 
-def read_sweep_csv(path: Path) -> list[Any]:
-    """Rows of a sweep CSV as :class:`~noisescale.critical.RunRecord` s; ``CLIError`` on bad input."""
-    from ..cli import CLIError
-    from ..critical import RunRecord
+def _opt_number(raw: str, col: str, line: int, path: Path) -> float | None:
+    """An optional positive number: ``None`` for an empty field."""
+    try:
+        v = float(raw)
+    except ValueError:
+        if not raw.strip():
+            return None
+    else:
+        if 0.0 < v <= MAX_VALUE:
+            return v
+    return _number(raw, col, line, path)
 
+
+def _reached(raw: str, line: int, path: Path) -> bool:
+    r = raw.strip().lower()
+    if not r or r in _TRUE:
+        return True
+    if r in _FALSE:
+        return False
+    raise CLIError(f"{path}, line {line}: reached = {raw!r} is not 1/0 (or true/false)")
+
+
+def _target(raw: str, line: int, path: Path) -> Any:
+    t = raw.strip()
+    if not t:
+        raise CLIError(f"{path}, line {line}: the target is empty")
+    try:
+        target = float(t)
+    except ValueError:
+        return t  # a label
+    if not math.isfinite(target):
+        raise CLIError(
+            f"{path}, line {line}: target = {t!r} is not a finite number (a target is a loss value or a label)"
+        )
+    return target
+
+
+def _fit_width(row: list[str], n_cols: int, path: Path, line: int) -> list[str] | None:
+    """A row with as many fields as the header: ``None`` for a blank line; trailing empty fields
+    (``32,100,``) dropped, missing ones empty; ``CLIError`` for extra fields with values."""
+    if not "".join(row).strip():
+        return None
+    if len(row) > n_cols:
+        if "".join(row[n_cols:]).strip():
+            raise CLIError(f"{path}, line {line}: more fields than the header has columns")
+        return row[:n_cols]
+    return row + [""] * (n_cols - len(row))
+
+
+class _Best:
+    """What the fit needs from the rows of one (target, batch size): the fastest run that reached
+    the target (the first of equals), the smallest budget of a run that did not, and counts."""
+
+    __slots__ = ("reached", "budget", "n_runs", "n_reached")
+
+    def __init__(self) -> None:
+        # (steps, examples, row, lr, examples given) of the fastest reached run
+        self.reached: tuple[float, float, int, float | None, bool] | None = None
+        self.budget: tuple[float, int] | None = None  # (steps, row) of the smallest unreached budget
+        self.n_runs = 0
+        self.n_reached = 0
+
+
+def _scan_sweep_csv(path: Path) -> tuple[list[Any], dict[tuple[Any, float], _Best]]:
+    """Stream the CSV once; keep only a :class:`_Best` per (target, batch size).
+
+    Memory is bounded by the number of targets x batch sizes, not by the file's size.
+    Returns the targets in order of first appearance and the per-(target, batch size) minima.
+    """
     if not path.exists():
         raise CLIError(f"{path}: no such file")
     if path.is_dir():
         raise CLIError(f"{path} is a directory; give the sweep's CSV file")
+    expected = f"a CSV header with columns {', '.join(REQUIRED)} (optional {', '.join(OPTIONAL)}) and one row per run"
+    targets: dict[Any, None] = {}
+    best: dict[tuple[Any, float], _Best] = {}
+    reader: Any = None
     try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise CLIError(f"{path} is not a text (CSV) file") from None
-    if not text.strip():
-        raise CLIError(
-            f"{path} is empty; expected a CSV header with columns {', '.join(REQUIRED)} "
-            f"(optional {', '.join(OPTIONAL)}) and one row per run"
-        )
-    reader = csv.DictReader(text.splitlines())
-    cols = [c.strip() for c in (reader.fieldnames or [])]
-    reader.fieldnames = cols
-    missing = [c for c in REQUIRED if c not in cols]
-    if missing:
-        raise CLIError(
-            f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-            f"(found: {', '.join(cols) or 'none'}); required: {', '.join(REQUIRED)}"
-        )
-    records = []
-    for i, row in enumerate(reader, start=2):
-        if all(not (v or "").strip() for k, v in row.items() if k is not None):
-            continue  # blank line
-        if None in row:
-            raise CLIError(f"{path}, line {i}: more fields than the header has columns")
-        b = _number(row["batch_size"], "batch_size", i, path)
-        s = _number(row["steps"], "steps", i, path)
-        lr = _number(row["lr"], "lr", i, path) if "lr" in cols and (row.get("lr") or "").strip() else None
-        ex = (
-            _number(row["examples"], "examples", i, path)
-            if "examples" in cols and (row.get("examples") or "").strip()
-            else None
-        )
-        reached = True
-        if "reached" in cols and (row.get("reached") or "").strip():
-            r = row["reached"].strip().lower()
-            if r in _TRUE:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            header: list[str] | None = None
+            for row in reader:
+                if not any(v.strip() for v in row):
+                    continue  # blank line
+                header = [c.strip() for c in row]
+                break
+            if header is None:
+                raise CLIError(f"{path} is empty; expected {expected}")
+            line = reader.line_num
+            index: dict[str, int] = {}
+            for j, c in enumerate(header):
+                if c in REQUIRED + OPTIONAL and c in index:
+                    raise CLIError(
+                        f"{path}, line {line}: column {c} appears twice (columns {index[c] + 1} and {j + 1}); "
+                        "remove one (which one to use is ambiguous)"
+                    )
+                index.setdefault(c, j)
+            missing = [c for c in REQUIRED if c not in index]
+            if missing:
+                raise CLIError(
+                    f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                    f"(found: {', '.join(header) or 'none'}); required: {', '.join(REQUIRED)}"
+                )
+            n_cols = len(header)
+            i_b, i_s = index["batch_size"], index["steps"]
+            i_lr, i_ex, i_re, i_t = (index.get(c) for c in ("lr", "examples", "reached", "target"))
+            n_rows = 0
+            tcache: dict[str, Any] = {}  # raw target -> target (a file has few distinct targets)
+            rcache: dict[str, bool] = {}  # raw reached -> bool
+            for row in reader:
+                if len(row) != n_cols:
+                    fixed = _fit_width(row, n_cols, path, reader.line_num)
+                    if fixed is None:
+                        continue  # blank line
+                    row = fixed
+                # the fast path: two plain numbers in range (nan and inf fail the comparison)
+                try:
+                    b, steps = float(row[i_b]), float(row[i_s])
+                    ok = 0.0 < b <= MAX_VALUE and 0.0 < steps <= MAX_VALUE
+                except ValueError:
+                    ok = False
+                if not ok:
+                    if not "".join(row).strip():
+                        continue  # blank line
+                    b = _number(row[i_b], "batch_size", reader.line_num, path)
+                    steps = _number(row[i_s], "steps", reader.line_num, path)
+                n_rows += 1
+                lr = _opt_number(row[i_lr], "lr", reader.line_num, path) if i_lr is not None else None
+                ex = _opt_number(row[i_ex], "examples", reader.line_num, path) if i_ex is not None else None
                 reached = True
-            elif r in _FALSE:
-                reached = False
-            else:
-                raise CLIError(f"{path}, line {i}: reached = {row['reached']!r} is not 1/0 (or true/false)")
-        target: Any = None
-        if "target" in cols:
-            t = (row.get("target") or "").strip()
-            if not t:
-                raise CLIError(f"{path}, line {i}: the target is empty")
-            try:
-                target = float(t)
-            except ValueError:
-                target = t
-        records.append(RunRecord(b, s, target=target, lr=lr, examples=ex, reached=reached))
-    if not records:
+                if i_re is not None:
+                    raw = row[i_re]
+                    got = rcache.get(raw)
+                    if got is None:
+                        got = rcache[raw] = _reached(raw, reader.line_num, path)
+                    reached = got
+                target: Any = None
+                if i_t is not None:
+                    raw = row[i_t]
+                    if raw in tcache:
+                        target = tcache[raw]
+                    else:
+                        target = tcache[raw] = _target(raw, reader.line_num, path)
+                        targets.setdefault(target, None)
+                acc = best.get((target, b))
+                if acc is None:
+                    acc = best[(target, b)] = _Best()
+                    targets.setdefault(target, None)
+                acc.n_runs += 1
+                n_ex = ex if ex is not None else b * steps
+                if reached:
+                    acc.n_reached += 1
+                    r0 = acc.reached
+                    if r0 is None or steps < r0[0] or (steps == r0[0] and n_ex < r0[1]):
+                        acc.reached = (steps, n_ex, reader.line_num, lr, ex is not None)
+                elif acc.budget is None or steps < acc.budget[0]:
+                    acc.budget = (steps, reader.line_num)
+    except UnicodeDecodeError as e:
+        where = f" after line {reader.line_num}" if reader is not None and reader.line_num else ""
+        raise CLIError(f"{path} is not a text (CSV) file: not UTF-8 ({e.reason}){where}") from None
+    except csv.Error as e:
+        raise CLIError(
+            f"{path}, line {reader.line_num if reader is not None else 1}: not a valid CSV row ({e})"
+        ) from None
+    if not n_rows:
         raise CLIError(f"{path} has a header but no rows; expected one row per run and target")
-    return records
+    return list(targets), best
+
+
+def read_sweep_frontiers(path: Path) -> dict[Any, list[Any]]:
+    """The frontier of every target in a sweep CSV (:class:`~noisescale.critical.FrontierPoint` s).
+
+    Streamed: the file is read once and only the fastest run and the smallest unreached budget
+    per (target, batch size) are kept, so a CSV of any size fits in memory. The result equals
+    :func:`~noisescale.critical.frontier` of all the rows. ``CLIError`` on bad input.
+    """
+    import dataclasses
+
+    from ..critical import frontier
+
+    targets, best = _scan_sweep_csv(path)
+    out: dict[Any, list[Any]] = {}
+    for target in targets:
+        recs = sorted(
+            (row, r) for (t, b), acc in best.items() if t == target for row, r in _records(path, target, b, acc)
+        )
+        points = frontier(r for _, r in recs)
+        out[target] = [
+            dataclasses.replace(
+                p, n_runs=best[(target, p.batch_size)].n_runs, n_reached=best[(target, p.batch_size)].n_reached
+            )
+            for p in points
+        ]
+    return out
+
+
+def _records(path: Path, target: Any, b: float, acc: _Best) -> list[tuple[int, Any]]:
+    from ..critical import RunRecord
+
+    out = []
+    try:
+        if acc.reached is not None:
+            steps, ex, row, lr, given = acc.reached
+            out.append((row, RunRecord(b, steps, target=target, lr=lr, examples=ex if given else None)))
+        if acc.budget is not None:
+            steps, row = acc.budget
+            out.append((row, RunRecord(b, steps, target=target, reached=False)))
+    except ValueError as e:
+        raise CLIError(f"{path}, line {row}: {e}") from None
+    return out
+
+
+def read_sweep_csv(path: Path) -> list[Any]:
+    """The rows of a sweep CSV that the fit uses, as :class:`~noisescale.critical.RunRecord` s:
+    per (target, batch size), the fastest run that reached the target and the run with the
+    smallest budget that did not (streamed; see :func:`read_sweep_frontiers`)."""
+    targets, best = _scan_sweep_csv(path)
+    order = {t: i for i, t in enumerate(targets)}
+    recs = sorted(((order[t], row), r) for (t, b), acc in best.items() for row, r in _records(path, t, b, acc))
+    return [r for _, r in recs]
 
 
 def _fmt_iv(iv: tuple[float, float]) -> str:
@@ -191,15 +366,15 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--level must be between 0 and 1, got {args.level}")
     if args.n_boot < 0:
         raise CLIError(f"--n-boot must be >= 0, got {args.n_boot}")
-    records = read_sweep_csv(args.sweep)
-    from ..critical import fit_critical_batch, group_by_target
+    frontiers = read_sweep_frontiers(args.sweep)
+    from ..critical import fit_critical_batch
 
     fits = []
     notes: list[str] = []
-    for target, recs in group_by_target(records).items():
+    for target, points in frontiers.items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fits.append(fit_critical_batch(recs, target=target, level=args.level, n_boot=args.n_boot, seed=args.seed))
+            fits.append(fit_critical_batch(points, target=target, level=args.level, n_boot=args.n_boot, seed=args.seed))
         notes += [str(w.message) for w in caught]
     if args.json:
         for f in fits:
@@ -212,7 +387,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {n}", file=sys.stderr)
     if args.plot is not None:
         from ..critical import plot_fit
+        from ..plot import figure_path
 
-        plot_fit(fits, args.plot, unit=args.unit)
-        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+        png = figure_path(args.plot, "critical-frontier.png")
+        plot_fit(fits, png, unit=args.unit)
+        print(f"wrote {png}", file=sys.stderr if args.json else sys.stdout)
     return 0

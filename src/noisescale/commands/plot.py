@@ -14,18 +14,30 @@ HELP = "redraw a figure from a run log (.jsonl)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run log (.jsonl)")
-    p.add_argument("-o", "--output", type=Path, default=None, help="PNG to write (default: the log's name with .png)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="PNG to write, or a directory to write LOGNAME.png into (default: the log's name with .png)",
+    )
     p.add_argument("--x", choices=("step", "examples"), default="step", help="x axis (default: step)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..plot import plot_run
+    from ..plot import figure_path, plot_run
     from ..runlog import read_run_log
 
     log = read_run_log(args.run)  # RunLogError (a ValueError) -> one-line error, exit 2
     if not log.records:
         raise ValueError(f"{args.run}: the run log has a header but no step records; nothing to plot")
-    out = args.output or args.run.with_suffix(".png")
-    plot_run(log, out, x=args.x)
+    default = args.run.with_suffix(".png")
+    out = figure_path(args.output, default.name) if args.output is not None else default
+    fig = plot_run(log, out, x=args.x)
+    try:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    except ImportError:  # pragma: no cover - plot_run needed it
+        pass
     print(f"wrote {out}")
     return 0

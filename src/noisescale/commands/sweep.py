@@ -10,7 +10,9 @@ b_crit = E_min/S_min. The same runs track B_simple (two micro-batches per step),
 the run to each target, for the paper's central comparison (Table 1: B_simple/b_crit).
 
 Writes DIR/sweep.csv (one row per run and target; resumable, readable by `noisescale fit`),
-DIR/report.md, DIR/report.json and DIR/critical-frontier.png.
+DIR/report.md, DIR/report.json and DIR/critical-frontier.png. SIGTERM or Ctrl-C stops the sweep
+and its workers (exit 143 / 130) with every finished run kept; the same command resumes it, and
+changed --targets rerun only what is missing. Workers die with the sweep even on SIGKILL.
 
 Examples:
     noisescale sweep --task digits                 # the full sweep (a few minutes on 2 cores)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -277,7 +280,7 @@ def _report(
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import CLIError
+    from ..cli import CLIError, Interrupted
 
     preset = QUICK if args.quick else FULL
     batch_sizes = args.batch_sizes or preset["batch_sizes"]
@@ -303,9 +306,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..critical import fit_critical_batch, plot_fit
-    from ..sweeps import sweep
+    from ..sweeps import read_results, sweep
 
     torch.set_num_threads(args.threads)
+    if args.out.exists() and not args.out.is_dir():
+        raise CLIError(f"--out {args.out} is a file; give a directory (the sweep writes several files into it)")
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "sweep.csv"
     if args.fresh and csv_path.exists():
@@ -328,25 +333,40 @@ def run(args: argparse.Namespace) -> int:
         f"targets {', '.join(f'{t:g}' for t in targets)}; results in {csv_path}"
     )
     t0 = time.perf_counter()
-    res = sweep(
-        partial(digits_train, targets=tuple(targets)),
-        [int(b) for b in batch_sizes],
-        None,
-        targets,
-        eps_star=args.eps_star,
-        b_star=args.b_star,
-        alpha=1.0,
-        lr_factors=factors,
-        seeds=(args.seed,),
-        max_steps=max_steps,
-        results=csv_path,
-        workers=args.workers,
-        threads_per_worker=args.threads,
-        progress=not args.no_progress,
-    )
+    try:
+        res = sweep(
+            partial(digits_train, targets=tuple(targets)),
+            [int(b) for b in batch_sizes],
+            None,
+            targets,
+            eps_star=args.eps_star,
+            b_star=args.b_star,
+            alpha=1.0,
+            lr_factors=factors,
+            seeds=(args.seed,),
+            max_steps=max_steps,
+            results=csv_path,
+            workers=args.workers,
+            threads_per_worker=args.threads,
+            progress=not args.no_progress,
+        )
+    except (KeyboardInterrupt, Interrupted) as e:
+        # the workers are already stopped; every finished run is in the CSV
+        signum = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            n = len({r.spec.key for r in read_results(csv_path)})
+        raise Interrupted(
+            signum,
+            f"stopped by {signal.Signals(signum).name}; the {n} finished runs are kept in {csv_path}: "
+            "run the same command again to resume",
+        ) from None
     elapsed = time.perf_counter() - t0
-    if res.skipped:
-        print(f"resumed: {res.skipped} runs were already in {csv_path}")
+    if res.skipped or res.partial:
+        print(
+            f"resumed: {res.skipped} runs were already in {csv_path}"
+            + (f"; {res.partial} were run again for the targets they lacked" if res.partial else "")
+        )
     fits = {}
     for t, recs in _by_target(res.records()).items():
         with warnings.catch_warnings(record=True) as caught:
