@@ -876,3 +876,19 @@ def test_a_dropped_tracker_removes_its_hooks_and_warns(digits):
         del gns
         gc.collect()
     assert not any(p._backward_hooks for p in model.parameters()) and not model._forward_pre_hooks
+
+
+def test_plot_shows_each_step_faintly_and_the_held_out_transient(digits, tmp_path):
+    pytest.importorskip("matplotlib")
+    from noisescale import plot
+
+    X, y = digits
+    model = _digits_model(X, y)
+    gns = _linear_transient_run(model, X, y, 30, at=10, gain=1.0, log=tmp_path / "run.jsonl")
+    gns.close()
+    log = ns.read_run_log(tmp_path / "run.jsonl")
+    assert log.records[9]["status"] == "outlier" and all(r["b_simple_step"] is not None for r in log.records[10:])
+    log.records[9]["b_simple_step"] = 0.01  # (its own ratio may be undefined: tr(Sigma) is a small difference)
+    _, ax = plot.plot_b_simple(log)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "per step" in labels and "held out (transient)" in labels

@@ -111,6 +111,15 @@ def plot_b_simple(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "
         v if math.isfinite(v) else (finite_top * 100 if math.isfinite(v_lo) else math.nan) for v, v_lo in zip(hi, lo)
     ]
     ax.fill_between(xs, lo, hi_drawn, alpha=0.25, color="C0", linewidth=0, label="95% interval")
+    # each step's own estimate, faint: what the average is made of (held-out transients in red)
+    raw = _col(log, "b_simple_step")
+    held = [r.get("status") == "outlier" for r in log.records]
+    pts = [(xv, v) for xv, v, h in zip(xs, raw, held) if math.isfinite(v) and v > 0 and not h]
+    out = [(xv, v) for xv, v, h in zip(xs, raw, held) if math.isfinite(v) and v > 0 and h]
+    if pts:
+        ax.scatter(*zip(*pts), s=4, color="C0", alpha=0.2, linewidths=0, label="per step")
+    if out:
+        ax.scatter(*zip(*out), s=12, color="C3", alpha=0.7, marker="x", label="held out (transient)")
     ax.plot(xs, b, color="C0", label="$B_{simple}$")
     _positive_log_scale(ax, b)
     if math.isfinite(finite_top) and finite_top > 0:
