@@ -25,10 +25,10 @@ from noisescale.data import digits_mlp, load_digits
 torch.set_num_threads(1)
 B0, EPS_STAR, B_STAR = 16, 1.0, 256.0
 LR0 = ns.eps_central(B0, EPS_STAR, B_STAR)
-CHECKPOINTS = (50, 200, 800)        # base-run steps
-EXAMPLES = 64 * B0 * 4              # Delta: 4 steps at the largest branch (k = 64), 256 at k = 1
+CHECKPOINTS = (50, 200, 800)  # base-run steps
+EXAMPLES = 64 * B0 * 4  # Delta: 4 steps at the largest branch (k = 64), 256 at k = 1
 KS = (1, 2, 4, 8, 16, 32, 64)
-REL_EPS = 0.05                      # epsilon = 5% of the loss at the checkpoint
+REL_EPS = 0.05  # epsilon = 5% of the loss at the checkpoint
 
 X, y, _, _ = load_digits(seed=0)
 
@@ -45,10 +45,15 @@ def main():
     gen = torch.Generator().manual_seed(0)
     gns = ns.GradientNoiseScale(model, method="microbatch", beta=0.99)
     step = 0
-    print(f"base run: B0={B0}, lr0={LR0:.4f}, SGD momentum 0.9; branches for {EXAMPLES} examples, "
-          f"epsilon = {REL_EPS:.0%} of the checkpoint loss")
-    print("| base step | loss | B_simple (base run) | branch losses k=" + ",".join(map(str, KS))
-          + " | local critical batch | Merrill geo-mean |")
+    print(
+        f"base run: B0={B0}, lr0={LR0:.4f}, SGD momentum 0.9; branches for {EXAMPLES} examples, "
+        f"epsilon = {REL_EPS:.0%} of the checkpoint loss"
+    )
+    print(
+        "| base step | loss | B_simple (base run) | branch losses k="
+        + ",".join(map(str, KS))
+        + " | local critical batch | Merrill geo-mean |"
+    )
     print("|---|---|---|---|---|---|")
     for ck in CHECKPOINTS:
         while step < ck:
@@ -62,7 +67,7 @@ def main():
         state = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
         L = full_loss(model)
 
-        def branch(batch, lr, steps, seed):
+        def branch(batch, lr, steps, seed, state=state):
             m = digits_mlp(seed=0)
             m.load_state_dict(state[0])
             o = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
@@ -81,11 +86,15 @@ def main():
             loss = sum(tail) / len(tail)
             return loss if math.isfinite(loss) else math.inf
 
-        r = ns.local_critical_batch(branch, B0, LR0, examples=EXAMPLES, epsilon=REL_EPS * L, ks=KS,
-                                    optimizer="sgd", seeds=(0, 1, 2, 3))
+        r = ns.local_critical_batch(
+            branch, B0, LR0, examples=EXAMPLES, epsilon=REL_EPS * L, ks=KS, optimizer="sgd", seeds=(0, 1, 2, 3)
+        )
         geo = f"{r.b_star_geo:.0f}" if r.b_star_geo else ">"
-        print(f"| {ck} | {L:.3f} | {gns.b_simple:.0f} | " + ", ".join(f"{v:.3f}" for v in r.losses)
-              + f" | {r.b_star}{' (limit)' if r.at_limit else ''} | {geo} |")
+        print(
+            f"| {ck} | {L:.3f} | {gns.b_simple:.0f} | "
+            + ", ".join(f"{v:.3f}" for v in r.losses)
+            + f" | {r.b_star}{' (limit)' if r.at_limit else ''} | {geo} |"
+        )
     gns.close()
     print(f"({time.perf_counter() - t0:.0f} s)")
 

@@ -19,7 +19,7 @@ import numpy as np
 from noisescale.critical import RunRecord, fit_critical_batch
 
 S_MIN, B_CRIT, BUDGET = 1000.0, 256.0, 30_000
-BATCHES = [2 ** k for k in range(3, 14)]
+BATCHES = [2**k for k in range(3, 14)]
 
 
 def sweep(seed: int, noise: float) -> list[RunRecord]:
@@ -43,8 +43,10 @@ def main(n: int = 100) -> None:
             f = fit_critical_batch(sweep(seed, noise), n_boot=300, seed=seed)
             errs.append(abs(f.b_crit / B_CRIT - 1))
             cov += f.b_crit_interval[0] <= B_CRIT <= f.b_crit_interval[1]
-        print(f"| {noise} | {n} | {np.median(errs):.1%} | {np.percentile(errs, 90):.1%} | {cov}/{n} "
-              f"| {time.perf_counter() - t0:.0f} s |")
+        print(
+            f"| {noise} | {n} | {np.median(errs):.1%} | {np.percentile(errs, 90):.1%} | {cov}/{n} "
+            f"| {time.perf_counter() - t0:.0f} s |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ optimizer that trains that replica), compared with a plain replica trained by Ad
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -51,7 +52,7 @@ CONFIGS = {
 def mlp(widths: list[int], seed: int) -> nn.Module:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 
@@ -64,11 +65,13 @@ def make_case(kind: str, size, m: int, k: int, rank: int, path: str = DATA):
 
         data, vocab = char_data(path)
         batches = char_batches(data, m, 128, k, seed=rank)
-        return (lambda: CharTransformer(vocab=len(vocab), d=size, heads=4, layers=4, block=128, seed=0),
-                batches, lambda out, y: CharTransformer.loss(out, y))
+        return (
+            lambda: CharTransformer(vocab=len(vocab), d=size, heads=4, layers=4, block=128, seed=0),
+            batches,
+            lambda out, y: CharTransformer.loss(out, y),
+        )
     g = torch.Generator().manual_seed(rank)
-    batches = [(torch.randn(m, size[0], generator=g), torch.randint(0, size[-1], (m,), generator=g))
-               for _ in range(k)]
+    batches = [(torch.randn(m, size[0], generator=g), torch.randint(0, size[-1], (m,), generator=g)) for _ in range(k)]
     return (lambda: mlp(size, seed=0)), batches, F.cross_entropy
 
 
@@ -88,11 +91,22 @@ def replica_specs(variants: tuple[str, ...]) -> list[tuple[str, bool, dict | Non
     return specs
 
 
-def worker(rank: int, world: int, init: str, steps: int, warmup: int, out: str, threads: int,
-           keys: list[str], path: str, variants: tuple[str, ...] = ("default",)) -> None:
+def worker(
+    rank: int,
+    world: int,
+    init: str,
+    steps: int,
+    warmup: int,
+    out: str,
+    threads: int,
+    keys: list[str],
+    path: str,
+    variants: tuple[str, ...] = ("default",),
+) -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     results = {}
     for key in keys:
         name, kind, size, m, k = CONFIGS[key]
@@ -101,8 +115,7 @@ def worker(rank: int, world: int, init: str, steps: int, warmup: int, out: str, 
         replicas = []
         for _, adamw, tracker_kw, _ in specs:
             ddp = DDP(factory())
-            opt = (torch.optim.AdamW(ddp.parameters(), lr=1e-4) if adamw else
-                   torch.optim.SGD(ddp.parameters(), lr=1e-3))
+            opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4) if adamw else torch.optim.SGD(ddp.parameters(), lr=1e-3)
             gns = None
             if tracker_kw is not None:
                 kw = dict(tracker_kw)
@@ -150,25 +163,49 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=400, help="timed steps per replica and config")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
-                   help="which models to run (default: all)")
+    p.add_argument(
+        "--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="which models to run (default: all)"
+    )
     p.add_argument("--data", default=DATA, help="tinyshakespeare.txt for the LM configs")
-    p.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
-                   help="tracked replicas to time against plain DDP (default: default); 'preconditioner' trains "
-                        "with AdamW and is compared with a plain AdamW replica")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["default"],
+        choices=list(VARIANTS),
+        help="tracked replicas to time against plain DDP (default: default); 'preconditioner' trains "
+        "with AdamW and is compared with a plain AdamW replica",
+    )
     args = p.parse_args(argv)
     if any(CONFIGS[key][1] == "lm" for key in args.configs) and not os.path.exists(args.data):
-        p.error(f"the LM configs read {args.data}, which does not exist; pass --data PATH or choose "
-                "--configs mlp mlp_accum tiny")
+        p.error(
+            f"the LM configs read {args.data}, which does not exist; pass --data PATH or choose "
+            "--configs mlp mlp_accum tiny"
+        )
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res.pt")
-        mp.start_processes(worker, args=(2, os.path.join(d, "init"), args.steps, args.warmup, out, args.threads,
-                                         args.configs, args.data, tuple(args.variants)),
-                           nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(
+            worker,
+            args=(
+                2,
+                os.path.join(d, "init"),
+                args.steps,
+                args.warmup,
+                out,
+                args.threads,
+                args.configs,
+                args.data,
+                tuple(args.variants),
+            ),
+            nprocs=2,
+            join=True,
+            start_method="spawn",
+        )
         results = torch.load(out, weights_only=False)
-    print(f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, 2 processes x {args.threads} thread(s), gloo; "
-          f"{args.steps} timed steps per replica (replicas interleaved), rank 0")
+    print(
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, 2 processes x {args.threads} thread(s), gloo; "
+        f"{args.steps} timed steps per replica (replicas interleaved), rank 0"
+    )
     print()
     if "default" in args.variants:
         print("| model, batch | plain DDP step (median) | with tracker (median) | ratio |")
@@ -178,9 +215,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {name} | {a * 1e3:.2f} ms | {b * 1e3:.2f} ms | {b / a:.3f}x |")
     if set(args.variants) - {"default"}:
         labels = {"tracked": "default", "groups": 'groups="layers"', "preconditioner": "preconditioner=AdamW"}
-        print(f"\n2 processes x {args.threads} thread(s); ratio of median step times, each tracked replica against "
-              "the plain replica with the same optimizer\n")
-        print("| model, batch | tracker options | optimizer | plain DDP step (median) | with tracker (median) | ratio |")
+        print(
+            f"\n2 processes x {args.threads} thread(s); ratio of median step times, each tracked replica against "
+            "the plain replica with the same optimizer\n"
+        )
+        print(
+            "| model, batch | tracker options | optimizer | plain DDP step (median) | with tracker (median) | ratio |"
+        )
         print("|---|---|---|---|---|---|")
         for name, r in results.items():
             for key, label in labels.items():
@@ -188,8 +229,10 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 ref = r[f"{key}_ref"]
                 a, b = statistics.median(r[ref]), statistics.median(r[key])
-                print(f"| {name} | {label} | {'AdamW' if ref == 'plain_adamw' else 'SGD'} | {a * 1e3:.2f} ms | "
-                      f"{b * 1e3:.2f} ms | {b / a:.3f}x |")
+                print(
+                    f"| {name} | {label} | {'AdamW' if ref == 'plain_adamw' else 'SGD'} | {a * 1e3:.2f} ms | "
+                    f"{b * 1e3:.2f} ms | {b / a:.3f}x |"
+                )
     sys.stdout.flush()
 
 

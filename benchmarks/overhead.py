@@ -61,6 +61,7 @@ def mlp() -> nn.Module:
 def make_case(name: str, micro: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     if name == "mlp":
+
         def data():
             return torch.randn(micro, 784, generator=g), torch.randint(10, (micro,), generator=g)
 
@@ -86,8 +87,15 @@ def make_case(name: str, micro: int, seed: int = 0):
 VARIANTS = ("default", "groups", "preconditioner")
 
 
-def bench(name: str, steps: int, warmup: int, k: int, micro: int, variants: tuple[str, ...] = ("default",),
-          method: str = "microbatch") -> dict:
+def bench(
+    name: str,
+    steps: int,
+    warmup: int,
+    k: int,
+    micro: int,
+    variants: tuple[str, ...] = ("default",),
+    method: str = "microbatch",
+) -> dict:
     build, data, loss_fn = make_case(name, micro)
     # copies: key -> (model, optimizer, tracker, key of the plain copy it is compared with)
     copies: dict[str, tuple] = {}
@@ -95,8 +103,7 @@ def bench(name: str, steps: int, warmup: int, k: int, micro: int, variants: tupl
     def add(key: str, adamw: bool, tracker_kw: dict | None, ref: str | None) -> None:
         torch.manual_seed(0)
         model = build()
-        opt = (torch.optim.AdamW(model.parameters(), lr=1e-4) if adamw else
-               torch.optim.SGD(model.parameters(), lr=1e-3))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if adamw else torch.optim.SGD(model.parameters(), lr=1e-3)
         gns = None
         if tracker_kw is not None:
             kw = dict(tracker_kw)
@@ -138,12 +145,20 @@ def bench(name: str, steps: int, warmup: int, k: int, micro: int, variants: tupl
                 times[key].append(dt)
         for key in identical:
             model, _, _, ref = copies[key]
-            identical[key] &= all(torch.equal(p.grad, q.grad)
-                                  for p, q in zip(copies[ref][0].parameters(), model.parameters()))
+            identical[key] &= all(
+                torch.equal(p.grad, q.grad) for p, q in zip(copies[ref][0].parameters(), model.parameters())
+            )
         for _, opt, _, _ in copies.values():
             opt.zero_grad()
-    row = {"model": name, "params": sum(p.numel() for p in copies["plain"][0].parameters()), "micro_batch": micro,
-           "micro_batches": k, "steps": steps, "method": method, "plain_ms": 1e3 * statistics.median(times["plain"])}
+    row = {
+        "model": name,
+        "params": sum(p.numel() for p in copies["plain"][0].parameters()),
+        "micro_batch": micro,
+        "micro_batches": k,
+        "steps": steps,
+        "method": method,
+        "plain_ms": 1e3 * statistics.median(times["plain"]),
+    }
     for key, (_, _, gns, ref) in copies.items():
         if ref is None:
             row[f"{key}_ms"] = 1e3 * statistics.median(times[key])
@@ -156,8 +171,12 @@ def bench(name: str, steps: int, warmup: int, k: int, micro: int, variants: tupl
         row[f"{key}_b_simple"] = gns.b_simple  # read once at the end (the tracker syncs lazily)
         gns.close()
     if "noisescale" in copies:  # the keys of the original table
-        row.update(ratio=row["noisescale_ratio"], ratio_of_medians=row["noisescale_ratio_of_medians"],
-                   bit_identical=row["noisescale_bit_identical"], b_simple=row["noisescale_b_simple"])
+        row.update(
+            ratio=row["noisescale_ratio"],
+            ratio_of_medians=row["noisescale_ratio_of_medians"],
+            bit_identical=row["noisescale_bit_identical"],
+            b_simple=row["noisescale_b_simple"],
+        )
     return row
 
 
@@ -170,11 +189,20 @@ def main() -> None:
     ap.add_argument("--mlp-micro", type=int, default=256)
     ap.add_argument("--transformer-micro", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
-                    help="tracked copies to time against plain training (default: default); 'preconditioner' "
-                         "trains with AdamW and is compared with a plain AdamW copy")
-    ap.add_argument("--method", default="microbatch", choices=["microbatch", "per_example", "auto"],
-                    help="the tracker's method (default: microbatch, the probe this benchmark is about)")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=["default"],
+        choices=list(VARIANTS),
+        help="tracked copies to time against plain training (default: default); 'preconditioner' "
+        "trains with AdamW and is compared with a plain AdamW copy",
+    )
+    ap.add_argument(
+        "--method",
+        default="microbatch",
+        choices=["microbatch", "per_example", "auto"],
+        help="the tracker's method (default: microbatch, the probe this benchmark is about)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,29 +210,44 @@ def main() -> None:
     for name in args.models:
         micro = args.mlp_micro if name == "mlp" else args.transformer_micro
         rows.append(bench(name, args.steps, args.warmup, args.micro_batches, micro, tuple(args.variants), args.method))
-    print(f"torch {torch.__version__}, noisescale {ns.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, {args.steps} steps after {args.warmup} warm-up, {args.micro_batches} micro-batches/step, "
-          f"method={args.method}\n")
+    print(
+        f"torch {torch.__version__}, noisescale {ns.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, {args.steps} steps after {args.warmup} warm-up, {args.micro_batches} micro-batches/step, "
+        f"method={args.method}\n"
+    )
     if "default" in args.variants:
-        print("| model | parameters | micro-batch | plain step (ms) | with noisescale (ms) | ratio (median paired) | ratio of medians | gradients bit-identical |")
+        print(
+            "| model | parameters | micro-batch | plain step (ms) | with noisescale (ms) | ratio (median paired) | ratio of medians | gradients bit-identical |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
-            print(f"| {r['model']} | {r['params']:,} | {r['micro_batch']} | {r['plain_ms']:.1f} | {r['noisescale_ms']:.1f} | "
-                  f"{r['ratio']:.3f}x | {r['ratio_of_medians']:.3f}x | {'yes' if r['bit_identical'] else 'NO'} |")
+            print(
+                f"| {r['model']} | {r['params']:,} | {r['micro_batch']} | {r['plain_ms']:.1f} | {r['noisescale_ms']:.1f} | "
+                f"{r['ratio']:.3f}x | {r['ratio_of_medians']:.3f}x | {'yes' if r['bit_identical'] else 'NO'} |"
+            )
     if set(args.variants) - {"default"}:
         # one row per tracked copy: ratio against its plain copy (SGD, or AdamW for preconditioner=)
-        labels = {"noisescale": ("default", "plain"), "groups": ('groups="layers"', "plain"),
-                  "preconditioner": ("preconditioner=AdamW", "plain_adamw")}
-        print(f"\n{args.threads} threads; ratio: median over rounds of (tracked step / its plain copy's step in the same round)\n")
-        print("| model | micro-batch | tracker options | optimizer | plain step (ms) | tracked step (ms) | ratio (median paired) | ratio of medians | gradients bit-identical |")
+        labels = {
+            "noisescale": ("default", "plain"),
+            "groups": ('groups="layers"', "plain"),
+            "preconditioner": ("preconditioner=AdamW", "plain_adamw"),
+        }
+        print(
+            f"\n{args.threads} threads; ratio: median over rounds of (tracked step / its plain copy's step in the same round)\n"
+        )
+        print(
+            "| model | micro-batch | tracker options | optimizer | plain step (ms) | tracked step (ms) | ratio (median paired) | ratio of medians | gradients bit-identical |"
+        )
         print("|---|---:|---|---|---:|---:|---:|---:|---|")
         for r in rows:
             for key, (label, ref) in labels.items():
                 if f"{key}_ratio" not in r:
                     continue
-                print(f"| {r['model']} | {r['micro_batch']} | {label} | {'AdamW' if ref == 'plain_adamw' else 'SGD'} | "
-                      f"{r[ref + '_ms']:.1f} | {r[key + '_ms']:.1f} | {r[key + '_ratio']:.3f}x | "
-                      f"{r[key + '_ratio_of_medians']:.3f}x | {'yes' if r[key + '_bit_identical'] else 'NO'} |")
+                print(
+                    f"| {r['model']} | {r['micro_batch']} | {label} | {'AdamW' if ref == 'plain_adamw' else 'SGD'} | "
+                    f"{r[ref + '_ms']:.1f} | {r[key + '_ms']:.1f} | {r[key + '_ratio']:.3f}x | "
+                    f"{r[key + '_ratio_of_medians']:.3f}x | {'yes' if r[key + '_bit_identical'] else 'NO'} |"
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -54,17 +54,18 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from noisescale.estimators import HEAD, SUM_A2
 from noisescale.probes.base import Preconditioner, StepContext, resolve_groups
 from noisescale.probes.per_example import PerExampleProbe
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from models import CharTransformer, SmallCNN, char_batches, char_data, mlp  # noqa: E402  (test models)
+from models import CharTransformer, SmallCNN, char_batches, char_data, mlp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")
@@ -92,21 +93,40 @@ def make_cases(names: list[str]) -> list[dict[str, Any]]:
             X, y, _, _ = load_digits()
             g = torch.Generator().manual_seed(0)
             idx = torch.randint(0, len(y), (256,), generator=g)
-            cases.append(dict(name="MLP 64-512-512-10, B=256 (digits)", model=mlp(64, 512, 10, depth=2),
-                              x=X[idx], y=y[idx], loss="ce"))
+            cases.append(
+                dict(
+                    name="MLP 64-512-512-10, B=256 (digits)",
+                    model=mlp(64, 512, 10, depth=2),
+                    x=X[idx],
+                    y=y[idx],
+                    loss="ce",
+                )
+            )
         elif name == "cnn":
             g = torch.Generator().manual_seed(0)
-            cases.append(dict(name="CNN conv32-GN-conv64-GN, 32x32x3, B=64", model=SmallCNN(inplace=False),
-                              x=torch.randn(64, 3, 32, 32, generator=g),
-                              y=torch.randint(0, 10, (64,), generator=g), loss="ce"))
+            cases.append(
+                dict(
+                    name="CNN conv32-GN-conv64-GN, 32x32x3, B=64",
+                    model=SmallCNN(inplace=False),
+                    x=torch.randn(64, 3, 32, 32, generator=g),
+                    y=torch.randint(0, 10, (64,), generator=g),
+                    loss="ce",
+                )
+            )
         elif name.startswith("tf"):  # tf<T> or tf<T>d<width>
             T, _, d = name[2:].partition("d")
             T, d = int(T), int(d or 128)
             data, vocab = char_data(SHAKESPEARE)
-            (x, y), = char_batches(data, 16, T, 1, seed=0)
-            cases.append(dict(name=f"char transformer d={d} L=2, B=16, T={T}",
-                              model=CharTransformer(len(vocab), d=d, heads=4, layers=2, block=max(256, T)),
-                              x=x, y=y, loss="lm"))
+            ((x, y),) = char_batches(data, 16, T, 1, seed=0)
+            cases.append(
+                dict(
+                    name=f"char transformer d={d} L=2, B=16, T={T}",
+                    model=CharTransformer(len(vocab), d=d, heads=4, layers=2, block=max(256, T)),
+                    x=x,
+                    y=y,
+                    loss="lm",
+                )
+            )
         else:
             raise SystemExit(f"unknown model {name!r}")
     return cases
@@ -129,6 +149,7 @@ def m_plain(model, case):
         model.zero_grad(set_to_none=True)
         loss_fn(case["loss"], model(case["x"]), case["y"]).backward()
         return None
+
     return step
 
 
@@ -140,11 +161,12 @@ def sum_per_example(probe: PerExampleProbe, B: int) -> float:
     v, G = st.read(), st.n_groups
     # sum_g sq_parts[g] / sum_a2 = mean_i |G_i|^2 (per-example gradients of the mean loss, G_i = B v_i)
     # -> sum_i |grad l_i|^2
-    return float(v[HEAD:HEAD + G].sum() / v[SUM_A2]) * B
+    return float(v[HEAD : HEAD + G].sum() / v[SUM_A2]) * B
 
 
 def m_noisescale(fused: bool, groups: Any = None, optimizer: str | None = None):
     """The per-example probe (``optimizer``: train with AdamW; ``"precondition"``: also weight by it)."""
+
     def build(model, case):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4) if optimizer else None
@@ -160,7 +182,9 @@ def m_noisescale(fused: bool, groups: Any = None, optimizer: str | None = None):
             if opt is not None:
                 opt.step()
             return value if pre is None else None  # preconditioned norms: not comparable with the others
+
         return step
+
     return build
 
 
@@ -172,6 +196,7 @@ def m_plain_adamw(model, case):
         loss_fn(case["loss"], model(case["x"]), case["y"]).backward()
         opt.step()
         return None
+
     return step
 
 
@@ -193,6 +218,7 @@ def m_vmap(model, case):
         s = sum(g[n].reshape(g[n].shape[0], -1).pow(2).sum(1) for n in names).sum()
         loss_fn(case["loss"], model(case["x"]), case["y"]).backward()
         return float(s)
+
     return step
 
 
@@ -209,25 +235,30 @@ def m_backpack(model, case):
             loss.backward()
         missing = [n for n, p in model.named_parameters() if not hasattr(p, "batch_l2")]
         if missing:  # layer types BatchL2Grad does not support: no value to compare
-            NOTES["BackPACK BatchL2Grad"] = (f"partial: no per-example norms for {len(missing)} of "
-                                             f"{len(list(model.parameters()))} parameter tensors (e.g. {missing[0]})")
+            NOTES["BackPACK BatchL2Grad"] = (
+                f"partial: no per-example norms for {len(missing)} of "
+                f"{len(list(model.parameters()))} parameter tensors (e.g. {missing[0]})"
+            )
             return None
         B = case["x"].shape[0]
         # BackPACK returns |g_i / B|^2 for a mean loss
         return float(sum(p.batch_l2.sum() for p in model.parameters())) * B * B
+
     return step
 
 
 def m_opacus(model, case):
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
-                                               use_ghost_clipping=True, max_grad_norm=1.0)
+    gsm = GradSampleModuleFastGradientClipping(
+        model, batch_first=True, loss_reduction="mean", use_ghost_clipping=True, max_grad_norm=1.0
+    )
 
     def step():
         gsm.zero_grad(set_to_none=True)
         loss_fn(case["loss"], gsm(case["x"]), case["y"]).backward()
         return float(gsm.get_norm_sample().pow(2).sum())
+
     return step
 
 
@@ -244,6 +275,7 @@ def m_gns_pytorch(model, case):
         compute_gns(per, model)  # a random subset of parameter tensors and of the batch
         per.mean().backward()
         return None
+
     return step
 
 
@@ -307,6 +339,7 @@ def run_case(case: dict[str, Any], rounds: int, warmup: int) -> dict[str, dict[s
             t = time.perf_counter()
             steps[n]()
             times[n].append(time.perf_counter() - t)
+
     def base(n: str) -> str:
         return "plain AdamW" if n in ADAMW_ROWS and "plain AdamW" in steps else "plain"
 
@@ -330,10 +363,14 @@ def run_case(case: dict[str, Any], rounds: int, warmup: int) -> dict[str, dict[s
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="mlp,cnn,tf64,tf256",
-                    help="comma-separated: mlp, cnn, tf<T> (d=128) or tf<T>d<width>, e.g. tf64d512")
-    ap.add_argument("--methods", default=None,
-                    help="comma-separated subset of the methods (default: all); plain always runs")
+    ap.add_argument(
+        "--models",
+        default="mlp,cnn,tf64,tf256",
+        help="comma-separated: mlp, cnn, tf<T> (d=128) or tf<T>d<width>, e.g. tf64d512",
+    )
+    ap.add_argument(
+        "--methods", default=None, help="comma-separated subset of the methods (default: all); plain always runs"
+    )
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
@@ -346,15 +383,17 @@ def main(argv: list[str] | None = None) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(a.threads)
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod, dist in (("opacus", "opacus"), ("backpack", "backpack-for-pytorch"), ("gns_pytorch", "gns-pytorch")):
+    for _mod, dist in (("opacus", "opacus"), ("backpack", "backpack-for-pytorch"), ("gns_pytorch", "gns-pytorch")):
         try:
             from importlib.metadata import version
 
             versions[dist] = version(dist)
         except Exception:
             versions[dist] = "not installed"
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={a.threads}, "
-          f"rounds={a.rounds}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={a.threads}, "
+        f"rounds={a.rounds}; " + ", ".join(f"{k} {v}" for k, v in versions.items())
+    )
     if a.methods:
         keep = {"plain"} | {m.strip() for m in a.methods.split(",")}
         unknown = keep - {n for n, _ in METHODS}
@@ -372,15 +411,21 @@ def main(argv: list[str] | None = None) -> None:
             if a.markdown:
                 if not adamw:
                     print(f"\n**{case['name']}** (plain step {res['plain']['time_ms']:.1f} ms, threads={a.threads})\n")
-                    print("| method | time ratio (median) | time ratio (best of N) | peak memory ratio | "
-                          "per-example norms vs noisescale |")
+                    print(
+                        "| method | time ratio (median) | time ratio (best of N) | peak memory ratio | "
+                        "per-example norms vs noisescale |"
+                    )
                     print("|---|---|---|---|---|")
                 else:
                     r0 = res["plain AdamW"]
-                    print(f"\nWith an AdamW step (preconditioner=), against plain AdamW "
-                          f"({r0.get('time_ms', float('nan')):.1f} ms, threads={a.threads}):\n")
-                    print("| method | time ratio (median) | time ratio (best of N) | peak memory ratio | "
-                          "vs plain (no optimizer step) |")
+                    print(
+                        f"\nWith an AdamW step (preconditioner=), against plain AdamW "
+                        f"({r0.get('time_ms', float('nan')):.1f} ms, threads={a.threads}):\n"
+                    )
+                    print(
+                        "| method | time ratio (median) | time ratio (best of N) | peak memory ratio | "
+                        "vs plain (no optimizer step) |"
+                    )
                     print("|---|---|---|---|---|")
             else:
                 print(f"\n{case['name']}" if not adamw else "  -- with AdamW, ratios to plain AdamW:")
@@ -389,13 +434,21 @@ def main(argv: list[str] | None = None) -> None:
                 if "error" in r:
                     cells = ("did not run", "-", "-", r["error"])
                 elif adamw:
-                    cells = (f"{r['ratio']:.2f}x", f"{r['ratio_min']:.2f}x", f"{r['mem']:.2f}x",
-                             f"{r['ratio_plain']:.2f}x" if "ratio_plain" in r else "-")
+                    cells = (
+                        f"{r['ratio']:.2f}x",
+                        f"{r['ratio_min']:.2f}x",
+                        f"{r['mem']:.2f}x",
+                        f"{r['ratio_plain']:.2f}x" if "ratio_plain" in r else "-",
+                    )
                 else:
                     ag = r.get("agree")
-                    cells = (f"{r['ratio']:.2f}x", f"{r['ratio_min']:.2f}x", f"{r['mem']:.2f}x",
-                             NOTES.get(n) or ("-" if ag is None else
-                                              ("reference" if n == "noisescale" else f"rel. diff {ag:.1e}")))
+                    cells = (
+                        f"{r['ratio']:.2f}x",
+                        f"{r['ratio_min']:.2f}x",
+                        f"{r['mem']:.2f}x",
+                        NOTES.get(n)
+                        or ("-" if ag is None else ("reference" if n == "noisescale" else f"rel. diff {ag:.1e}")),
+                    )
                 print(f"| {n} | " + " | ".join(cells) + " |" if a.markdown else f"  {n:26s} " + "  ".join(cells))
         sys.stdout.flush()
 

@@ -78,8 +78,9 @@ def std_data() -> tuple[torch.Tensor, torch.Tensor]:
     return _STD
 
 
-def batch(seed: int, step: int, rank: int, micro: int, size: int, standardized: bool = False
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    seed: int, step: int, rank: int, micro: int, size: int, standardized: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Examples drawn with replacement, deterministic in (seed, step, rank, micro)."""
     X, y = std_data() if standardized else data()
     g = torch.Generator().manual_seed(1_000_003 * seed + 10_007 * step + 101 * rank + micro)
@@ -87,8 +88,9 @@ def batch(seed: int, step: int, rank: int, micro: int, size: int, standardized: 
     return X[idx], y[idx]
 
 
-def micro_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str, k: int, n_local: int
-               ) -> torch.Tensor:
+def micro_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str, k: int, n_local: int
+) -> torch.Tensor:
     """The user's loss for one micro-batch: mean/k ("mean") or sum/n_local ("sum")."""
     out = model(x)
     if reduction == "mean":
@@ -97,8 +99,7 @@ def micro_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: st
 
 
 def flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
-                      for p in model.parameters()])
+    return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()])
 
 
 def reference(cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -122,7 +123,7 @@ def reference(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                     for i in range(m):
                         model.zero_grad(set_to_none=True)
                         scale = (1.0 / (m * k)) if red == "mean" else 1.0 / sum(sizes[r])
-                        (F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]) * scale).backward()
+                        (F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]) * scale).backward()
                         parts.append(float(flat_grad(model).double().square().sum()))
                         part_sizes.append(1.0)
                         alphas.append(scale)  # the scales of one rank sum to 1 in both conventions
@@ -132,8 +133,15 @@ def reference(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                 alphas.append(w[j] / sum(w))
             rank_grads.append(acc)
         V = torch.stack(rank_grads).mean(0)
-        out.append({"parts": parts, "sizes": part_sizes, "alphas": alphas, "big": float(V.square().sum()),
-                    "rank_grads": rank_grads})
+        out.append(
+            {
+                "parts": parts,
+                "sizes": part_sizes,
+                "alphas": alphas,
+                "big": float(V.square().sum()),
+                "rank_grads": rank_grads,
+            }
+        )
     return out
 
 
@@ -146,8 +154,7 @@ def entry(rank: int, world: int, init_file: str, out_dir: str, scenario: str, cf
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     faulthandler.dump_traceback_later(cfg.get("_dump_after", 55), exit=False)  # a hang leaves a trace
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=TIMEOUT)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         result = SCENARIOS[scenario](rank, world, cfg)
     except BaseException:
@@ -171,9 +178,16 @@ def entry(rank: int, world: int, init_file: str, out_dir: str, scenario: str, cf
 
 
 def _tracker_summary(gns: ns.GradientNoiseScale) -> dict[str, Any]:
-    return {"b_simple": gns.b_simple, "state": gns.state_dict(), "history": list(gns.history),
-            "method": gns.method, "measured": gns.measured, "skipped": gns.skipped, "g2": gns.g2,
-            "trace_sigma": gns.trace_sigma}
+    return {
+        "b_simple": gns.b_simple,
+        "state": gns.state_dict(),
+        "history": list(gns.history),
+        "method": gns.method,
+        "measured": gns.measured,
+        "skipped": gns.skipped,
+        "g2": gns.g2,
+        "trace_sigma": gns.trace_sigma,
+    }
 
 
 def ddp_exact(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -186,8 +200,9 @@ def ddp_exact(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         extra["process_group"] = dist.new_group(list(range(world)))
     ddp = DDP(model, **cfg.get("ddp", {}), **extra)
     red = cfg.get("reduction", "mean")
-    gns = ns.GradientNoiseScale(ddp, method=cfg.get("method", "auto"), beta=1.0, reduction=red,
-                                max_pending=cfg.get("max_pending", 64), **extra)
+    gns = ns.GradientNoiseScale(
+        ddp, method=cfg.get("method", "auto"), beta=1.0, reduction=red, max_pending=cfg.get("max_pending", 64), **extra
+    )
     if extra:
         assert gns.probe.group is extra["process_group"], "process_group= was not used"
     sizes = cfg["sizes"][rank]
@@ -242,18 +257,32 @@ def ddp_brute(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     if groups == "kind":
         groups = {"weight": [model.fc1.weight, model.fc2.weight], "bias": [model.fc1.bias, model.fc2.bias]}
     pre = cfg.get("precondition")
-    gns = ns.GradientNoiseScale(ddp, method=cfg.get("method", "auto"), beta=1.0, groups=groups,
-                                preconditioner=opt if pre else None, precondition=pre or "update")
+    gns = ns.GradientNoiseScale(
+        ddp,
+        method=cfg.get("method", "auto"),
+        beta=1.0,
+        groups=groups,
+        preconditioner=opt if pre else None,
+        precondition=pre or "update",
+    )
     for t in range(cfg["steps"]):
         x, y = batch(cfg["seed"], t, rank, 0, cfg["m"], std)
         F.cross_entropy(ddp(x), y).backward()
         gns.step()
         ddp.zero_grad(set_to_none=True)
-    out = {"b_simple": gns.b_simple, "interval": gns.interval(0.95), "measured": gns.measured,
-           "method": gns.method, "g2": gns.g2, "trace_sigma": gns.trace_sigma,
-           "by_group": {n: {"b_simple": e.b_simple, "g2": e.g2, "trace_sigma": e.trace_sigma,
-                            "interval": e.interval(0.95)} for n, e in gns.by_group().items()},
-           "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    out = {
+        "b_simple": gns.b_simple,
+        "interval": gns.interval(0.95),
+        "measured": gns.measured,
+        "method": gns.method,
+        "g2": gns.g2,
+        "trace_sigma": gns.trace_sigma,
+        "by_group": {
+            n: {"b_simple": e.b_simple, "g2": e.g2, "trace_sigma": e.trace_sigma, "interval": e.interval(0.95)}
+            for n, e in gns.by_group().items()
+        },
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+    }
     if opt is not None:  # P = 1/(sqrt(v_hat) + eps), read from the optimizer state as it stands
         grp = opt.param_groups[0]
         P = {}
@@ -281,15 +310,18 @@ def ddp_inert(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         for t in range(cfg["steps"]):
             for j in range(k):
                 x, y = batch(cfg["seed"], t, rank, j, 8)
-                with (ddp.no_sync() if j < k - 1 else _null()):
+                with ddp.no_sync() if j < k - 1 else _null():
                     (F.cross_entropy(ddp(x), y) / k).backward()
             if gns is not None:
                 gns.step()
             grads.append([p.grad.clone() for p in ddp.parameters()])
             opt.step()
             opt.zero_grad(set_to_none=True)
-        runs[with_tracker] = {"grads": grads, "params": [p.detach().clone() for p in ddp.parameters()],
-                              "b_simple": gns.b_simple if gns else None}
+        runs[with_tracker] = {
+            "grads": grads,
+            "params": [p.detach().clone() for p in ddp.parameters()],
+            "b_simple": gns.b_simple if gns else None,
+        }
         if gns is not None:
             gns.close()
     same = all(torch.equal(a, b) for ga, gb in zip(runs[False]["grads"], runs[True]["grads"]) for a, b in zip(ga, gb))
@@ -310,8 +342,12 @@ def _fsdp_model(kind: str, cfg: dict[str, Any], world: int) -> nn.Module:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    return FSDP(model, device_id=torch.device("cpu"), use_orig_params=cfg.get("use_orig_params", True),
-                auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+    return FSDP(
+        model,
+        device_id=torch.device("cpu"),
+        use_orig_params=cfg.get("use_orig_params", True),
+        auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+    )
 
 
 def fsdp_exact(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -330,7 +366,7 @@ def fsdp_exact(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
                     model.set_requires_gradient_sync(last)
                     micro_loss(model, x, y, "mean", k, sum(sizes)).backward()
                 else:
-                    with (model.no_sync() if not last else _null()):
+                    with model.no_sync() if not last else _null():
                         micro_loss(model, x, y, "mean", k, sum(sizes)).backward()
             else:
                 micro_loss(model, x, y, "mean", k, sum(sizes)).backward()
@@ -386,8 +422,10 @@ def clip_survival(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("refusals"):
         model = _fsdp_model(kind, cfg, world)
         errors = {}
-        for name, kwargs in (("groups", {"groups": "layers"}),
-                             ("preconditioner", {"preconditioner": torch.optim.AdamW(model.parameters())})):
+        for name, kwargs in (
+            ("groups", {"groups": "layers"}),
+            ("preconditioner", {"preconditioner": torch.optim.AdamW(model.parameters())}),
+        ):
             try:
                 ns.GradientNoiseScale(model, **kwargs).close()
                 errors[name] = None
@@ -418,8 +456,10 @@ def clip_survival(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
                 _clip(model, kind, cfg["clip"])
             opt.step()
             opt.zero_grad(set_to_none=True)
-        out[clip_first] = {"history": list(gns.history),
-                           "params": [_local(p.detach()).clone() for p in model.parameters()]}
+        out[clip_first] = {
+            "history": list(gns.history),
+            "params": [_local(p.detach()).clone() for p in model.parameters()],
+        }
         gns.close()
     return out
 
@@ -449,8 +489,15 @@ def ddp_bad(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         except ValueError as e:
             errors.append(str(e))
         ddp.zero_grad(set_to_none=True)
-    out = {"errors": errors, "measured": gns.measured, "skipped": gns.skipped, "b_simple": gns.b_simple,
-           "last_reason": gns.history[1].get("reason"), "steps": gns.steps, "examples": gns.examples}
+    out = {
+        "errors": errors,
+        "measured": gns.measured,
+        "skipped": gns.skipped,
+        "b_simple": gns.b_simple,
+        "last_reason": gns.history[1].get("reason"),
+        "steps": gns.steps,
+        "examples": gns.examples,
+    }
     # An explicit non-distributed method on a DDP model is refused on every rank.
     try:
         ns.GradientNoiseScale(ddp, method="microbatch")
@@ -499,7 +546,7 @@ def ddp_scaler(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
             for j in range(k):
                 x, y = batch(cfg["seed"], t, rank, j, 8)
                 loss = F.cross_entropy(ddp(x), y) / k
-                with (ddp.no_sync() if j < k - 1 else _null()):
+                with ddp.no_sync() if j < k - 1 else _null():
                     (scaler.scale(loss) if scaler else loss).backward()
             if scaler is not None:
                 scaler.unscale_(opt)
@@ -524,5 +571,18 @@ def many(rank: int, world: int, cfg: dict[str, Any]) -> list[Any]:
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (ddp_scaler, ddp_exact, ddp_brute, ddp_inert, fsdp_exact, fsdp_inert, ddp_bad, ddp_join,
-                                     clip_survival, many)}
+SCENARIOS = {
+    f.__name__: f
+    for f in (
+        ddp_scaler,
+        ddp_exact,
+        ddp_brute,
+        ddp_inert,
+        fsdp_exact,
+        fsdp_inert,
+        ddp_bad,
+        ddp_join,
+        clip_survival,
+        many,
+    )
+}

@@ -39,8 +39,14 @@ def read_stats(stats: StepStats, ranks: int = 1) -> Pooled:
     g2, ts, status, reason = step_estimates(v, G, ranks)
     assert status == "measured", reason
     a2, a2b = v[SUM_A2], v[SUM_A2_OVER_B]
-    return Pooled(float(v[HEAD:HEAD + G].sum() / a2), float(a2 / a2b), float(v[HEAD + G:].sum()), float(1 / a2b),
-                  float(g2.sum()), float(ts.sum()))
+    return Pooled(
+        float(v[HEAD : HEAD + G].sum() / a2),
+        float(a2 / a2b),
+        float(v[HEAD + G :].sum()),
+        float(1 / a2b),
+        float(g2.sum()),
+        float(ts.sum()),
+    )
 
 
 def collect(probe, ctx):
@@ -55,8 +61,9 @@ def collect(probe, ctx):
 
 def pooled(sq_norms, sizes, sq_total, reduction: str = "mean") -> Pooled:
     """The estimate from part norms ``|u_j|^2`` (one group) and the step norm ``|V|^2``."""
-    s = make_step_stats([float(np.sum([float(x) for x in sq_norms]))], [float(sq_total)], [float(b) for b in sizes],
-                        reduction=reduction)
+    s = make_step_stats(
+        [float(np.sum([float(x) for x in sq_norms]))], [float(sq_total)], [float(b) for b in sizes], reduction=reduction
+    )
     return read_stats(s)
 
 
@@ -64,7 +71,6 @@ def per_group(stats: StepStats, ranks: int = 1) -> tuple[np.ndarray, np.ndarray]
     g2, ts, status, reason = step_estimates(stats.read(), stats.n_groups, ranks)
     assert status == "measured", reason
     return g2, ts
-
 
 
 def train_digits(model, X, y, steps, gns=None, k=4, b=8, seed=0, scaler=None, nan_at=None):

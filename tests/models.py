@@ -33,8 +33,9 @@ def mlp(d_in: int = 64, hidden: int = 256, d_out: int = 10, depth: int = 2, *, s
 class SmallCNN(nn.Module):
     """``[B, C, H, W] -> [B, classes]``: two conv blocks (GroupNorm, in-place ReLU, max-pool)."""
 
-    def __init__(self, in_ch: int = 3, width: int = 32, classes: int = 10, *, inplace: bool = True,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, in_ch: int = 3, width: int = 32, classes: int = 10, *, inplace: bool = True, seed: int = 0
+    ) -> None:
         super().__init__()
         self.inplace = inplace
         torch.manual_seed(seed)
@@ -73,8 +74,9 @@ class _Block(nn.Module):
 class CharTransformer(nn.Module):
     """Causal character-level LM: ``ids [B, T] -> logits [B, T, vocab]``."""
 
-    def __init__(self, vocab: int = 65, d: int = 64, heads: int = 4, layers: int = 2, block: int = 256,
-                 *, seed: int = 0) -> None:
+    def __init__(
+        self, vocab: int = 65, d: int = 64, heads: int = 4, layers: int = 2, block: int = 256, *, seed: int = 0
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.tok = nn.Embedding(vocab, d)

@@ -35,7 +35,7 @@ def test_fit_prints_a_table(tmp_path, capsys):
     assert main(["fit", str(p), "--n-boot", "200"]) == 0
     out = capsys.readouterr().out
     assert "b_crit" in out and "S_min" in out and "E_min" in out
-    lines = [l for l in out.splitlines() if l.strip().startswith(("0.5", "0.2"))]
+    lines = [ln for ln in out.splitlines() if ln.strip().startswith(("0.5", "0.2"))]
     assert len(lines) == 2
     b_crit = float(lines[0].split()[1])
     assert b_crit == pytest.approx(B_CRIT, rel=0.15)
@@ -44,7 +44,7 @@ def test_fit_prints_a_table(tmp_path, capsys):
 def test_fit_json_one_object_per_target(tmp_path, capsys):
     p = _write_sweep(tmp_path / "s.csv")
     assert main(["fit", str(p), "--json", "--n-boot", "300", "--seed", "1"]) == 0
-    objs = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    objs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert [o["target"] for o in objs] == [0.5, 0.2]
     for o in objs:
         for k in ("s_min", "e_min", "b_crit"):
@@ -74,7 +74,7 @@ def test_fit_minimal_columns_and_no_target(tmp_path, capsys):
     rows = ["batch_size,steps"] + [f"{B},{S_MIN * (1 + B_CRIT / B):.3f}" for B in (16, 64, 256, 1024)]
     p.write_text("\n".join(rows) + "\n")
     assert main(["fit", str(p), "--json", "--n-boot", "100"]) == 0
-    (o,) = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    (o,) = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert o["target"] is None and o["b_crit"] == pytest.approx(B_CRIT, rel=1e-4)
 
 
@@ -84,10 +84,19 @@ def test_fit_reads_the_sweep_runner_output(tmp_path, capsys):
     from test_sweep import B_NOISE, model_train
 
     path = tmp_path / "sweep.csv"
-    ns.sweep(model_train, [32, 128, 512, 2048], targets=[0.5], eps_star=1.0, b_star=B_NOISE, lr_factors=(1.0,),
-             max_steps=20_000, results=path, progress=False)
+    ns.sweep(
+        model_train,
+        [32, 128, 512, 2048],
+        targets=[0.5],
+        eps_star=1.0,
+        b_star=B_NOISE,
+        lr_factors=(1.0,),
+        max_steps=20_000,
+        results=path,
+        progress=False,
+    )
     assert main(["fit", str(path), "--json", "--n-boot", "100"]) == 0
-    (o,) = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    (o,) = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert o["b_crit"] == pytest.approx(B_NOISE, rel=0.02)
 
 
@@ -103,8 +112,10 @@ BAD = {
     "nan": ("batch_size,steps\n32,nan\n64,50\n", "not a finite number"),
     "negative lr": ("batch_size,steps,lr\n32,100,-0.1\n64,50,0.1\n", "lr = -0.1 must be positive"),
     "single batch size": ("batch_size,steps\n32,100\n32,120\n32,90\n", "only one batch size (32)"),
-    "none reached": ("batch_size,steps,target,reached\n32,100,0.1,0\n64,100,0.1,0\n",
-                     "no run reached the target for target 0.1"),
+    "none reached": (
+        "batch_size,steps,target,reached\n32,100,0.1,0\n64,100,0.1,0\n",
+        "no run reached the target for target 0.1",
+    ),
     "bad reached": ("batch_size,steps,reached\n32,100,maybe\n64,50,1\n", "reached = 'maybe' is not 1/0"),
     "ragged": ("batch_size,steps\n32,100,7\n64,50\n", "more fields than the header"),
 }

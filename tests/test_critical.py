@@ -27,12 +27,20 @@ from noisescale.critical import (
 
 S_MIN, E_MIN = 1000.0, 256_000.0
 B_CRIT = E_MIN / S_MIN  # 256
-BATCHES = [2 ** k for k in range(3, 14)]  # 8 .. 8192
+BATCHES = [2**k for k in range(3, 14)]  # 8 .. 8192
 
 
-def synthetic_sweep(seed: int, *, noise: float = 0.1, budget: float = 30_000, target=None,
-                    s_min: float = S_MIN, b_crit: float = B_CRIT, batches=BATCHES,
-                    lr_factors=(1.0, 1.3, 2.0)) -> list[RunRecord]:
+def synthetic_sweep(
+    seed: int,
+    *,
+    noise: float = 0.1,
+    budget: float = 30_000,
+    target=None,
+    s_min: float = S_MIN,
+    b_crit: float = B_CRIT,
+    batches=BATCHES,
+    lr_factors=(1.0, 1.3, 2.0),
+) -> list[RunRecord]:
     """Three learning rates per batch size: the best one follows the model times exp(noise * N(0,1)),
     the others are 1.3x and 2x slower. A run needing more than ``budget`` steps is censored
     (reached=False, steps=budget): with b_crit = 256 the B = 8 runs need ~33,000 steps, so that whole
@@ -46,7 +54,7 @@ def synthetic_sweep(seed: int, *, noise: float = 0.1, budget: float = 30_000, ta
             if s > budget:
                 out.append(RunRecord(B, budget, target=target, lr=0.1 * f, reached=False))
             else:
-                out.append(RunRecord(B, int(round(s)), target=target, lr=0.1 * f))
+                out.append(RunRecord(B, round(s), target=target, lr=0.1 * f))
     return out
 
 
@@ -96,8 +104,7 @@ def test_fitting_examples_instead_of_steps_is_the_same():
     whether the sweep reports steps or examples (App. A.3 fits the (E, S) hyperbola)."""
     recs = synthetic_sweep(3, budget=1e9)
     a = fit_critical_batch(recs, n_boot=0)
-    b = fit_critical_batch([RunRecord(r.batch_size, r.steps, examples=r.batch_size * r.steps) for r in recs],
-                           n_boot=0)
+    b = fit_critical_batch([RunRecord(r.batch_size, r.steps, examples=r.batch_size * r.steps) for r in recs], n_boot=0)
     assert a.b_crit == pytest.approx(b.b_crit, rel=1e-9)
 
 
@@ -106,22 +113,32 @@ def test_fitting_examples_instead_of_steps_is_the_same():
 
 
 def test_frontier_takes_fastest_run_per_batch_size():
-    recs = [RunRecord(16, 500, lr=0.1), RunRecord(16, 300, lr=0.2), RunRecord(16, 900, lr=0.4),
-            RunRecord(64, 120, lr=0.5), RunRecord(64, 100, lr=1.0)]
+    recs = [
+        RunRecord(16, 500, lr=0.1),
+        RunRecord(16, 300, lr=0.2),
+        RunRecord(16, 900, lr=0.4),
+        RunRecord(64, 120, lr=0.5),
+        RunRecord(64, 100, lr=1.0),
+    ]
     pts = frontier(recs)
     assert [(p.batch_size, p.steps, p.lr, p.status, p.n_runs) for p in pts] == [
-        (16, 300, 0.2, "exact", 3), (64, 100, 1.0, "exact", 2)]
+        (16, 300, 0.2, "exact", 3),
+        (64, 100, 1.0, "exact", 2),
+    ]
     assert pts[0].examples == 16 * 300 and pts[1].examples == 6400
 
 
 def test_frontier_censoring_states():
     recs = [
         # B=8: nobody reached the target within 1000 steps -> censored, S* > 1000
-        RunRecord(8, 1000, reached=False), RunRecord(8, 1000, reached=False),
+        RunRecord(8, 1000, reached=False),
+        RunRecord(8, 1000, reached=False),
         # B=16: the fastest finished in 400; another was given 1000 steps -> S* = 400 exactly
-        RunRecord(16, 400), RunRecord(16, 1000, reached=False),
+        RunRecord(16, 400),
+        RunRecord(16, 1000, reached=False),
         # B=32: a run stopped at 100 steps without reaching it might have been faster than 250
-        RunRecord(32, 250), RunRecord(32, 100, reached=False),
+        RunRecord(32, 250),
+        RunRecord(32, 100, reached=False),
     ]
     p8, p16, p32 = frontier(recs)
     assert (p8.status, p8.steps, p8.lower, p8.n_reached) == ("censored", 1000, 1000, 0)
@@ -183,7 +200,7 @@ def test_interval_point_is_fitted():
     s64 = S_MIN * (1 + B_CRIT / 64)
     recs += [RunRecord(64, round(1.2 * s64)), RunRecord(64, round(0.5 * s64), reached=False)]
     fit = fit_critical_batch(recs, n_boot=200)
-    p64 = [p for p in fit.points if p.batch_size == 64][0]
+    p64 = next(p for p in fit.points if p.batch_size == 64)
     assert p64.status == "interval"
     assert abs(fit.b_crit / B_CRIT - 1) < 0.10
     assert fit.b_crit_interval[0] < B_CRIT < fit.b_crit_interval[1]
@@ -202,8 +219,7 @@ def test_em_bootstrap_solver_matches_direct_mle():
     y = np.log([p.steps for p in pts])[None, :]
     miss = np.array([p.status == "censored" for p in pts])[None, :]
     cgrid = np.linspace(logb.min() - math.log(1e3), logb.max() + math.log(1e3), 801)
-    c, a = _em_censored(y, miss, y.copy(), logb, cgrid, special, start=(math.log(500), math.log(50), 0.3),
-                        iters=500)
+    c, a = _em_censored(y, miss, y.copy(), logb, cgrid, special, start=(math.log(500), math.log(50), 0.3), iters=500)
     assert math.exp(c[0]) == pytest.approx(fit.b_crit, rel=2e-3)
     assert math.exp(a[0]) == pytest.approx(fit.s_min, rel=2e-3)
 
@@ -223,12 +239,15 @@ def test_b_crit_outside_the_sweep_is_flagged():
     assert fit.b_crit_interval[0] == 0.0
 
 
-@pytest.mark.parametrize("recs, match", [
-    ([RunRecord(32, 100), RunRecord(32, 200)], "only one batch size"),
-    ([RunRecord(32, 100, reached=False), RunRecord(64, 100, reached=False)], "no run reached the target"),
-    ([RunRecord(32, 100), RunRecord(64, 100, reached=False)], "at only one batch size"),
-    ([], "no runs"),
-])
+@pytest.mark.parametrize(
+    "recs, match",
+    [
+        ([RunRecord(32, 100), RunRecord(32, 200)], "only one batch size"),
+        ([RunRecord(32, 100, reached=False), RunRecord(64, 100, reached=False)], "no run reached the target"),
+        ([RunRecord(32, 100), RunRecord(64, 100, reached=False)], "at only one batch size"),
+        ([], "no runs"),
+    ],
+)
 def test_fit_errors(recs, match):
     with pytest.raises(ValueError, match=match):
         fit_critical_batch(recs)
@@ -242,8 +261,15 @@ def test_two_batch_sizes_fit_without_interval():
     assert math.isnan(fit.b_crit_interval[0])
 
 
-@pytest.mark.parametrize("kw", [dict(batch_size=-1, steps=10), dict(batch_size=8, steps=0),
-                                dict(batch_size=8, steps=float("nan")), dict(batch_size=8, steps=5, lr=-0.1)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(batch_size=-1, steps=10),
+        dict(batch_size=8, steps=0),
+        dict(batch_size=8, steps=float("nan")),
+        dict(batch_size=8, steps=5, lr=-0.1),
+    ],
+)
 def test_run_record_validation(kw):
     with pytest.raises(ValueError):
         RunRecord(**kw)
@@ -288,16 +314,19 @@ def test_to_dict_and_summary():
 
 def test_plot_fit_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    fits = list(fit_sweep(synthetic_sweep(0, target=0.5) + synthetic_sweep(1, target=0.1, s_min=3000),
-                          n_boot=50).values())
+    fits = list(
+        fit_sweep(synthetic_sweep(0, target=0.5) + synthetic_sweep(1, target=0.1, s_min=3000), n_boot=50).values()
+    )
     out = tmp_path / "f.png"
-    fig, axes = plot_fit(fits, out)
+    _fig, axes = plot_fit(fits, out)
     assert out.stat().st_size > 10_000
     assert len(axes) == 2 and len(axes[0].lines) > 2 * len(BATCHES)
 
 
 def test_import_noisescale_stays_light():
-    code = ("import sys, noisescale; noisescale.sweep; noisescale.fit_critical_batch; "
-            "print('scipy' in sys.modules, 'matplotlib' in sys.modules)")
+    code = (
+        "import sys, noisescale; noisescale.sweep; noisescale.fit_critical_batch; "
+        "print('scipy' in sys.modules, 'matplotlib' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

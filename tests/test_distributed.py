@@ -40,8 +40,9 @@ def spawn(tmp_path, scenario: str, cfg: dict, world: int = WORLD, timeout: float
         torch.save(W.data(), digits)
     os.environ["NOISESCALE_TEST_DIGITS"] = str(digits)
     init = out / "init"
-    ctx = mp.start_processes(W.entry, args=(world, str(init), str(out), scenario, cfg), nprocs=world,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        W.entry, args=(world, str(init), str(out), scenario, cfg), nprocs=world, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     crash = None
     try:
@@ -111,8 +112,11 @@ def check_against_reference(per_rank: list[dict], cfg: dict) -> None:
         assert rel(h["b_small"], a2 / a2b) < 1e-12
         assert rel(h["b_big"], world * world / a2b) < 1e-12
         assert rel(h["sq_small"], sum(r["parts"]) / a2) < 1e-5
-        if (cfg.get("reduction", "mean") == "mean" and len({len(s) for s in cfg["sizes"]}) == 1
-                and cfg.get("method") != "ddp_per_example"):
+        if (
+            cfg.get("reduction", "mean") == "mean"
+            and len({len(s) for s in cfg["sizes"]}) == 1
+            and cfg.get("method") != "ddp_per_example"
+        ):
             # equal weights per part: the generic pooled estimator applies directly
             m = pooled([p / world**2 for p in r["parts"]], r["sizes"], r["big"], reduction="mean")
             assert rel(h["b_small"], m.b_small) < 1e-9 and rel(h["b_big"], m.b_big) < 1e-9
@@ -173,11 +177,15 @@ def test_ddp_per_example_composition(tmp_path):
     """method='ddp_per_example': every rank's per-example norms pooled with the global norm."""
     if "per_example" not in _probes():
         pytest.skip("the per-example probe is not available")
-    cases = {"per_example": dict(sizes=[[8], [8]]),
-             "per_example_accumulation_unequal": dict(sizes=[[4, 4], [6, 6]]),
-             "per_example_sum": dict(sizes=[[5, 3], [8]], reduction="sum")}
-    cfgs = {n: dict(c, seed=30 + i, world=WORLD, steps=3, method="ddp_per_example")
-            for i, (n, c) in enumerate(cases.items())}
+    cases = {
+        "per_example": dict(sizes=[[8], [8]]),
+        "per_example_accumulation_unequal": dict(sizes=[[4, 4], [6, 6]]),
+        "per_example_sum": dict(sizes=[[5, 3], [8]], reduction="sum"),
+    }
+    cfgs = {
+        n: dict(c, seed=30 + i, world=WORLD, steps=3, method="ddp_per_example")
+        for i, (n, c) in enumerate(cases.items())
+    }
     results = spawn(tmp_path, "many", {"items": [("ddp_exact", c) for c in cfgs.values()]})
     _check_cases(results, cfgs, method="ddp_per_example")
 
@@ -198,8 +206,10 @@ def test_fsdp_norms_match_single_process(tmp_path):
 
 def test_fsdp_no_sync_accumulation(tmp_path):
     """Under no_sync / set_requires_gradient_sync(False) the local part is the rank's whole step."""
-    cases = [dict(kind="fsdp2", sizes=[[4, 4], [4, 4]], no_sync=True),
-             dict(kind="fsdp1", sizes=[[4, 4], [4, 4]], no_sync=True)]
+    cases = [
+        dict(kind="fsdp2", sizes=[[4, 4], [4, 4]], no_sync=True),
+        dict(kind="fsdp1", sizes=[[4, 4], [4, 4]], no_sync=True),
+    ]
     cfgs = [dict(c, seed=40 + i, world=WORLD, steps=3) for i, c in enumerate(cases)]
     results = spawn(tmp_path, "many", {"items": [("fsdp_exact", c) for c in cfgs]})
     for i, cfg in enumerate(cfgs):
@@ -214,8 +224,13 @@ def test_fsdp_no_sync_accumulation(tmp_path):
         assert per_rank[0]["b_simple"] == per_rank[1]["b_simple"] == replay_b_simple(per_rank[0]["history"])
 
 
-def _brute_force(seed: int, groups: dict[str, list[str]] | None = None, params: dict | None = None,
-                 weights: dict | None = None, standardized: bool = False) -> dict[str, tuple[float, float]]:
+def _brute_force(
+    seed: int,
+    groups: dict[str, list[str]] | None = None,
+    params: dict | None = None,
+    weights: dict | None = None,
+    standardized: bool = False,
+) -> dict[str, tuple[float, float]]:
     """Brute force: per-example gradients of the whole data set (torch.func), ``{group: (g2, trace_sigma)}``.
 
     ``groups``: ``{name: [parameter names of Net]}`` (default: one group ``"all"``), each restricted to
@@ -274,10 +289,12 @@ BRUTE_CASES = {
     "layers": dict(seed=60, steps=400, m=128, groups="layers"),
     "dict": dict(seed=61, steps=1000, m=128, groups="kind"),
     "per_example_layers": dict(seed=62, steps=300, m=128, groups="layers", method="ddp_per_example"),
-    "adam_update": dict(seed=63, steps=400, m=128, groups="layers", standardized=True, adam_steps=20,
-                        precondition="update"),
-    "adam_curvature": dict(seed=64, steps=400, m=128, groups="layers", standardized=True, adam_steps=20,
-                           precondition="curvature"),
+    "adam_update": dict(
+        seed=63, steps=400, m=128, groups="layers", standardized=True, adam_steps=20, precondition="update"
+    ),
+    "adam_curvature": dict(
+        seed=64, steps=400, m=128, groups="layers", standardized=True, adam_steps=20, precondition="curvature"
+    ),
 }
 
 
@@ -325,9 +342,11 @@ def test_ddp_per_group_and_preconditioned_b_simple_close_to_exact(tmp_path):
 
 
 CLIP = 1e-6
-CLIP_ITEMS = [("clip_survival", dict(kind="ddp", seed=50, steps=4, k=2, clip=CLIP)),
-              ("clip_survival", dict(kind="fsdp2", seed=51, steps=4, k=2, clip=CLIP, refusals=True)),
-              ("clip_survival", dict(kind="fsdp1", seed=52, steps=4, k=2, clip=CLIP, refusals=True))]
+CLIP_ITEMS = [
+    ("clip_survival", dict(kind="ddp", seed=50, steps=4, k=2, clip=CLIP)),
+    ("clip_survival", dict(kind="fsdp2", seed=51, steps=4, k=2, clip=CLIP, refusals=True)),
+    ("clip_survival", dict(kind="fsdp1", seed=52, steps=4, k=2, clip=CLIP, refusals=True)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -394,8 +413,11 @@ def test_inert_ddp_and_fsdp2(tmp_path):
 def test_bad_inputs_consistent_on_all_ranks(tmp_path):
     """Non-finite gradient on one rank; a rank raising in step(); a non-distributed method on DDP."""
     nan_cfg = dict(seed=11, world=WORLD, steps=4, sizes=[[32], [32]], nan_at=(2, 1))
-    results = spawn(tmp_path, "many", {"items": [("ddp_exact", nan_cfg), ("ddp_bad", dict(seed=12)),
-                                                ("ddp_join", dict(seed=13, steps=[5, 3]))]})
+    results = spawn(
+        tmp_path,
+        "many",
+        {"items": [("ddp_exact", nan_cfg), ("ddp_bad", dict(seed=12)), ("ddp_join", dict(seed=13, steps=[5, 3]))]},
+    )
     nan_runs = _items(results, 0)
     for res in nan_runs:  # the NaN on rank 1 reaches every rank through the all-reduce: all skip step 2
         assert res["skipped"] == 1 and res["measured"] == 3
@@ -446,7 +468,8 @@ def test_world_size_one_rejected(tmp_path):
             ns.GradientNoiseScale(ddp, method="ddp")
         with pytest.raises(ValueError, match="world size 1"):
             ns.GradientNoiseScale(ddp, method="ddp_per_example") if "per_example" in _probes() else (
-                ns.GradientNoiseScale(ddp, method="ddp"))
+                ns.GradientNoiseScale(ddp, method="ddp")
+            )
         gns = ns.GradientNoiseScale(ddp)
         assert gns.method not in ("ddp", "ddp_per_example", "fsdp")  # one process: a single-process probe
         gns.close()

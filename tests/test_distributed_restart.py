@@ -33,10 +33,35 @@ def _torchrun(tmp_path, name: str, *extra: str) -> dict:
     ckpt = tmp_path / name
     ckpt.mkdir()
     out = ckpt / "out.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           EXAMPLE, "--steps", "40", "--batch-size", "16", "--hidden", "32", "--ckpt", str(ckpt),
-           "--ckpt-every", "10", "--log-every", "10", "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        EXAMPLE,
+        "--steps",
+        "40",
+        "--batch-size",
+        "16",
+        "--hidden",
+        "32",
+        "--ckpt",
+        str(ckpt),
+        "--ckpt-every",
+        "10",
+        "--log-every",
+        "10",
+        "--out",
+        str(out),
+        *extra,
+    ]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=ROOT)

@@ -1,6 +1,5 @@
 """Micro-batch probe and tracker: against explicit references, on real data (scikit-learn digits)."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,7 @@ def test_measurement_matches_explicit_gradients(digits, convention, sizes):
     model = digits_mlp(hidden=32)
     k, B = len(sizes), sum(sizes)
     bounds = torch.tensor([0] + sizes).cumsum(0).tolist()
-    parts = [(X[bounds[j]:bounds[j + 1]], y[bounds[j]:bounds[j + 1]]) for j in range(k)]
+    parts = [(X[bounds[j] : bounds[j + 1]], y[bounds[j] : bounds[j + 1]]) for j in range(k)]
 
     def loss_j(j, xb, yb):
         return scale(F.cross_entropy(model(xb), yb), len(yb), k, B)
@@ -126,7 +125,7 @@ def test_frozen_unused_and_tied_parameters(digits):
 
     torch.manual_seed(0)
     model = Net()
-    parts = [(X[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    parts = [(X[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
     ref_small, ref_big = _reference_parts(model, parts, lambda j, xb, yb: F.cross_entropy(model(xb), yb) / 4)
     gns = ns.GradientNoiseScale(model, "microbatch", beta=1.0)
     assert len(gns.params) == 6  # frozen excluded; shared counted once
@@ -266,5 +265,3 @@ def test_sizes_explicit_inferred_and_inconsistent(digits):
     inferred.step()
     assert inferred.examples == 60.0
     inferred.close()
-
-

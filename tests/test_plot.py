@@ -4,19 +4,27 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import pytest
 
-from noisescale import plot  # noqa: E402
-from noisescale.runlog import RunLog  # noqa: E402
+from noisescale import plot
+from noisescale.runlog import RunLog
 
 
 def _log(with_loss=True):
     recs = []
     for i in range(1, 21):
-        r = {"type": "step", "step": i, "examples": 64.0 * i, "status": "measured", "b_simple": 10.0 + i,
-             "b_simple_low": 5.0 + i, "b_simple_high": None if i < 4 else 20.0 + i, "g2": 1.0 / i,
-             "trace_sigma": 10.0}
+        r = {
+            "type": "step",
+            "step": i,
+            "examples": 64.0 * i,
+            "status": "measured",
+            "b_simple": 10.0 + i,
+            "b_simple_low": 5.0 + i,
+            "b_simple_high": None if i < 4 else 20.0 + i,
+            "g2": 1.0 / i,
+            "trace_sigma": 10.0,
+        }
         if with_loss:
             r["loss"] = 2.0 / i
         recs.append(r)
@@ -34,7 +42,7 @@ def test_returns_fig_and_ax_and_uses_given_axis(fn):
 
 
 def test_units_in_labels_and_unbounded_band():
-    fig, ax = plot.plot_b_simple(_log(), x="examples")
+    _fig, ax = plot.plot_b_simple(_log(), x="examples")
     assert "tokens" in ax.get_ylabel() and "tokens" in ax.get_xlabel()
     assert ax.get_yscale() == "log"
     plt.close("all")

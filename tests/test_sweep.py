@@ -104,8 +104,9 @@ def test_run_one_refuses_a_silent_training_function():
 
 
 def test_higher_is_better_targets():
-    res = run_one(lambda b, lr, s: iter([0.1, 0.5, 0.9]), RunSpec(8, 0.1), [0.8, 0.4], max_steps=10,
-                  higher_is_better=True)
+    res = run_one(
+        lambda b, lr, s: iter([0.1, 0.5, 0.9]), RunSpec(8, 0.1), [0.8, 0.4], max_steps=10, higher_is_better=True
+    )
     assert res.steps == {0.8: 3, 0.4: 2}
 
 
@@ -126,8 +127,16 @@ def test_sweep_recovers_b_crit_of_the_model():
     """End to end on the model training function: grid centred on eps_central, fastest run per B,
     fit in log space. The fastest lr is exactly the centre, so b_crit = B_NOISE up to the
     resolution of integer steps."""
-    res = ns.sweep(model_train, [16, 32, 64, 128, 256, 512, 1024, 2048], targets=[0.5, 0.05],
-                   eps_star=1.0, b_star=B_NOISE, lr_factors=(0.5, 1.0, 2.0), max_steps=20_000, progress=False)
+    res = ns.sweep(
+        model_train,
+        [16, 32, 64, 128, 256, 512, 1024, 2048],
+        targets=[0.5, 0.05],
+        eps_star=1.0,
+        b_star=B_NOISE,
+        lr_factors=(0.5, 1.0, 2.0),
+        max_steps=20_000,
+        progress=False,
+    )
     assert len(res.runs) == 24 and res.skipped == 0
     fits = res.fit(n_boot=200)
     for t, f in fits.items():
@@ -274,18 +283,29 @@ def test_a_failed_run_stops_the_worker_sweep_at_once(tmp_path):
     (before, the sweep waited for every running run to end, here forever)."""
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match="this run failed"):
-        ns.sweep(failing_or_endless_train, [64, 16, 32], [0.1], targets=[0.5], max_steps=10**9, workers=2,
-                 results=tmp_path / "s.csv", progress=False)
+        ns.sweep(
+            failing_or_endless_train,
+            [64, 16, 32],
+            [0.1],
+            targets=[0.5],
+            max_steps=10**9,
+            workers=2,
+            results=tmp_path / "s.csv",
+            progress=False,
+        )
     assert time.perf_counter() - t0 < 60
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(targets=[]), "at least one target"),
-    (dict(targets=[0.5], max_steps=None), "max_steps or max_examples"),
-    (dict(targets=[0.5], learning_rates=None), "eps_star and b_star"),
-    (dict(targets=[0.5], learning_rates=[-0.1]), "not a positive number"),
-    (dict(targets=[0.5], learning_rates={32: [0.1]}), "no entry for batch sizes"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(targets=[]), "at least one target"),
+        (dict(targets=[0.5], max_steps=None), "max_steps or max_examples"),
+        (dict(targets=[0.5], learning_rates=None), "eps_star and b_star"),
+        (dict(targets=[0.5], learning_rates=[-0.1]), "not a positive number"),
+        (dict(targets=[0.5], learning_rates={32: [0.1]}), "no entry for batch sizes"),
+    ],
+)
 def test_sweep_argument_errors(kw, match):
     args = dict(learning_rates=[0.1], max_steps=10, progress=False)
     args.update(kw)
@@ -313,14 +333,14 @@ def _nqm(d=50, h=1.0, sigma=1.0, B=4, eta_h=1.0 / 24, R=512):
     ``k <= 1/(eta h) + 1/2`` — with eta h = 1/24: k <= 24.5, i.e. k* = 16 on the powers of two, and
     the critical batch 16 B = 64 is ~ b_noise/3 (b_noise = 188)."""
     eta = eta_h / h
-    m = eta * sigma ** 2 / (B * h * (2 - eta * h))
+    m = eta * sigma**2 / (B * h * (2 - eta * h))
 
     def branch(batch, lr, steps, seed):
         rng = np.random.default_rng(seed)
         th = rng.standard_normal((R, d)) * math.sqrt(m)
         for _ in range(steps):
             th = th - lr * (h * th + sigma / math.sqrt(batch) * rng.standard_normal((R, d)))
-        return 0.5 * h * float((th ** 2).sum(1).mean())
+        return 0.5 * h * float((th**2).sum(1).mean())
 
     L1 = 0.5 * h * d * m
     b_noise = B * (2 - eta * h) / (eta * h)
@@ -344,18 +364,22 @@ def test_branched_critical_batch_on_noisy_quadratic():
 
 def test_branched_tight_epsilon_and_limits():
     branch, B, eta, L1, _ = _nqm(R=256)
-    tight = local_critical_batch(branch, B, eta, examples=4096, epsilon=0.1 * L1, ks=[1, 2, 4, 8, 16, 32],
-                                 optimizer="sgd")
+    tight = local_critical_batch(
+        branch, B, eta, examples=4096, epsilon=0.1 * L1, ks=[1, 2, 4, 8, 16, 32], optimizer="sgd"
+    )
     assert tight.k_star in (2, 4)  # loss ratio (2-eta)/(2-k eta): 1.02, 1.06, 1.13 for k = 2, 4, 8
     easy = local_critical_batch(branch, B, eta, examples=4096, epsilon=10 * L1, ks=[1, 2, 4], optimizer="sgd")
     assert easy.at_limit and easy.b_star_geo is None and "lower bound" in easy.summary()
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(ks=[2, 4]), "starting at 1"),
-    (dict(examples=100), "multiple"),
-    (dict(epsilon=-1.0), "epsilon"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(ks=[2, 4]), "starting at 1"),
+        (dict(examples=100), "multiple"),
+        (dict(epsilon=-1.0), "epsilon"),
+    ],
+)
 def test_branched_argument_errors(kw, match):
     args = dict(examples=64, epsilon=0.1, ks=[1, 2, 4])
     args.update(kw)
