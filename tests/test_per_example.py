@@ -91,15 +91,30 @@ def _layer_cases():
         # ghost norm is cheaper by FLOPs (T (d + p) <= d p), but T >= FUSED_MIN_ROWS: fused materialises
         ("linear-long-seq", nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 8)), r(3, 128, 256) / 16),
         ("linear-4d", nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)), r(B, 3, 2, 4)),
-        ("conv1d-groups-dilation-circular",
-         nn.Sequential(nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2, padding_mode="circular"), nn.Tanh(),
-                       nn.Conv1d(6, 2, 3, stride=2)), r(B, 4, 11)),
+        (
+            "conv1d-groups-dilation-circular",
+            nn.Sequential(
+                nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2, padding_mode="circular"),
+                nn.Tanh(),
+                nn.Conv1d(6, 2, 3, stride=2),
+            ),
+            r(B, 4, 11),
+        ),
         ("conv1d-same", nn.Sequential(nn.Conv1d(3, 4, 5, padding="same"), nn.Tanh()), r(B, 3, 8)),
-        ("conv2d-stride-reflect", nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="reflect"),
-                                                nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, groups=2, bias=False)),
-         r(B, 3, 9, 9)),
-        ("conv2d-ghost-dilated", nn.Sequential(nn.Conv2d(16, 32, 3, padding=2, dilation=2), nn.Tanh(),
-                                               nn.Conv2d(32, 4, 2)), r(B, 16, 3, 3)),
+        (
+            "conv2d-stride-reflect",
+            nn.Sequential(
+                nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="reflect"),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(4, 4, 3, groups=2, bias=False),
+            ),
+            r(B, 3, 9, 9),
+        ),
+        (
+            "conv2d-ghost-dilated",
+            nn.Sequential(nn.Conv2d(16, 32, 3, padding=2, dilation=2), nn.Tanh(), nn.Conv2d(32, 4, 2)),
+            r(B, 16, 3, 3),
+        ),
         ("embedding-table-padding", nn.Sequential(nn.Embedding(10, 5, padding_idx=1), nn.Tanh()), ids(10, B, 8)),
         ("embedding-gram-padding", nn.Sequential(nn.Embedding(100, 5, padding_idx=1), nn.Tanh()), ids(4, B, 6)),
         ("embedding-one-token", nn.Sequential(nn.Embedding(10, 5), nn.Tanh()), ids(10, B)),
@@ -175,7 +190,7 @@ def _lm_loss(logits, y):  # token-mean
 @pytest.mark.parametrize("fused", [False, True])
 def test_char_transformer_on_shakespeare_matches_vmap_grad(shakespeare_path, fused):
     data, vocab = char_data(shakespeare_path)
-    (x, y), = char_batches(data, 6, 24, 1, seed=0)
+    ((x, y),) = char_batches(data, 6, 24, 1, seed=0)
     model = CharTransformer(len(vocab), d=32, heads=2, layers=2, block=24)
     want = reference(copy.deepcopy(model), _lm_loss, (x, y))
     m, names = probe_measure(model, _lm_loss, (x, y), fused=fused)
@@ -187,7 +202,7 @@ def test_char_transformer_on_shakespeare_matches_vmap_grad(shakespeare_path, fus
 def test_shakespeare_lm_tokens_unit(shakespeare_path):
     """Token units: b_small = T tokens, b_big = B*T, and b_simple in tokens is T x that in examples."""
     data, vocab = char_data(shakespeare_path)
-    (x, y), = char_batches(data, 6, 24, 1, seed=1)
+    ((x, y),) = char_batches(data, 6, 24, 1, seed=1)
     model = CharTransformer(len(vocab), d=32, heads=2, layers=1, block=24)
     ex, _ = probe_measure(copy.deepcopy(model), _lm_loss, (x, y))
     probe = PerExampleProbe(model, unit="tokens")
@@ -368,7 +383,7 @@ def test_auto_with_one_micro_batch_measures():
 
 def test_layers_filter_norm_only_matches_reference(shakespeare_path):
     data, vocab = char_data(shakespeare_path)
-    (x, y), = char_batches(data, 4, 16, 1, seed=2)
+    ((x, y),) = char_batches(data, 4, 16, 1, seed=2)
     model = CharTransformer(len(vocab), d=16, heads=2, layers=1, block=16)
     cov = per_example_coverage(model, layers="norm")
     norm_numel = sum(p.numel() for n, p in model.named_parameters() if "ln" in n or n.startswith("norm"))
@@ -379,8 +394,14 @@ def test_layers_filter_norm_only_matches_reference(shakespeare_path):
     assert float(m.sq_norm_small) == pytest.approx(want[0], rel=RTOL)
     assert float(m.sq_norm_big) == pytest.approx(want[1], rel=RTOL)
     _m2, names2 = probe_measure(model, _lm_loss, (x, y), layers=[nn.Embedding, "layernorm"])
-    assert set(names2) == {"tok.weight", "pos.weight", "blocks.0.ln1.weight", "blocks.0.ln1.bias",
-                           "blocks.0.ln2.weight", "blocks.0.ln2.bias"}
+    assert set(names2) == {
+        "tok.weight",
+        "pos.weight",
+        "blocks.0.ln1.weight",
+        "blocks.0.ln1.bias",
+        "blocks.0.ln2.weight",
+        "blocks.0.ln2.bias",
+    }
     with pytest.raises(ValueError, match="unknown layer group 'norms'"):
         PerExampleProbe(model, layers="norms")
 
@@ -520,8 +541,12 @@ def test_shared_position_embedding_is_excluded_with_warning():
     m, _, _ = collect(probe, StepContext(None))
     assert "pos.weight" in probe.coverage.uncovered and probe.coverage.fraction < 1
     probe.close()
-    want = reference(SharedPos().load_state_dict(model.state_dict()) and model, lambda o: o.pow(2).mean(), (ids,),
-                     names=["tok.weight", "head.weight", "head.bias"])
+    want = reference(
+        SharedPos().load_state_dict(model.state_dict()) and model,
+        lambda o: o.pow(2).mean(),
+        (ids,),
+        names=["tok.weight", "head.weight", "head.bias"],
+    )
     assert float(m.sq_norm_small) == pytest.approx(want[0], rel=RTOL)
     probe = PerExampleProbe(model, strict=True)
     with pytest.raises(ValueError, match="batch-first"):
@@ -611,11 +636,14 @@ def test_each_examples_norm_individually(shakespeare_path):
     from test_per_example_robust import _Mixed
 
     data, vocab = char_data(shakespeare_path)
-    (x, y), = char_batches(data, 4, 12, 1, seed=4)
+    ((x, y),) = char_batches(data, 4, 12, 1, seed=4)
     ids = torch.randint(1, 11, (4, 6), generator=torch.Generator().manual_seed(5))
     cases = [
-        (CharTransformer(len(vocab), d=16, heads=2, layers=1, block=12), x,
-         lambda o: F.cross_entropy(o.transpose(1, 2), y, reduction="none").mean(1)),
+        (
+            CharTransformer(len(vocab), d=16, heads=2, layers=1, block=12),
+            x,
+            lambda o: F.cross_entropy(o.transpose(1, 2), y, reduction="none").mean(1),
+        ),
         (_Mixed(), ids, lambda o: o.pow(2).sum(1)),
     ]
     for model, inp, per_loss in cases:
@@ -668,7 +696,9 @@ def test_auto_is_lenient_with_layers_that_do_not_fit():
     gns.step()
     rec = gns.history[-1]
     gns.close()
-    want = reference(model, lambda o: o.pow(2).mean(), (x,), names=["inp.weight", "inp.bias", "head.weight", "head.bias"])
+    want = reference(
+        model, lambda o: o.pow(2).mean(), (x,), names=["inp.weight", "inp.bias", "head.weight", "head.bias"]
+    )
     g2, ts = ns.estimate(want[0], 1, want[1], 3)
     tol = RTOL * want[0]  # the norms agree to RTOL; their differences to RTOL of the norms
     assert rec["g2_step"] == pytest.approx(g2, abs=tol) and rec["trace_sigma_step"] == pytest.approx(ts, abs=tol)

@@ -82,8 +82,7 @@ def linear_apply(fused=False):
 
 
 # name: (leading input shape, d, p); the branch each shape is meant to hit is asserted below
-LINEAR = {"rows": ((6,), 5, 4), "ghost": ((4, 3), 8, 6), "materialise": ((4, 7), 5, 3),
-          "multi_dim": ((3, 2, 4), 5, 3)}
+LINEAR = {"rows": ((6,), 5, 4), "ghost": ((4, 3), 8, 6), "materialise": ((4, 7), 5, 3), "multi_dim": ((3, 2, 4), 5, 3)}
 
 
 @pytest.mark.parametrize("shape", list(LINEAR))
@@ -131,14 +130,18 @@ def test_linear_float64_and_mixed_pre(shape):
 def conv_apply(mod, fused=False):
     def apply(x, w, b, acc, wi, bi, wp, bp):
         return ConvFn.apply(x, w, b, acc, mod.stride, mod.padding, mod.dilation, mod.groups, wi, bi, wp, bp, fused)
+
     return apply
 
 
 # name: (module, input shape); ghost iff L (dd + pp) <= dd pp (asserted below)
 CONV = {
     "2d_ghost": (lambda: nn.Conv2d(16, 16, 3, stride=2, padding=1, dilation=2, groups=2), (3, 16, 5, 5), True),
-    "2d_materialise": (lambda: nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2),
-                       (3, 4, 8, 7), False),
+    "2d_materialise": (
+        lambda: nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2),
+        (3, 4, 8, 7),
+        False,
+    ),
     "1d_ghost": (lambda: nn.Conv1d(16, 16, 3, stride=2, padding=1, dilation=2, groups=2), (3, 16, 8), True),
     "1d_materialise": (lambda: nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2), (3, 4, 20), False),
 }

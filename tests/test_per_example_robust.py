@@ -54,12 +54,15 @@ def test_inert_gradients_bit_identical(shakespeare_path, fused):
     """Outputs and .grad are bit-identical with and without the probe (fused=True: Linear weight
     and conv gradients equal to 1e-5 relative instead, everything else bit-identical)."""
     data, vocab = char_data(shakespeare_path)
-    (x, y), = char_batches(data, 4, 32, 1, seed=3)
+    ((x, y),) = char_batches(data, 4, 32, 1, seed=3)
     ids = torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(0))
     imgs = torch.randn(6, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     cases = [
-        (CharTransformer(len(vocab), d=32, heads=2, layers=2, block=32), x,
-         lambda o: F.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1))),
+        (
+            CharTransformer(len(vocab), d=32, heads=2, layers=2, block=32),
+            x,
+            lambda o: F.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1)),
+        ),
         (SmallCNN(width=8, inplace=True), imgs, lambda o: o.pow(2).mean()),
         (_Mixed(), ids, lambda o: o.pow(2).mean()),
         (mlp(12, 16, 3), torch.randn(7, 12, generator=torch.Generator().manual_seed(1)), lambda o: o.pow(2).mean()),

@@ -10,21 +10,30 @@ instance; the module object, its parameters, hooks and ``state_dict`` are untouc
 runs a custom :class:`torch.autograd.Function` (:mod:`.per_example_ops`). Its backward computes
 the layer's ordinary gradients with the same ATen ops as the stock layer (bit-identical) and adds
 the sum over examples of the per-example squared norms of the layer's covered parameters into a
-0-d float64 tensor. Nothing is materialised beyond one layer, no second backward pass, no host
-sync in the hooks, and the functions trace under ``torch.compile`` without graph breaks (register
-before compiling). Because the wrapped forward returns a fresh tensor, in-place ops after the
-layer (``ReLU(inplace=True)``) are fine; under non-reentrant activation checkpointing the backward
-runs once per forward, with recomputed inputs.
+float64 tensor (finite and correct for any finite gradient: see :mod:`.per_example_ops`). Nothing
+is materialised beyond one layer, no second backward pass, no host sync in the hooks, and the
+functions trace under ``torch.compile`` without graph breaks (register before compiling). Because
+the wrapped forward returns a fresh tensor, in-place ops after the layer (``ReLU(inplace=True)``)
+are fine; under non-reentrant activation checkpointing the backward runs once per forward, with
+recomputed inputs.
 
 Supported: ``nn.Linear`` (any leading dims: Goodfellow for one row per example, ghost norm or
-materialisation for sequences, chosen per layer by FLOPs), ``nn.Conv1d``/``nn.Conv2d`` (any padding
-mode, groups, dilation; ``padding='same'`` with even total padding), ``nn.Embedding`` (repeated
-tokens, ``padding_idx``), ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, with their biases.
+materialisation for sequences, chosen per layer by FLOPs), Hugging Face's ``Conv1D`` (GPT-2's
+transposed linear layer; recognised only when ``transformers`` is already imported, which
+noisescale never does itself), ``nn.Conv1d``/``nn.Conv2d`` (any padding mode, groups, dilation;
+``padding='same'`` with even total padding), ``nn.Embedding`` (repeated tokens, ``padding_idx``),
+``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, with their biases.
 
 Per-example means *per row of the batch dimension* (dim 0 of every wrapped layer's input).
 Parameters shared between modules (tied weights), modules reused at several places, and
 parameters of unsupported layers are *not covered*: by default the noise scale is measured over
-the covered parameters only (``coverage`` in ``metrics()``); ``strict=True`` refuses that.
+the covered parameters only (``coverage`` in ``metrics()``); ``strict=True`` refuses that. Found at
+run time and excluded with a warning (``strict=True``: an error): layers whose input is shared by
+all examples (position ids ``arange(T)`` or ``[1, T]``, also when ``T`` equals the batch size) and
+parameters that receive gradient outside their layer's instrumented call (the *exactness check*,
+see :class:`PerExampleProbe`: a weight also used functionally, such as a tied output head
+``F.linear(h, emb.weight)``, or a loss term on the parameter itself, such as an L2 penalty).
+``coverage`` always reflects the exclusions.
 
 Loss conventions (``reduction`` as for the micro-batch probe). Each micro-batch ``m`` of the step
 has ``B_m`` examples with sizes ``b_i`` in the tracker's unit (1 for examples; tokens per example
@@ -40,7 +49,9 @@ estimator (derivation in :func:`noisescale.estimators.pool_parts`) then uses
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -62,6 +73,7 @@ from .base import (
     check_single_process,
     infer_batch_size,
     resolve_groups,
+    sq_norm,
 )
 from .per_example_ops import ConvFn, EmbeddingFn, GroupNormFn, LayerNormFn, LinearFn, ScaleFn
 
@@ -69,7 +81,7 @@ __all__ = ["PerExampleProbe", "Coverage", "per_example_coverage", "LAYER_GROUPS"
 
 # Layer groups accepted by ``layers=`` (Gray et al. 2024: normalisation layers alone predict the GNS).
 LAYER_GROUPS: dict[str, tuple[str, ...]] = {
-    "linear": ("linear",),
+    "linear": ("linear", "hf_conv1d"),
     "conv": ("conv1d", "conv2d"),
     "embedding": ("embedding",),
     "norm": ("layernorm", "rmsnorm", "groupnorm"),
@@ -89,8 +101,16 @@ _KIND_OF_CLASS: dict[type[nn.Module], str] = {
 if hasattr(nn, "RMSNorm"):
     _KIND_OF_CLASS[nn.RMSNorm] = "rmsnorm"
 _Conv = nn.Conv1d | nn.Conv2d
-if TYPE_CHECKING:  # a module of a supported kind (nn.RMSNorm: guarded above at run time)
+if TYPE_CHECKING:  # a module of a supported kind (nn.RMSNorm: guarded above at run time; HF Conv1D: duck-typed)
     _Supported = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Embedding | nn.LayerNorm | nn.GroupNorm | nn.RMSNorm
+
+# The exactness check (see PerExampleProbe): on the first CHECK_FIRST steps and then every
+# CHECK_EVERY-th, the squared norm of the gradient each wrapped call returns for a parameter is
+# compared with the squared norm of what reached the parameter in that backward pass; a relative
+# difference above CHECK_RTOL means gradient that did not come through the instrumented call.
+CHECK_FIRST = 3
+CHECK_EVERY = 100
+CHECK_RTOL = 1e-4
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -98,7 +118,19 @@ def _kind(module: nn.Module) -> str | None:
     for cls, kind in _KIND_OF_CLASS.items():
         if isinstance(module, cls) and type(module).forward is cls.forward:
             return kind
+    hf = _hf_conv1d()
+    if hf is not None and isinstance(module, hf) and type(module).forward is hf.forward:
+        return "hf_conv1d"
     return None
+
+
+def _hf_conv1d() -> type[nn.Module] | None:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layer, weight ``[in, out]``)
+    if ``transformers`` is already imported: a model holding one has imported it, so noisescale
+    never imports ``transformers`` itself."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(mod, "Conv1D", None) if mod is not None else None
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
 
 
 @dataclass
@@ -309,6 +341,8 @@ class _Layer:
         "b_idx",
         "w_pre",
         "b_pre",
+        "w_chk",
+        "b_chk",
         "calls",
         "had_forward",
         "old_forward",
@@ -319,6 +353,9 @@ class _Layer:
         self.name, self.module, self.kind, self.w_on, self.b_on = name, module, kind, w_on, b_on
         self.acc: torch.Tensor = torch.zeros(1, dtype=torch.float64)  # the probe's accumulator for this layer's device
         self.w_idx = self.b_idx = -1  # slots of acc (the parameters' groups); -1: not covered
+        # exactness check: acc slot of |gradient returned by the wrapped call|^2 for the weight/bias;
+        # the slot + 2 * (number of layers) receives |gradient that reached the parameter|^2. -1: off
+        self.w_chk = self.b_chk = -1
         self.w_pre: torch.Tensor | None = None  # preconditioner weights (buffers refreshed in place)
         self.b_pre: torch.Tensor | None = None
         self.calls = 0
@@ -331,6 +368,9 @@ class _Layer:
         """The module's ``weight`` and ``bias`` as it holds them now (a norm without affine: None)."""
         m = cast("_Supported", self.module)  # a supported kind: see _kind
         return m.weight, getattr(m, "bias", None)
+
+    def param_name(self, which: str) -> str:
+        return which if self.name == "<root>" else f"{self.name}.{which}"
 
 
 class PerExampleProbe:
@@ -356,6 +396,21 @@ class PerExampleProbe:
         lenient: exclude (with a warning) layers found at run time to get non-batch-first inputs
             or to be reused within an example, instead of raising; ``method="auto"`` sets it so
             that attaching by default never breaks a training loop.
+
+    Exactness check. Per-example norms are exact only for gradient that reaches a parameter through
+    its layer's instrumented call. On the first ``CHECK_FIRST`` steps and then every
+    ``CHECK_EVERY``-th step (structural problems show up at once), each wrapped call also adds the
+    squared norm of the weight/bias gradient it returns into a slot of the accumulator, and a
+    tensor hook on each covered parameter adds the squared norm of everything that reached it in
+    the pass (summed over uses, before accumulation into ``.grad``). At ``collect()`` the two are
+    compared (relative tolerance ``CHECK_RTOL``; they are equal to float64 rounding when nothing
+    else contributes, also under autocast and with ``fused=True``). A parameter that differs is
+    excluded (``coverage`` updated, ``uncovered[name]`` says why) with a warning naming it, also in
+    the default explicit mode; ``strict=True`` raises ``ValueError``. The step of the detection
+    is reported unmeasurable (``reason`` set), never averaged in. Under ``torch.compile`` the
+    calls record on every step (a traced graph is reused); the comparison still runs on checked
+    steps only. A checked step reads a few numbers on the host (a sync on accelerators), and the
+    values of 1-d Embedding inputs whose length equals the batch size (the position-id check).
     """
 
     name = "per_example"
@@ -455,33 +510,48 @@ class PerExampleProbe:
         self.groups = groups if groups is not None else resolve_groups(model, tracked, None)
         self.preconditioner = preconditioner
         G = len(self.groups)
-        # One float64 accumulator per device with a slot per group, shared by the layers on it
-        # (fewer reads at step()); a layer excluded at run time gets a private one never read.
+        # One float64 accumulator per device, shared by the layers on it (fewer reads at step()):
+        # a slot per group, then the exactness check's slots, two per layer (weight, bias) for the
+        # squared norms of the gradients the wrapped calls return, and two per layer for those of
+        # the gradients that reached the parameters. A layer excluded at run time gets a private
+        # one never read.
         self._accs: dict[torch.device, torch.Tensor] = {}
-        for L in self._layers:
+        self._n_chk = 2 * len(self._layers)
+        for j, L in enumerate(self._layers):
             w, b = L.weight_bias
             p = w if w is not None else b
             assert p is not None  # a covered layer has a weight or a bias
-            L.acc = self._accs.setdefault(p.device, torch.zeros(G, dtype=torch.float64, device=p.device))
+            L.acc = self._accs.setdefault(
+                p.device, torch.zeros(G + 2 * self._n_chk, dtype=torch.float64, device=p.device)
+            )
             if L.w_on:
                 assert w is not None  # w_on: the weight is covered
                 L.w_idx = self.groups.index(w)
                 L.w_pre = preconditioner.weights[id(w)] if preconditioner is not None else None
+                L.w_chk = G + 2 * j
             if L.b_on:
                 assert b is not None  # b_on: the bias is covered
                 L.b_idx = self.groups.index(b)
                 L.b_pre = preconditioner.weights[id(b)] if preconditioner is not None else None
+                L.b_chk = G + 2 * j + 1
         self.device = next(iter(self._accs))
         self._total = StepTotal([(q, None, None, True) for q in self.params], self.groups, preconditioner, self.device)
         self._capture_total = capture_total
-        self._end = EndOfBackward(self._total.capture)
+        self._end = EndOfBackward(self._capture)  # (self._total is replaced when coverage changes)
         self._bn_modules = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._seen: list[int | None] = []
         self._batch: int | None = None
         self._not_called_warned: set[str] = set()
+        self._steps = 0  # collect() calls so far
+        self._checking = True  # whether this step runs the exactness check (see _on_grad)
         self._handles: list[Any] = [model.register_forward_pre_hook(Hook(self._pre_forward), with_kwargs=True)]
-        if capture_total:  # arm the capture of the step gradient's norm when a backward pass ends
-            self._handles += [q.register_hook(Hook(self._arm)) for q in self.params]
+        # on every covered parameter: arm the capture of the step gradient's norm when a backward
+        # pass ends, and take the exactness check's squared norm of what reached the parameter
+        for L in self._layers:
+            for k, (q, on) in enumerate(zip(L.weight_bias, (L.w_on, L.b_on))):
+                if on:
+                    assert q is not None  # on: the parameter is covered
+                    self._handles.append(q.register_hook(Hook(functools.partial(self._on_grad, L, k))))
         for L in self._layers:
             L.module.forward = _Forward(L.module, self._make_forward(L))
 
@@ -510,17 +580,30 @@ class PerExampleProbe:
             if pre is not None and pre.stale and not torch.compiler.is_compiling():
                 pre.refresh()  # the weights the layers' backward reads: v_hat before this step's update
 
-    def _arm(self, grad: torch.Tensor) -> None:
-        self._end.arm()
+    def _capture(self) -> None:
+        self._total.capture()
+
+    def _on_grad(self, L: _Layer, k: int, grad: torch.Tensor) -> None:
+        """Tensor hook on covered parameter ``k`` (0: weight, 1: bias) of ``L``: ``grad`` is everything
+        that reached it in this backward pass (summed over all its uses, before accumulation)."""
+        if self._capture_total:
+            self._end.arm()
+        if self._checking:
+            slot = L.w_chk if k == 0 else L.b_chk
+            if slot >= 0:
+                L.acc.select(0, slot + self._n_chk).add_(sq_norm(grad))
 
     def _check(self, L: _Layer, x: torch.Tensor, min_dim: int) -> None:
         """Bookkeeping on the layer's input: call counts (reuse) and the batch dimension.
 
         An input whose dim 0 is not the model's batch is either not batch-first (the batch sits
-        on another dim: an error) or shared by all examples (e.g. position ids ``arange(T)``:
-        the layer's output is broadcast over the batch, so its gradient is already summed over
-        examples). A shared layer is excluded from the measurement with a warning (an error
-        with ``strict=True`` or while compiling, where the exclusion cannot be made).
+        on another dim: an error) or shared by all examples (e.g. position ids ``arange(T)`` or
+        ``[1, T]``: the layer's output is broadcast over the batch, so its gradient is already
+        summed over examples). A shared input whose dim 0 happens to equal the batch size is caught
+        where it can be: an ``nn.Parameter`` as input, and on checked steps a 1-d Embedding input
+        equal to ``arange(B) + c`` (position ids when ``T == B``). A shared layer is excluded from
+        the measurement with a warning (an error with ``strict=True`` or while compiling, where
+        the exclusion cannot be made).
         """
         b = self._batch
         if torch.compiler.is_compiling():
@@ -538,27 +621,87 @@ class PerExampleProbe:
                 f"per-example norms: layer {L.name} ({type(L.module).__name__}) got an input of shape "
                 f"{tuple(x.shape)} with no batch dimension (expected >= {min_dim} dims, batch first)"
             )
-        if L.excluded or b is None or x.shape[0] == b:
+        if L.excluded or b is None:
             return
-        not_batch_first = x.dim() >= 2 and b in tuple(x.shape[1:])
+        shared = None
+        if x.shape[0] == b:
+            shared = self._shared_input(L, x, b)
+            if shared is None:
+                return
+        not_batch_first = shared is None and x.shape[0] != 1 and x.dim() >= 2 and b in tuple(x.shape[1:])
         if self.strict or (not_batch_first and not self.lenient):
-            raise ValueError(self._batch_message(L, x, b))
+            if not_batch_first:
+                raise ValueError(self._batch_message(L, x, b))
+            raise ValueError(self._shared_message(L, x, shared or f"broadcast over the batch (dim 0 is not {b})"))
         self._exclude(
             L, "not batch-first" if not_batch_first else "input has no batch dimension (shared by all examples)"
         )
-        what = "the batch is not on dim 0" if not_batch_first else "they are shared by all examples (e.g. position ids)"
+        if shared is not None:
+            where = f"that are {shared}: although dim 0 equals the batch size ({b} examples), they are shared by all examples"
+        else:
+            what = (
+                "the batch is not on dim 0"
+                if not_batch_first
+                else "they are shared by all examples (e.g. position ids)"
+            )
+            where = f"without the batch ({b} examples) on dim 0: {what}"
         warnings.warn(
             f"noisescale: layer {L.name} ({type(L.module).__name__}) gets inputs of shape {tuple(x.shape)} "
-            f"without the batch ({b} examples) on dim 0: {what}, so its per-example gradients are not "
-            f"available; its parameters are excluded from the measurement (coverage now "
-            f"{self.coverage.fraction:.1%})",
+            f"{where}, so its per-example gradients are not available; its parameters are excluded from the "
+            f"measurement (coverage now {self.coverage.fraction:.1%})",
             stacklevel=4,
         )
 
+    def _shared_input(self, L: _Layer, x: torch.Tensor, b: int) -> str | None:
+        """What makes an input whose dim 0 equals the batch size ``b`` shared by all examples anyway
+        (a description), or None. Reads the values of a 1-d Embedding input on checked steps only
+        (a host sync on an accelerator)."""
+        if b < 2:
+            return None
+        if isinstance(x, nn.Parameter):
+            return "a parameter"
+        if L.kind == "embedding" and x.dim() == 1 and self._checking:
+            ramp = torch.arange(x.shape[0], device=x.device, dtype=x.dtype)
+            if torch.equal(x - x[0], ramp):
+                return f"position ids (arange({b}){' + offset' if int(x[0]) else ''})"
+        return None
+
+    def _shared_message(self, L: _Layer, x: torch.Tensor, what: str) -> str:
+        return (
+            f"per-example norms need batch-first inputs: layer {L.name} ({type(L.module).__name__}) gets an "
+            f"input of shape {tuple(x.shape)} that is {what}: its output is shared by all examples, so its "
+            "per-example gradients are not available. Give it per-example inputs "
+            "(e.g. position_ids of shape [B, T]), exclude the layer (layers= or params=), or pass "
+            "strict=False to measure without it."
+        )
+
     def _exclude(self, L: _Layer, why: str) -> None:
+        """Exclude every covered parameter of layer ``L`` (found at run time not to fit)."""
+        for k, on in enumerate((L.w_on, L.b_on)):
+            if on:
+                self.coverage.uncovered.setdefault(L.param_name(("weight", "bias")[k]), why)
         L.excluded = True
-        L.acc = torch.zeros_like(L.acc)  # its contributions go nowhere from now on
-        self._refresh_coverage(why)
+        L.acc = torch.zeros_like(L.acc)  # (nothing is computed for it from now on: slots -1)
+        L.w_idx = L.b_idx = L.w_chk = L.b_chk = -1
+        self._refresh_coverage()
+        if not any(not M.excluded for M in self._layers) and not self.lenient:
+            raise ValueError(
+                "per-example norms: every covered layer was excluded (no batch dimension on dim 0); "
+                "use method='microbatch'"
+            )
+
+    def _exclude_param(self, L: _Layer, k: int, why: str) -> None:
+        """Exclude parameter ``k`` (0: weight, 1: bias) of layer ``L``: nothing is computed for it from
+        now on, and it leaves the measured parameters (coverage, the step gradient's norm)."""
+        self.coverage.uncovered[L.param_name(("weight", "bias")[k])] = why
+        if k == 0:
+            L.w_on, L.w_idx, L.w_chk = False, -1, -1
+        else:
+            L.b_on, L.b_idx, L.b_chk = False, -1, -1
+        if not (L.w_on or L.b_on):
+            L.excluded = True
+            L.acc = torch.zeros_like(L.acc)
+        self._refresh_coverage()
 
     @staticmethod
     def _batch_message(L: _Layer, x: torch.Tensor, b: int) -> str:
@@ -569,7 +712,7 @@ class PerExampleProbe:
             "params=), or use method='microbatch'."
         )
 
-    def _refresh_coverage(self, why: str) -> None:
+    def _refresh_coverage(self) -> None:
         live = [L for L in self._layers if not L.excluded]
         self.params = [
             cast(nn.Parameter, p)  # covered: registered parameters (see _plan)
@@ -577,27 +720,25 @@ class PerExampleProbe:
             for p, on in zip(L.weight_bias, (L.w_on, L.b_on))
             if on
         ]
-        for L in self._layers:
-            if L.excluded:
-                for n, on in (("weight", L.w_on), ("bias", L.b_on)):
-                    if on:
-                        self.coverage.uncovered.setdefault(f"{L.name}.{n}", why)
         self.coverage.covered = [L.name for L in live]
         self._total = StepTotal(
             [(q, None, None, True) for q in self.params], self.groups, self.preconditioner, self.device
         )
         covered = sum(p.numel() for p in self.params)
         self.coverage.fraction = covered / self._tracked_numel if self._tracked_numel else 0.0
-        if not live and not self.lenient:
-            raise ValueError(
-                "per-example norms: every covered layer was excluded (no batch dimension on dim 0); "
-                "use method='microbatch'"
-            )
 
     def _make_forward(self, L: _Layer) -> Callable[..., torch.Tensor]:
         check = self._check
         kind = L.kind
         fused = self.fused
+        probe = self
+
+        def chk() -> tuple[int, int]:
+            """The exactness check's slots for this call: always while compiling (a traced graph is
+            reused for every step), else on checked steps only."""
+            if torch.compiler.is_compiling() or probe._checking:
+                return L.w_chk, L.b_chk
+            return -1, -1
 
         if kind == "linear":
             lin = cast(nn.Linear, L.module)
@@ -606,13 +747,29 @@ class PerExampleProbe:
                 check(L, input, 2)
                 b: torch.Tensor | None  # None with bias=False
                 x, w, b = input, lin.weight, lin.bias
+                wc, bc = chk()
                 dev = x.device.type
                 if torch.is_autocast_enabled(dev):  # autocast runs linear in the low-precision dtype
                     dt = torch.get_autocast_dtype(dev)
                     x, w, b = _cast(x, dt), _cast(w, dt), _cast(b, dt)
                     with torch.autocast(dev, enabled=False):
-                        return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused)
-                return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused)
+                        return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused, wc, bc)
+                return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused, wc, bc)
+        elif kind == "hf_conv1d":  # transformers' Conv1D: addmm(bias, x.view(-1, in), weight [in, out])
+            c1 = L.module
+
+            def forward(input: torch.Tensor) -> torch.Tensor:
+                check(L, input, 2)
+                b: torch.Tensor | None
+                x, w, b = input, cast(torch.Tensor, c1.weight), cast("torch.Tensor | None", c1.bias)
+                wc, bc = chk()
+                dev = x.device.type
+                if torch.is_autocast_enabled(dev):  # addmm runs in the low-precision dtype
+                    dt = torch.get_autocast_dtype(dev)
+                    x, w, b = _cast(x, dt), _cast(w, dt), _cast(b, dt)
+                    with torch.autocast(dev, enabled=False):
+                        return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused, wc, bc, True)
+                return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused, wc, bc, True)
         elif kind in ("conv1d", "conv2d"):
             conv = cast(_Conv, L.module)
             nd = 1 if kind == "conv1d" else 2
@@ -626,6 +783,7 @@ class PerExampleProbe:
                 if conv.padding_mode != "zeros":
                     x = torch.nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
                     pad = zero
+                wc, bc = chk()
                 dev = x.device.type
                 if torch.is_autocast_enabled(dev):
                     dt = torch.get_autocast_dtype(dev)
@@ -645,6 +803,8 @@ class PerExampleProbe:
                             L.w_pre,
                             L.b_pre,
                             fused,
+                            wc,
+                            bc,
                         )
                 return ConvFn.apply(
                     x,
@@ -660,6 +820,8 @@ class PerExampleProbe:
                     L.w_pre,
                     L.b_pre,
                     fused,
+                    wc,
+                    bc,
                 )
         elif kind == "embedding":
             emb = cast(nn.Embedding, L.module)
@@ -667,7 +829,8 @@ class PerExampleProbe:
 
             def forward(input: torch.Tensor) -> torch.Tensor:
                 check(L, input, 1)
-                return EmbeddingFn.apply(input, emb.weight, L.acc, L.w_idx, L.w_pre, pidx, emb.sparse)
+                wc, _ = chk()
+                return EmbeddingFn.apply(input, emb.weight, L.acc, L.w_idx, L.w_pre, pidx, emb.sparse, wc)
         elif kind == "layernorm":
             ln = cast(nn.LayerNorm, L.module)
             shape = tuple(ln.normalized_shape)
@@ -677,12 +840,14 @@ class PerExampleProbe:
                 w: torch.Tensor | None  # None without affine parameters
                 b: torch.Tensor | None
                 x, w, b = input, ln.weight, ln.bias
+                wc, bc = chk()
+                args = (L.acc, shape, ln.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre, wc, bc)
                 dev = x.device.type
                 if dev != "cpu" and torch.is_autocast_enabled(dev):  # fp32 op under CUDA-style autocast
                     x, w, b = _cast(x, torch.float32), _cast(w, torch.float32), _cast(b, torch.float32)
                     with torch.autocast(dev, enabled=False):
-                        return LayerNormFn.apply(x, w, b, L.acc, shape, ln.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre)[0]
-                return LayerNormFn.apply(x, w, b, L.acc, shape, ln.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre)[0]
+                        return LayerNormFn.apply(x, w, b, *args)[0]
+                return LayerNormFn.apply(x, w, b, *args)[0]
         elif kind == "groupnorm":
             gn = cast(nn.GroupNorm, L.module)
 
@@ -695,14 +860,14 @@ class PerExampleProbe:
                 x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
                 w = w.contiguous() if w is not None else None
                 b = b.contiguous() if b is not None else None
+                wc, bc = chk()
+                args = (L.acc, gn.num_groups, gn.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre, wc, bc)
                 dev = x.device.type
                 if dev != "cpu" and torch.is_autocast_enabled(dev):
                     x, w, b = _cast(x, torch.float32), _cast(w, torch.float32), _cast(b, torch.float32)
                     with torch.autocast(dev, enabled=False):
-                        return GroupNormFn.apply(
-                            x, w, b, L.acc, gn.num_groups, gn.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre
-                        )[0]
-                return GroupNormFn.apply(x, w, b, L.acc, gn.num_groups, gn.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre)[0]
+                        return GroupNormFn.apply(x, w, b, *args)[0]
+                return GroupNormFn.apply(x, w, b, *args)[0]
         elif kind == "rmsnorm":
             rms = cast(nn.RMSNorm, L.module)
             shape = tuple(rms.normalized_shape)
@@ -715,7 +880,7 @@ class PerExampleProbe:
                 lowp = input.dtype in (torch.float16, torch.bfloat16)
                 x = input.float() if lowp else input
                 xhat = torch.nn.functional.rms_norm(x, shape, None, rms.eps)  # stock autograd
-                out = ScaleFn.apply(xhat, rms.weight, L.acc, L.w_idx, L.w_pre)
+                out = ScaleFn.apply(xhat, rms.weight, L.acc, L.w_idx, L.w_pre, chk()[0])
                 return out.to(input.dtype) if lowp else out
         else:  # pragma: no cover
             raise AssertionError(kind)
@@ -777,11 +942,16 @@ class PerExampleProbe:
         calls = [L.calls for L in self._layers]
         for L in self._layers:
             L.calls = 0
+        checked = self._checking
+        self._steps += 1
+        self._checking = self._steps < CHECK_FIRST or self._steps % CHECK_EVERY == 0
         accs = list(self._accs.values())
         # a copy: the accumulators are zeroed next (on the CPU, read as floats right away)
-        raw = accs[0].clone() if len(accs) == 1 else torch.stack([a.to(self.device) for a in accs]).sum(0)
+        acc = accs[0].clone() if len(accs) == 1 else torch.stack([a.to(self.device) for a in accs]).sum(0)
         for a in accs:
             a.zero_()
+        G = len(self.groups)
+        raw = acc[:G]
         if self.preconditioner is not None:
             self.preconditioner.stale = True  # the optimizer updates its state before the next step
         total = self._total.take(ctx) if self._capture_total else torch.zeros_like(raw)
@@ -789,6 +959,8 @@ class PerExampleProbe:
         if self._bn_modules and not self._bn_warned:
             self._warn_batch_norm([type(m).__name__ for m in self._bn_modules if m.training])
         reason = self._unmeasurable(k, calls)
+        if reason is None and checked:
+            reason = self._verify(acc[G:], calls, k)
         if reason is not None:
             return self._empty(reason)
         groups = self._example_sizes(ctx.sizes, seen)
@@ -814,6 +986,53 @@ class PerExampleProbe:
         st = make_step_stats([0.0] * G, [0.0] * G, [1.0], parts=0, examples=float("nan"), device=self.device)
         st.reason = reason
         return st
+
+    def _verify(self, chk: torch.Tensor, calls: list[int], k: int) -> str | None:
+        """The exactness check of a checked step: for every covered parameter, the squared norm of the
+        gradients its layer's wrapped calls returned against that of what reached the parameter
+        (``chk``: the check slots of the accumulator). A difference means gradient from outside the
+        instrumented call (a weight also used functionally, a loss term on the parameter itself, a
+        hook that changed it): the parameter's per-example norms would be wrong. It is excluded
+        (``strict=True``: ``ValueError``) and this step is not measured (its reason is returned)."""
+        vals = chk.tolist()  # one small host read, on checked steps only
+        G = len(self.groups)
+        bad: list[tuple[_Layer, int, float, float]] = []
+        for L, n in zip(self._layers, calls):
+            if L.excluded or n > k:  # (reuse within an example is reported by _unmeasurable)
+                continue
+            for which, (on, slot) in enumerate(((L.w_on, L.w_chk), (L.b_on, L.b_chk))):
+                if not on or slot < 0:
+                    continue
+                got, reached = vals[slot - G], vals[slot - G + self._n_chk]
+                if reached == 0.0 or not (math.isfinite(got) and math.isfinite(reached)):
+                    continue  # no gradient reached it (or a non-finite step, reported as such)
+                if abs(reached - got) > CHECK_RTOL * max(got, reached):
+                    bad.append((L, which, got, reached))
+        if not bad:
+            return None
+        names = [L.param_name(("weight", "bias")[w]) for L, w, _, _ in bad]
+        detail = "; ".join(
+            f"{n}: |gradient|^2 {r:.4g} reached it, {g:.4g} came through {L.name} ({type(L.module).__name__})"
+            for n, (L, _, g, r) in zip(names, bad)
+        )
+        cause = (
+            "gradient that did not come through the layer's forward reached it (e.g. the weight is also used "
+            "functionally, like a tied output head F.linear(h, emb.weight), or the loss has a term on the "
+            "parameter itself, like an L2 penalty, or a hook changed its gradient)"
+        )
+        if self.strict:
+            raise ValueError(
+                f"strict=True: per-example norms are not exact for {', '.join(names)}: {cause}, so its per-example "
+                f"gradients are not known. {detail}. Exclude it (params= or layers=), or use method='microbatch'."
+            )
+        for L, which, _, _ in bad:
+            self._exclude_param(L, which, cause)
+        warnings.warn(
+            f"noisescale: per-example norms are not exact for {', '.join(names)}: {cause}. {detail}. "
+            f"Excluded from the measurement (coverage now {self.coverage.fraction:.1%}); this step is not measured",
+            stacklevel=4,
+        )
+        return f"gradient from outside the instrumented layers reached {', '.join(names)} (excluded from now on)"
 
     def _unmeasurable(self, k: int, calls: list[int]) -> str | None:
         """Why this step cannot be measured (run-time exclusions and their warnings happen here)."""

@@ -6,8 +6,9 @@ runs the same ATen backward op (``convolution_backward``, ``native_layer_norm_ba
 or for ``linear`` the exact ``mm`` calls of ``addmm``'s derivative), so the gradients that reach
 ``.grad`` are bit-identical to an unwrapped model's. Beside them it adds
 ``sum_i |g_i|^2`` for the covered parameters of the layer into ``acc`` (a 1-D float64 tensor
-owned by the probe): no per-example gradient outlives the layer's backward, no ``.item()``,
-no Python state touched, so the functions trace under ``torch.compile(fullgraph=True)``.
+owned by the probe): no per-example gradient outlives the layer's backward, no host read off
+the CPU (see Numerics), no Python state touched, so the functions trace under
+``torch.compile(fullgraph=True)``.
 
 Per-example squared norms (``a``: layer input, ``g``: gradient of the layer output, rows of
 example ``i``; mechanics note §1):
@@ -23,6 +24,7 @@ example ``i``; mechanics note §1):
   vocabulary is small relative to ``T^2``, else by the token-equality-masked Gram matrix;
   ``padding_idx`` rows get no gradient, as in the stock backward.
 - LayerNorm / GroupNorm / RMSNorm: ``|sum_t xhat_t * g_t|^2`` (weight), ``|sum_t g_t|^2`` (bias).
+- Hugging Face ``Conv1D`` (``LinearFn`` with ``transposed=True``): as Linear.
 
 Groups and elementwise weights. ``acc`` has one slot per parameter group: the weight's sum goes
 into ``acc[w_idx]``, the bias's into ``acc[b_idx]``, and an index ``-1`` leaves that parameter
@@ -43,13 +45,37 @@ cannot carry it, so weighted terms are computed as
 - Norm layers: the per-example gradient vector (per channel for GroupNorm) times ``P``, squared.
 
 The weights are read at each backward (nothing derived from them is cached: they may change in
-place between steps). All norms are computed in float32 (float64 for float64 inputs) whatever the
-autocast dtype, and added to ``acc`` in its dtype.
+place between steps).
+
+Numerics. The sums are finite and correct for any finite fp16/bf16/fp32/fp64 gradient: wherever
+gradients are squared or multiplied together (Goodfellow rows, ghost norms, materialised
+per-example gradients, convolutions, embeddings), the output gradient is rescaled first by
+a power of two ``s = 2**-e`` with ``e`` the binary exponent of its max-abs (computed on the device,
+:func:`_pow2`), so the float32 squares neither underflow nor overflow, and the sum is multiplied by
+``2**(2e)`` in float64 when added into ``acc`` (scaling by a power of two is exact, so nothing else
+changes). Eager on the CPU, where reading a value costs nothing, the unscaled float32 sums are
+computed first and kept when they lie in ``[1e-20, inf)`` (no extra pass in the common case);
+elsewhere, and while compiling, the rescaled path is always taken (one max-abs pass over the
+output gradient, and one scaled copy where there was no float32 conversion anyway). Squares of
+small per-example vectors (norm layers) are summed in float64 where the float32 sum would leave
+its range. Everything is accumulated into ``acc`` in float64.
+
+Exactness check. ``w_chk``/``b_chk`` (``-1``: off) are further slots of ``acc`` that receive
+``|gradient returned for the weight/bias|^2`` (float64, :func:`noisescale.probes.base.sq_norm`);
+the probe compares them with the squared norm of everything that reached the parameter in the
+same pass (see :class:`~noisescale.probes.per_example.PerExampleProbe`).
+
+``LinearFn(..., transposed=True)`` runs Hugging Face's GPT-2 ``Conv1D`` (weight ``[in, out]``,
+``addmm(b, x.view(-1, in), w)``), with the gradients of that call bit for bit.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .base import sq_norm
 
 __all__ = ["LinearFn", "ConvFn", "EmbeddingFn", "LayerNormFn", "GroupNormFn", "ScaleFn", "CHUNK_ELEMS"]
 
@@ -71,22 +97,107 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+# Clamp of the binary exponent in _pow2: 2**-e stays a normal number of the compute dtype.
+_EXP_RANGE = {torch.float32: (-125, 126), torch.float64: (-1021, 1022)}
+
+
+def _pow2(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, inv2)`` for a power-of-two rescaling of ``t`` before squaring, computed on ``t``'s device
+    (no host sync): ``s = 2**-e`` (0-d, the compute dtype of ``t``) with ``e`` the binary exponent of
+    ``max|t|`` (``2**(e-1) <= max|t| < 2**e``), so ``t * s`` has max-abs in ``[1/2, 1)`` and its squares
+    neither overflow nor underflow; ``inv2 = 2**(2e)`` (0-d float64) undoes it on a sum of squares.
+    Scaling by a power of two is exact, so the rescaled sums equal the unscaled ones wherever
+    those are finite and normal. A zero or non-finite ``t`` gets ``s = 1`` (non-finite values
+    propagate, as they should)."""
+    dt = _acc_dtype(t)
+    lo, hi = torch.aminmax(t.detach())
+    m = torch.maximum(hi, lo.neg()).to(dt)
+    e = torch.frexp(m).exponent.clamp_(*_EXP_RANGE[dt])
+    s = torch.exp2(e.neg().to(dt))
+    inv2 = torch.exp2(e.to(torch.float64) * 2.0)
+    return s, inv2
+
+
+def _scaled(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``t * s`` in ``t``'s compute dtype (float32/64): one pass, also for a half-precision ``t``."""
+    dt = _acc_dtype(t)
+    return t.to(dt).mul_(s) if t.dtype != dt else t * s
+
+
 def _sqsum(t: torch.Tensor) -> torch.Tensor:
-    """``sum(t**2)`` in float32/64 as one BLAS dot (no squared temporary)."""
+    """``sum(t**2)`` in float32/64 as one BLAS dot (no squared temporary). For rescaled inputs
+    (see :func:`_pow2`) or per-example quantities whose squares are known to fit."""
     if t.dtype not in (torch.float32, torch.float64):
         t = t.float()
     f = t.reshape(-1)
     return torch.dot(f, f)
 
 
-def _wsq(t: torch.Tensor, pre: torch.Tensor | None, scratch: bool = False) -> torch.Tensor:
-    """``sum((pre * t)**2)`` in float32/64, ``pre`` broadcast over ``t``'s leading dims (``None``:
-    ``sum(t**2)``). ``scratch``: ``t`` is a temporary that may be overwritten (saves a copy)."""
-    if pre is None:
+def _wsq(
+    t: torch.Tensor, pre: torch.Tensor | None, scratch: bool = False, s: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum((pre * s * t)**2)`` in float32/64, ``pre`` broadcast over ``t``'s leading dims (``None``:
+    the identity; ``s``: a 0-d rescaling factor from :func:`_pow2`, ``None``: 1). ``scratch``: ``t``
+    is a temporary that may be overwritten (saves a copy)."""
+    if pre is None and s is None:
         return _sqsum(t)
     dt = _acc_dtype(t)
-    pre = pre.to(dt)
-    return _sqsum(t.mul_(pre) if scratch and t.dtype == dt else t.to(dt) * pre)
+    f = pre.to(dt) if pre is not None else None
+    if s is not None:
+        f = s if f is None else f * s
+    assert f is not None  # pre or s is given
+    return _sqsum(t.mul_(f) if scratch and t.dtype == dt else t.to(dt) * f)
+
+
+def _sq64(t: torch.Tensor) -> torch.Tensor:
+    """``sum(t**2)`` as a 0-d float64 for a float64 ``t``, rescaled by a power of two first (the
+    squares of a float64 tensor may leave float64's range)."""
+    s, inv2 = _pow2(t)
+    return _sqsum(t * s) * inv2
+
+
+# Float32 sums of squares (or of products of gradients) that come out in this range have lost
+# nothing to overflow (a finite sum of non-negative terms), and to underflow (terms below float32's
+# normal range, ~1e-38) at most ~1e-18 relative per term: they are kept as they are. Outside it (or
+# non-finite), the sums are redone from the gradient rescaled by a power of two (_pow2).
+_FAST_MIN = 1e-20
+
+
+def _cpu_eager(t: torch.Tensor) -> bool:
+    """Whether results may be read on the host to pick a path: on the CPU, where reading a value costs
+    nothing, and not while compiling. Elsewhere the rescaled path is always taken (no host sync)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _in_range(*sums: torch.Tensor | None) -> bool:
+    return all(v is None or _FAST_MIN <= float(v) < math.inf for v in sums)
+
+
+def _fast_or_rescaled(g: torch.Tensor, run):
+    """``(run(g'), inv2)``: ``run`` computes sums of squares (a tuple, ``None`` entries allowed) from a
+    gradient ``g'`` in the compute dtype. On the CPU (eager) first from ``g`` itself, kept when in
+    range (no extra pass in the common case); else from ``g`` rescaled by ``s`` (:func:`_pow2`),
+    with ``inv2`` to undo it (``None``: nothing to undo)."""
+    if _cpu_eager(g):
+        out = run(g.to(_acc_dtype(g)))
+        if _in_range(*out):
+            return out, None
+    s, inv2 = _pow2(g)
+    return run(_scaled(g, s)), inv2
+
+
+def _wsq64(t: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
+    """``sum((pre * t)**2)`` (0-d float32 or float64) for a *small* tensor of per-example quantities (e.g.
+    ``[B, d]``), finite and accurate for any finite ``t``: the float32 sum where it is in range (CPU),
+    else the sum in float64 (a float64 ``t``: rescaled)."""
+    if _cpu_eager(t) and t.dtype != torch.float64:
+        r = _wsq(t, pre)
+        if _in_range(r):
+            return r  # (float32: _add sums it in float64)
+    v = t.double() if pre is None else t.double() * pre.double()
+    if t.dtype == torch.float64:
+        return _sq64(v)
+    return _sqsum(v)  # the squares of float32/half values are normal float64 numbers
 
 
 def _plus(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
@@ -97,17 +208,27 @@ def _reshaped(pre: torch.Tensor | None, *shape: int) -> torch.Tensor | None:
     return None if pre is None else pre.reshape(shape)
 
 
-def _add(acc: torch.Tensor, idx: int, s: torch.Tensor | None) -> None:
-    """``acc[idx] += s`` (in place, traceable); ``idx < 0`` or ``s is None``: nothing."""
+def _add(acc: torch.Tensor, idx: int, s: torch.Tensor | None, inv2: torch.Tensor | None = None) -> None:
+    """``acc[idx] += s * inv2`` in float64 (in place, traceable; ``inv2``: undoes a :func:`_pow2`
+    rescaling, ``None``: 1); ``idx < 0`` or ``s is None``: nothing."""
     if idx >= 0 and s is not None:
-        acc.select(0, idx).add_(s.to(acc.dtype))
+        v = s.to(acc.dtype)
+        acc.select(0, idx).add_(v if inv2 is None else v * inv2)
 
 
-def _keep(ctx, acc, w_idx, w_pre, b=None, b_idx=-1, b_pre=None) -> None:
+def _record(acc: torch.Tensor, idx: int, grad: torch.Tensor | None) -> None:
+    """The exactness check: ``acc[idx] += |grad|^2`` (float64) for the gradient a function returns
+    for a parameter; the probe compares it with what reached the parameter. ``idx < 0``: off."""
+    if idx >= 0 and grad is not None:
+        acc.select(0, idx).add_(sq_norm(grad))  # (the same robust float64 norm as the probe's hook)
+
+
+def _keep(ctx, acc, w_idx, w_pre, b=None, b_idx=-1, b_pre=None, w_chk=-1, b_chk=-1) -> None:
     """Store the accumulator, slots and weights on ``ctx`` (a missing bias gets slot -1: nothing is
-    added for it, not even a joint ``+1``)."""
-    ctx.acc, ctx.w_idx, ctx.w_pre, ctx.b_pre = acc, w_idx, w_pre, b_pre
+    added for it, not even a joint ``+1``). ``w_chk``/``b_chk``: slots of the exactness check."""
+    ctx.acc, ctx.w_idx, ctx.w_pre, ctx.b_pre, ctx.w_chk = acc, w_idx, w_pre, b_pre, w_chk
     ctx.b_idx = b_idx if b is not None else -1
+    ctx.b_chk = b_chk if b is not None else -1
 
 
 def _chunks(n: int, per_example: int):
@@ -117,31 +238,42 @@ def _chunks(n: int, per_example: int):
 
 
 def _goodfellow(x, g, w_on, b_on, joint, wp, bp):
-    """``(weight term, bias term)`` for one row per example (``x: [B, d]``, ``g: [B, p]``); with
-    ``joint`` the bias term is folded into the weight term (``(|x_i|^2 + 1) |g_i|^2``)."""
+    """``(weight term, bias term, inv2)`` for one row per example (``x: [B, d]``, ``g: [B, p]``);
+    with ``joint`` the bias term is folded into the weight term (``(|x_i|^2 + 1) |g_i|^2``). The
+    sums come from ``g`` or from ``g`` rescaled (:func:`_fast_or_rescaled`; ``inv2`` undoes it)."""
     dt = _acc_dtype(g)
-    sw = sb = gn = None
+    xn = xsq = None
     if w_on and wp is None:
         xn = torch.linalg.vector_norm(x, dim=1, dtype=dt).square_()
         if joint:
             xn.add_(1.0)
-        gn = torch.linalg.vector_norm(g, dim=1, dtype=dt).square_()
-        sw = torch.dot(xn, gn)
-        if joint:
-            return sw, None
-    elif w_on:  # sum_ijk P_jk^2 g_ij^2 x_ik^2: one GEMM, no per-example gradient
-        P2 = wp.to(dt).square()
-        for s, e in _chunks(x.shape[0], 2 * x.shape[1] + g.shape[1]):
-            gxp = torch.mm(g[s:e].to(dt).square(), P2)  # [b, d]: sum_j P_jk^2 g_ij^2
-            sw = _plus(sw, torch.dot(gxp.view(-1), x[s:e].to(dt).square().view(-1)))
-    if b_on:
-        sb = gn.sum() if gn is not None and bp is None else _wsq(g, bp)
-    return sw, sb
+    elif w_on:
+        xsq = x.to(dt).square()
+
+    def run(gg):  # gg: [B, p] in the compute dtype
+        sw = sb = gn = None
+        if xn is not None:
+            gn = torch.linalg.vector_norm(gg, dim=1).square_()
+            sw = torch.dot(xn, gn)
+            if joint:
+                return sw, None
+        elif xsq is not None:  # sum_ijk P_jk^2 g_ij^2 x_ik^2: one GEMM, no per-example gradient
+            P2 = wp.to(dt).square()
+            for st, e in _chunks(x.shape[0], 2 * x.shape[1] + gg.shape[1]):
+                gxp = torch.mm(gg[st:e].square(), P2)  # [b, d]: sum_j P_jk^2 g_ij^2
+                sw = _plus(sw, torch.dot(gxp.view(-1), xsq[st:e].view(-1)))
+        if b_on:
+            sb = gn.sum() if gn is not None and bp is None else _wsq(gg, bp)
+        return sw, sb
+
+    (sw, sb), inv2 = _fast_or_rescaled(g, run)
+    return sw, sb, inv2
 
 
 def _ghost_or_materialise(a, g, w_on, b_on, joint, wp, bp):
     """``(sum_i |wp * g_i^T a_i|_F^2 or None, sum_i |bp * sum_t g_{i,t}|^2 or None)`` for
-    ``a: [B, T, d]``, ``g: [B, T, p]`` (float32/64); with ``joint`` the bias term is in the first.
+    ``a: [B, T, d]``, ``g: [B, T, p]`` (float32/64; ``g`` rescaled by the caller, see :func:`_pow2`);
+    with ``joint`` the bias term is in the first.
 
     Ghost norm when unweighted and ``T (d + p) <= d p`` (fewer FLOPs: ``B T^2 (d+p)`` vs
     ``B T d p``), else materialisation; both chunked over examples to bound the transient memory.
@@ -169,24 +301,39 @@ def _ghost_or_materialise(a, g, w_on, b_on, joint, wp, bp):
 
 
 class LinearFn(torch.autograd.Function):
-    """``F.linear`` with per-example squared norms of (weight, bias) added into ``acc``."""
+    """``F.linear`` with per-example squared norms of (weight, bias) added into ``acc``.
+
+    ``transposed=True``: the weight is stored ``[in, out]`` and the layer computes
+    ``addmm(b, x.view(-1, in), w)`` (Hugging Face's GPT-2 ``Conv1D``); the gradients are those of
+    that call, bit for bit. ``w_chk``/``b_chk``: accumulator slots that receive the squared norm of
+    the weight/bias gradient returned (the probe's exactness check; ``-1``: off).
+    """
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, w_idx, b_idx, w_pre, b_pre, fused):
+    def forward(ctx, x, w, b, acc, w_idx, b_idx, w_pre, b_pre, fused, w_chk=-1, b_chk=-1, transposed=False):
         ctx.save_for_backward(x, w)
-        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre)
+        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre, w_chk, b_chk)
         ctx.has_b = b is not None
+        ctx.transposed = transposed
         # fused: form the weight gradient of a sequence layer from the per-example gradients
         # (Gray et al. 2024 "simultaneous"): no extra GEMM, equal to the stock gradient up to
         # rounding. Where materialising is needed (a w_pre) or cheaper anyway, or the sequences
         # are long enough (FUSED_MIN_ROWS); for short sequences the ghost norm stays (a batched
         # GEMM over examples with few rows is slower than the one plain GEMM).
-        d, p = w.shape[1], w.shape[0]
+        d, p = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
         if fused and w_idx >= 0 and x.dim() > 2:
             T = x[0].numel() // d
             ctx.fused = w_pre is not None or T * (d + p) > d * p or T >= FUSED_MIN_ROWS
         else:
             ctx.fused = False
+        if transposed:  # Conv1D.forward: addmm on x.view(-1, in), viewed back
+            out = x.new_empty(x.shape[:-1] + (p,))
+            x2 = x.view(-1, d)
+            if b is not None:
+                torch.addmm(b, x2, w, out=out.view(-1, p))
+            else:
+                torch.mm(x2, w, out=out.view(-1, p))
+            return out
         if x.dim() > 2 and b is not None and x.is_contiguous():
             # What at::linear does here (addmm on the flattened input, then a view), written into a
             # fresh base tensor: a view output would forbid in-place ops after the layer.
@@ -199,45 +346,58 @@ class LinearFn(torch.autograd.Function):
     def backward(ctx, g):
         # (the engine runs backward with gradients disabled: no no_grad() needed)
         x, w = ctx.saved_tensors
-        p, d = w.shape
+        tr = ctx.transposed
+        d, p = w.shape if tr else (w.shape[1], w.shape[0])
         flat = x.dim() == 2
         g2 = g if flat else g.reshape(-1, p)
+        x2 = x if flat else x.reshape(-1, d)
         gx = gw = gb = None
-        # The derivative of addmm(b, x, w.t()) exactly as autograd computes it (mm_mat1_backward /
-        # mm_mat2_backward with a column-major mat2, sum_to for the bias): bit-identical grads.
+        # The derivative of addmm(b, x, w.t()) (nn.Linear) or addmm(b, x, w) (Conv1D) exactly as
+        # autograd computes it (mm_mat1_backward / mm_mat2_backward, column-major mat2 for Linear,
+        # row-major for Conv1D; sum_to for the bias): bit-identical grads.
         if ctx.needs_input_grad[0]:
-            gx = g2.mm(w) if flat else g2.mm(w).view(x.shape)
+            gx = g2.mm(w.t() if tr else w)
+            gx = gx if flat else gx.view(x.shape)
         if ctx.needs_input_grad[1] and not ctx.fused:
-            gw = g2.t().mm(x if flat else x.reshape(-1, d))
+            gw = x2.t().mm(g2) if tr else g2.t().mm(x2)
         if ctx.has_b and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
-        wi, bi, wp, bp = ctx.w_idx, ctx.b_idx, ctx.w_pre, ctx.b_pre
+        wi, bi, bp = ctx.w_idx, ctx.b_idx, ctx.b_pre
+        wp = ctx.w_pre.t() if tr and ctx.w_pre is not None else ctx.w_pre  # as [out, in]
         w_on, b_on = wi >= 0, bi >= 0
         joint = w_on and wi == bi and wp is None and bp is None  # one slot, unweighted: one sum
-        if flat:
-            sw, sb = _goodfellow(x, g, w_on, b_on, joint, wp, bp)
+        inv2 = None  # rescaling of the sums computed from a rescaled g (see _pow2)
+        sw = sb = None
+        if not (w_on or b_on):
+            pass
+        elif flat:
+            sw, sb, inv2 = _goodfellow(x, g, w_on, b_on, joint, wp, bp)
         elif ctx.fused:
             B = x.shape[0]
             a3 = x.reshape(B, -1, d)
             g3 = g.reshape(B, -1, p)
-            sw = sb = None
+            s, inv2 = _pow2(g3)
             for st, e in _chunks(B, d * p):
                 pe = torch.bmm(g3[st:e].transpose(1, 2), a3[st:e])  # [b, p, d] per-example gradients
                 gw = _plus(gw, pe.sum(0))  # the unweighted sum first: _wsq may overwrite pe
-                sw = _plus(sw, _wsq(pe, wp, scratch=True))
+                sw = _plus(sw, _wsq(pe, wp, scratch=True, s=s))
             if b_on:
-                sb = _wsq(g3.sum(1), bp)
+                sb = _wsq(g3.sum(1), bp, s=s)
             if not ctx.needs_input_grad[1]:
                 gw = None
+            elif tr and gw is not None:
+                gw = gw.t().contiguous()
         else:
             B = x.shape[0]
-            dt = _acc_dtype(g)
-            sw, sb = _ghost_or_materialise(
-                x.reshape(B, -1, d).to(dt), g.reshape(B, -1, p).to(dt), w_on, b_on, joint, wp, bp
+            a3 = x.reshape(B, -1, d).to(_acc_dtype(g))
+            (sw, sb), inv2 = _fast_or_rescaled(
+                g.reshape(B, -1, p), lambda g3: _ghost_or_materialise(a3, g3, w_on, b_on, joint, wp, bp)
             )
-        _add(ctx.acc, wi, sw)
-        _add(ctx.acc, bi, sb)
-        return gx, gw, gb, None, None, None, None, None, None
+        _add(ctx.acc, wi, sw, inv2)
+        _add(ctx.acc, bi, sb, inv2)
+        _record(ctx.acc, ctx.w_chk, gw)
+        _record(ctx.acc, ctx.b_chk, gb)
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 class ConvFn(torch.autograd.Function):
@@ -247,9 +407,11 @@ class ConvFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, stride, padding, dilation, groups, w_idx, b_idx, w_pre, b_pre, fused):
+    def forward(
+        ctx, x, w, b, acc, stride, padding, dilation, groups, w_idx, b_idx, w_pre, b_pre, fused, w_chk=-1, b_chk=-1
+    ):
         ctx.save_for_backward(x, w)
-        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre)
+        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre, w_chk, b_chk)
         ctx.fused = fused and w_idx >= 0
         ctx.bias_sizes = None if b is None else list(b.shape)
         ctx.stride, ctx.padding, ctx.dilation, ctx.groups = list(stride), list(padding), list(dilation), groups
@@ -270,39 +432,46 @@ class ConvFn(torch.autograd.Function):
         if want_b and ctx.fused:
             gb = g.sum([0] + list(range(2, g.dim())))
         with torch.no_grad():
+            _record(ctx.acc, ctx.w_chk, gw if not ctx.fused else None)
+            _record(ctx.acc, ctx.b_chk, gb)
+            if ctx.w_idx < 0 and ctx.b_idx < 0:
+                return gx, gw, gb, None, None, None, None, None, None, None, None, None, None, None, None
             dt = _acc_dtype(g)
             B, c_out = g.shape[0], g.shape[1]
-            gf = g.reshape(B, c_out, -1).to(dt)  # [B, C_out, L]
-            if ctx.w_idx >= 0:
-                if nd == 1:  # treat a 1-d conv as a 2-d one of height 1
-                    x4, k = x.unsqueeze(2), (1, w.shape[2])
-                    st, pd, dl = (1, ctx.stride[0]), (0, ctx.padding[0]), (1, ctx.dilation[0])
-                else:
-                    x4, k = x, tuple(w.shape[2:])
-                    st, pd, dl = tuple(ctx.stride), tuple(ctx.padding), tuple(ctx.dilation)
-                G = ctx.groups
-                dd = x.shape[1] // G * w[0, 0].numel()  # inputs per output unit
-                pp = c_out // G
-                sq, pe_sum = _conv_weight_sq(
-                    x4 if ctx.fused else x4.to(dt),
-                    g.reshape(B, c_out, -1) if ctx.fused else gf,
-                    k,
-                    dl,
-                    pd,
-                    st,
-                    G,
-                    dd,
-                    pp,
-                    gf.shape[2],
-                    ctx.fused,
-                    _reshaped(ctx.w_pre, G, pp, dd),
-                )
-                _add(ctx.acc, ctx.w_idx, sq)
-                if ctx.fused and ctx.needs_input_grad[1]:
-                    gw = pe_sum.reshape(w.shape)
-            if ctx.b_idx >= 0:
-                _add(ctx.acc, ctx.b_idx, _wsq(gf.sum(2), ctx.b_pre, scratch=True))
-        return gx, gw, gb, None, None, None, None, None, None, None, None, None, None
+            if nd == 1:  # treat a 1-d conv as a 2-d one of height 1
+                x4, k = x.unsqueeze(2), (1, w.shape[2])
+                st, pd, dl = (1, ctx.stride[0]), (0, ctx.padding[0]), (1, ctx.dilation[0])
+            else:
+                x4, k = x, tuple(w.shape[2:])
+                st, pd, dl = tuple(ctx.stride), tuple(ctx.padding), tuple(ctx.dilation)
+            G = ctx.groups
+            dd = x.shape[1] // G * w[0, 0].numel()  # inputs per output unit
+            pp = c_out // G
+            pre = _reshaped(ctx.w_pre, G, pp, dd)
+            g3 = g.reshape(B, c_out, -1)
+            L = g3.shape[2]
+            if ctx.fused:  # the unscaled per-example gradients sum to the weight gradient: rescale their squares
+                s, inv2 = _pow2(g3)
+                sq = sb = None
+                if ctx.w_idx >= 0:
+                    sq, pe_sum = _conv_weight_sq(x4, g3, k, dl, pd, st, G, dd, pp, L, True, pre, s)
+                    if ctx.needs_input_grad[1]:
+                        gw = pe_sum.reshape(w.shape)
+                if ctx.b_idx >= 0:
+                    sb = _wsq(g3.sum(2), ctx.b_pre, s=s)
+                _record(ctx.acc, ctx.w_chk, gw)
+            else:
+                x4 = x4.to(dt)
+
+                def run(gf):  # gf: [B, C_out, L] in the compute dtype
+                    sq = _conv_weight_sq(x4, gf, k, dl, pd, st, G, dd, pp, L, False, pre)[0] if ctx.w_idx >= 0 else None
+                    sb = _wsq(gf.sum(2), ctx.b_pre, scratch=True) if ctx.b_idx >= 0 else None
+                    return sq, sb
+
+                (sq, sb), inv2 = _fast_or_rescaled(g3, run)
+            _add(ctx.acc, ctx.w_idx, sq, inv2)
+            _add(ctx.acc, ctx.b_idx, sb, inv2)
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _unfold(x, k, dl, pd, st):
@@ -317,19 +486,21 @@ def _unfold(x, k, dl, pd, st):
     return v.permute(0, 1, 4, 5, 2, 3).reshape(B, C * k[0] * k[1], H * W)
 
 
-def _conv_weight_sq(x4, gf, k, dl, pd, st, G, dd, pp, L, fused=False, pre=None):
+def _conv_weight_sq(x4, gf, k, dl, pd, st, G, dd, pp, L, fused=False, pre=None, s=None):
     """``(sum_i |pre * per-example weight gradient|^2, sum_i per-example gradient or None)``;
-    ``pre``: ``[G, pp, dd]`` or None."""
+    ``pre``: ``[G, pp, dd]`` or None. ``gf`` is rescaled by the caller (see :func:`_pow2`), except
+    with ``fused``, where the unscaled per-example gradients are summed into the weight gradient
+    and rescaled by ``s`` before squaring."""
     B = x4.shape[0]
     dt = _acc_dtype(gf)
     total = gf.new_zeros((), dtype=dt)
     pe_sum = None
     ghost = L * (dd + pp) <= dd * pp and not fused and pre is None
     per = G * (2 * L * L if ghost else dd * pp) + G * dd * L
-    for s, e in _chunks(B, per):
-        A = _unfold(x4[s:e], k, dl, pd, st)  # [b, C_in*K, L]
-        A = A.view(e - s, G, dd, L)
-        Gr = gf[s:e].view(e - s, G, pp, L)
+    for st_, e in _chunks(B, per):
+        A = _unfold(x4[st_:e], k, dl, pd, st)  # [b, C_in*K, L]
+        A = A.view(e - st_, G, dd, L)
+        Gr = gf[st_:e].view(e - st_, G, pp, L)
         if ghost:
             aa = torch.matmul(A.transpose(2, 3), A)  # [b, G, L, L]
             gg = torch.matmul(Gr.transpose(2, 3), Gr)
@@ -338,7 +509,7 @@ def _conv_weight_sq(x4, gf, k, dl, pd, st, G, dd, pp, L, fused=False, pre=None):
             pe = torch.matmul(Gr, A.transpose(2, 3))  # [b, G, pp, dd] per-example gradients
             if fused:  # the unweighted sum first: _wsq may overwrite pe
                 pe_sum = _plus(pe_sum, pe.sum(0))
-            total = total + _wsq(pe, pre, scratch=True)
+            total = total + _wsq(pe, pre, scratch=True, s=s)
     return total, pe_sum
 
 
@@ -346,9 +517,9 @@ class EmbeddingFn(torch.autograd.Function):
     """``torch.embedding`` with per-example squared norms of the weight gradient into ``acc``."""
 
     @staticmethod
-    def forward(ctx, ids, w, acc, w_idx, w_pre, padding_idx, sparse):
+    def forward(ctx, ids, w, acc, w_idx, w_pre, padding_idx, sparse, w_chk=-1):
         ctx.save_for_backward(ids)
-        _keep(ctx, acc, w_idx, w_pre)
+        _keep(ctx, acc, w_idx, w_pre, w_chk=w_chk)
         ctx.padding_idx, ctx.sparse, ctx.num_weights = padding_idx, sparse, w.shape[0]
         if ids.dim() == 1:
             return w.index_select(0, ids)
@@ -363,37 +534,46 @@ class EmbeddingFn(torch.autograd.Function):
         gw = None
         if ctx.needs_input_grad[1]:
             gw = aten.embedding_backward(g, ids, ctx.num_weights, ctx.padding_idx, False, ctx.sparse)
+        nones = (None,) * 6
         if ctx.w_idx < 0:
-            return None, gw, None, None, None, None, None
+            _record(ctx.acc, ctx.w_chk, gw)
+            return (None, gw, *nones)
         with torch.no_grad():
             dt = _acc_dtype(g)
             B = ids.shape[0]
             V = ctx.num_weights
             D = g.shape[-1]
             i2 = ids.reshape(B, -1)
-            g3 = g.reshape(B, -1, D).to(dt)
             T = i2.shape[1]
-            if ctx.padding_idx >= 0:
-                g3 = g3 * (i2 != ctx.padding_idx).unsqueeze(-1).to(dt)
-            if ctx.w_pre is not None:  # row t scaled by P[id_t]: the per-example gradient becomes P * G_i
-                g3 = g3 * ctx.w_pre.to(dt).index_select(0, i2.reshape(-1)).view(g3.shape)
-            total = g3.new_zeros(())
-            if T == 1:
-                total = g3.pow(2).sum()
-            elif V <= T * T:  # scatter rows into a per-example table [b, V, D]
-                for s, e in _chunks(B, V * D):
-                    n = e - s
-                    table = g3.new_zeros(n * V, D)
-                    rows = (torch.arange(n, device=ids.device).unsqueeze(1) * V + i2[s:e]).reshape(-1)
-                    table.index_add_(0, rows, g3[s:e].reshape(-1, D))
-                    total = total + _sqsum(table)
-            else:  # token-equality-masked Gram matrix [b, T, T]
-                for s, e in _chunks(B, 2 * T * T):
-                    same = (i2[s:e].unsqueeze(2) == i2[s:e].unsqueeze(1)).to(dt)
-                    gg = torch.bmm(g3[s:e], g3[s:e].transpose(1, 2))
-                    total = total + (gg * same).sum()
-            _add(ctx.acc, ctx.w_idx, total)
-        return None, gw, None, None, None, None, None
+            pad = (i2 != ctx.padding_idx).unsqueeze(-1).to(dt) if ctx.padding_idx >= 0 else None
+            pre = ctx.w_pre.to(dt).index_select(0, i2.reshape(-1)).view(B, T, D) if ctx.w_pre is not None else None
+
+            def run(g3):  # g3: [B, T, D] in the compute dtype
+                if pad is not None:
+                    g3 = g3 * pad
+                if pre is not None:  # row t scaled by P[id_t]: the per-example gradient becomes P * G_i
+                    g3 = g3 * pre
+                total = g3.new_zeros(())
+                if T == 1:
+                    total = _sqsum(g3)
+                elif V <= T * T:  # scatter rows into a per-example table [b, V, D]
+                    for s_, e in _chunks(B, V * D):
+                        n = e - s_
+                        table = g3.new_zeros(n * V, D)
+                        rows = (torch.arange(n, device=ids.device).unsqueeze(1) * V + i2[s_:e]).reshape(-1)
+                        table.index_add_(0, rows, g3[s_:e].reshape(-1, D))
+                        total = total + _sqsum(table)
+                else:  # token-equality-masked Gram matrix [b, T, T]
+                    for s_, e in _chunks(B, 2 * T * T):
+                        same = (i2[s_:e].unsqueeze(2) == i2[s_:e].unsqueeze(1)).to(dt)
+                        gg = torch.bmm(g3[s_:e], g3[s_:e].transpose(1, 2))
+                        total = total + (gg * same).sum()
+                return (total,)
+
+            (total,), inv2 = _fast_or_rescaled(g.reshape(B, -1, D), run)
+            _add(ctx.acc, ctx.w_idx, total, inv2)
+            _record(ctx.acc, ctx.w_chk, gw)
+        return (None, gw, *nones)
 
 
 def _sum_over_positions(t: torch.Tensor, keep_last: int) -> torch.Tensor:
@@ -406,11 +586,11 @@ class LayerNormFn(torch.autograd.Function):
     """``aten.native_layer_norm`` (what ``F.layer_norm`` runs) with per-example norms of (weight, bias)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, normalized_shape, eps, w_idx, b_idx, w_pre, b_pre):
+    def forward(ctx, x, w, b, acc, normalized_shape, eps, w_idx, b_idx, w_pre, b_pre, w_chk=-1, b_chk=-1):
         out, mean, rstd = aten.native_layer_norm(x, list(normalized_shape), w, b, eps)
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, w, b, mean, rstd)
-        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre)
+        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre, w_chk, b_chk)
         ctx.shape = list(normalized_shape)
         return out, mean, rstd
 
@@ -427,25 +607,29 @@ class LayerNormFn(torch.autograd.Function):
             dt = _acc_dtype(g)
             k = len(ctx.shape)
             gf = g.to(dt)
+            # the per-example gradients [B, *shape] are as finite as the stock gradient (a sum of
+            # the same terms); their squares are summed in float64 (_wsq64)
             if ctx.w_idx >= 0:
                 xhat = (x.to(dt) - mean.to(dt)) * rstd.to(dt)
-                _add(ctx.acc, ctx.w_idx, _wsq(_sum_over_positions(xhat * gf, k), ctx.w_pre, scratch=True))
-            if ctx.b_idx >= 0:  # (not scratch: without positions the sum is g itself)
-                _add(ctx.acc, ctx.b_idx, _wsq(_sum_over_positions(gf, k), ctx.b_pre))
-        return gx, gw, gb, None, None, None, None, None, None, None
+                _add(ctx.acc, ctx.w_idx, _wsq64(_sum_over_positions(xhat * gf, k), ctx.w_pre))
+            if ctx.b_idx >= 0:
+                _add(ctx.acc, ctx.b_idx, _wsq64(_sum_over_positions(gf, k), ctx.b_pre))
+            _record(ctx.acc, ctx.w_chk, gw)
+            _record(ctx.acc, ctx.b_chk, gb)
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 class GroupNormFn(torch.autograd.Function):
     """``aten.native_group_norm`` (what ``F.group_norm`` runs) with per-example norms of (weight, bias)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, acc, groups, eps, w_idx, b_idx, w_pre, b_pre):
+    def forward(ctx, x, w, b, acc, groups, eps, w_idx, b_idx, w_pre, b_pre, w_chk=-1, b_chk=-1):
         N, C = x.shape[0], x.shape[1]
         HxW = x[0, 0].numel()
         out, mean, rstd = aten.native_group_norm(x, w, b, N, C, HxW, groups, eps)
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, w, mean, rstd)
-        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre)
+        _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre, w_chk, b_chk)
         ctx.groups, ctx.has_b = groups, b is not None
         return out, mean, rstd
 
@@ -468,14 +652,13 @@ class GroupNormFn(torch.autograd.Function):
                 xc = (x.reshape(N, G, -1).to(dt) - mean.reshape(N, G, 1).to(dt)).reshape(N, C, HxW)
                 sxg = torch.linalg.vecdot(xc, gf).reshape(N, G, C // G)  # sum_hw (x - mean) g
                 # per-example weight gradient, channel c = (group, c mod C/G): sxg * rstd
-                _add(
-                    ctx.acc,
-                    ctx.w_idx,
-                    _wsq(sxg * rstd.reshape(N, G, 1).to(dt), _reshaped(ctx.w_pre, G, C // G), scratch=True),
-                )
+                pre = _reshaped(ctx.w_pre, G, C // G)
+                _add(ctx.acc, ctx.w_idx, _wsq64(sxg * rstd.reshape(N, G, 1).to(dt), pre))
             if ctx.b_idx >= 0:
-                _add(ctx.acc, ctx.b_idx, _wsq(gf.sum(2), ctx.b_pre, scratch=True))
-        return gx, gw, gb, None, None, None, None, None, None, None
+                _add(ctx.acc, ctx.b_idx, _wsq64(gf.sum(2), ctx.b_pre))
+            _record(ctx.acc, ctx.w_chk, gw)
+            _record(ctx.acc, ctx.b_chk, gb)
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 class ScaleFn(torch.autograd.Function):
@@ -483,9 +666,9 @@ class ScaleFn(torch.autograd.Function):
     per-example squared norms of ``w``'s gradient. ``w`` covers the last ``w.dim()`` dims."""
 
     @staticmethod
-    def forward(ctx, xhat, w, acc, w_idx, w_pre):
+    def forward(ctx, xhat, w, acc, w_idx, w_pre, w_chk=-1):
         ctx.save_for_backward(xhat, w)
-        _keep(ctx, acc, w_idx, w_pre)
+        _keep(ctx, acc, w_idx, w_pre, w_chk=w_chk)
         return xhat * w
 
     @staticmethod
@@ -502,5 +685,6 @@ class ScaleFn(torch.autograd.Function):
             with torch.no_grad():
                 dt = _acc_dtype(g)
                 pf = prod if prod.dtype == dt else g.to(dt) * xhat.to(dt)
-                _add(ctx.acc, ctx.w_idx, _wsq(_sum_over_positions(pf, w.dim()), ctx.w_pre))
-        return gx, gw, None, None, None
+                _add(ctx.acc, ctx.w_idx, _wsq64(_sum_over_positions(pf, w.dim()), ctx.w_pre))
+        _record(ctx.acc, ctx.w_chk, gw)
+        return gx, gw, None, None, None, None
