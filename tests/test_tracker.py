@@ -892,3 +892,74 @@ def test_plot_shows_each_step_faintly_and_the_held_out_transient(digits, tmp_pat
     _, ax = plot.plot_b_simple(log)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "per step" in labels and "held out (transient)" in labels
+
+
+class _TiedHead(nn.Module):
+    """The input layer's weight reused functionally as the output head (the GPT-2 pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(64, 32)
+        self.mid = nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(torch.tanh(self.inp(x))))
+        return F.linear(h, self.inp.weight[:, :10].T)  # [B, 32] @ [32, 10]: the tied head
+
+
+class _SharedPositions(nn.Module):
+    """Rows of the 8x8 image as 8 tokens, plus a position table looked up with arange(8) for the whole
+    batch: with micro-batches of 8 examples, B == T."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok = nn.Linear(8, 16)
+        self.pos = nn.Embedding(8, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        t = x.view(-1, 8, 8)
+        h = torch.tanh(self.tok(t) + self.pos(torch.arange(8)))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("case", ["tied_head", "l2_term", "shared_positions"])
+def test_auto_with_accumulation_is_right_where_per_example_norms_are_not(digits, case):
+    """Gradient that reaches parameters outside their instrumented layer (functionally tied head, an L2
+    term in the loss) or inputs shared by the batch (position ids with B == T): auto notices at the
+    first step, switches to the micro-batch probe, and is within 10% of brute force over ALL parameters."""
+    X, y = digits
+    lam = 1e-2 if case == "l2_term" else 0.0
+    model = {"tied_head": _TiedHead, "l2_term": lambda: digits_mlp(hidden=32), "shared_positions": _SharedPositions}[
+        case
+    ]()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_one(p, x, t):  # one example's loss, the L2 term included
+        out = functional_call(model, p, (x[None],))
+        return F.cross_entropy(out, t[None]) + lam * sum((v**2).sum() for v in p.values())
+
+    per = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, X, y)
+    flat = torch.cat([g.reshape(len(y), -1).double() for g in per.values()], 1)
+    G = flat.mean(0)
+    truth = float((flat - G).square().sum(1).mean() / G.square().sum())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gns = ns.GradientNoiseScale(model, beta=1.0)
+        assert gns.method == "per_example"
+        gen = torch.Generator().manual_seed(3)
+        k = 16 if case == "shared_positions" else 4  # micro-batches of 8 (= T, the sequence length) or of 32
+        for _ in range(500):
+            idx = torch.randint(len(y), (128,), generator=gen)
+            for part in idx.chunk(k):
+                loss = F.cross_entropy(model(X[part]), y[part])
+                loss = loss + lam * sum((p**2).sum() for p in model.parameters())
+                (loss / k).backward()
+            gns.step()
+            model.zero_grad(set_to_none=True)
+    assert gns.method == "microbatch" and gns.metrics()["gns/coverage"] == 1.0
+    assert gns.b_simple == pytest.approx(truth, rel=0.10), (gns.b_simple, truth)
+    gns.close()
