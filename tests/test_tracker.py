@@ -651,7 +651,7 @@ def test_robust_average_keeps_the_interval_calibrated_on_stationary_data():
         small, big = (v**2).sum(-1), (v.sum(1) ** 2).sum(-1)
         for t in range(steps):
             m = pooled(list(small[t]), [b] * k, float(big[t]))
-            held += avg.fold(m.g2, m.trace_sigma) != "measured"
+            held += avg.fold(m.g2, m.trace_sigma) != "measured"  # no outlier, restart or drift
         lo, hi = avg.ema.interval(0.95)
         covered += lo <= true <= hi
     assert 0.90 <= covered / 200 <= 0.99, covered

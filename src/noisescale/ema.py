@@ -368,13 +368,53 @@ class TransientFilter:
 
 class RobustAverage:
     """What the tracker averages with: separate debiased EMAs (:class:`NoiseScaleEMA`) behind a
-    :class:`TransientFilter`. ``fold`` returns the step's status: ``"measured"`` (averaged),
-    ``"outlier"`` (held out, possibly dropped later) or ``"restart"`` (the average restarted from
-    the held steps, this one included)."""
+    :class:`TransientFilter`, with a window that follows the run.
 
-    def __init__(self, beta: float = 0.99, size: int = 1, robust: bool = True) -> None:
+    ``fold`` returns the step's status: ``"measured"`` (averaged), ``"outlier"`` (held out,
+    possibly dropped later), ``"restart"`` (the average restarted from the held steps, this one
+    included) or ``"drift"`` (averaged, and the average restarted from the last ``window`` steps).
+
+    **Drift.** An EMA of ``|G|^2`` lags a run whose ``|G|^2`` falls by orders of magnitude (early
+    training, a warm-up): with ``beta = 0.99`` the steps of 250 steps ago still weigh 8%, and when
+    their ``|G|^2`` was 100 times today's they are most of the average (a char GPT reported 105
+    tokens where the steps after its warm-up alone said 7,500). After each step the average is
+    compared with the mean of the last ``window`` accepted steps; when they differ by more than
+    ``z`` standard errors of that mean (in ``g2`` or ``trace_sigma``), the run has moved away from
+    its own average, and the average restarts from the window. On stationary data the two agree
+    and nothing happens (tested: the interval keeps its coverage); while the run moves, the average
+    spans the last ``window`` steps or more, and the interval widens accordingly.
+    """
+
+    def __init__(
+        self, beta: float = 0.99, size: int = 1, robust: bool = True, window: int = 32, z: float = 5.0
+    ) -> None:
         self.ema = NoiseScaleEMA(beta, size)
         self.filter = TransientFilter() if robust else None
+        self.window, self.z = int(window), float(z)
+        self.recent: list[tuple[Any, Any]] = []  # the last `window` accepted steps (every series)
+        self.since_restart = 0
+        self.drifts = 0
+
+    def _accept(self, g2: Any, ts: Any) -> str:
+        self.ema.update(g2, ts)
+        self.recent = [*self.recent, (g2, ts)][-self.window :]
+        self.since_restart += 1
+        if self.since_restart < self.window // 2 or len(self.recent) < self.window // 2:
+            return "measured"
+        tot = np.array([[float(np.atleast_1d(a)[0]), float(np.atleast_1d(b)[0])] for a, b in self.recent])
+        mean, se = tot.mean(0), tot.std(0, ddof=1) / np.sqrt(len(tot))
+        cur = np.array([self.ema.series(0).g2, self.ema.series(0).trace_sigma])
+        if not np.any(np.abs(cur - mean) > self.z * np.maximum(se, 1e-300)):
+            return "measured"
+        self.drifts += 1
+        self._restart_from(self.recent)
+        return "drift"
+
+    def _restart_from(self, steps: list[tuple[Any, Any]]) -> None:
+        self.ema = NoiseScaleEMA(self.ema.beta, self.ema.size)
+        for a, b in steps:
+            self.ema.update(a, b)
+        self.since_restart = 0
 
     def fold(self, g2: Any, ts: Any) -> str:
         if self.filter is None:
@@ -382,18 +422,17 @@ class RobustAverage:
             return "measured"
         decision = self.filter.decide(g2, ts)
         if decision == "accept":
-            self.ema.update(g2, ts)
-            return "measured"
+            return self._accept(g2, ts)
         if decision == "hold":
             return "outlier"
         held, self.filter.held = self.filter.held, []
-        self.ema = NoiseScaleEMA(self.ema.beta, self.ema.size)
-        for a, b in held:
-            self.ema.update(a, b)
+        self._restart_from(held)
+        self.recent = held[-self.window :]
         return "restart"
 
     def reset(self) -> None:
         self.ema = NoiseScaleEMA(self.ema.beta, self.ema.size)
+        self.recent, self.since_restart = [], 0
         if self.filter is not None:
             self.filter.reset()
 
@@ -401,9 +440,24 @@ class RobustAverage:
         out = self.ema.state_dict()
         if self.filter is not None:
             out["filter"] = self.filter.state_dict()
+            out["window"] = {
+                "recent": [[np.atleast_1d(a).tolist(), np.atleast_1d(b).tolist()] for a, b in self.recent],
+                "since_restart": self.since_restart,
+                "drifts": self.drifts,
+            }
         return out
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.ema.load_state_dict(sd)
         if self.filter is not None and "filter" in sd:
             self.filter.load_state_dict(sd["filter"])
+        w = sd.get("window")
+        if self.filter is not None and isinstance(w, dict):
+            size = self.ema.size
+
+            def arr(x: Any) -> Any:
+                a = np.asarray(x, dtype=np.float64)
+                return float(a[0]) if size == 1 else a
+
+            self.recent = [(arr(a), arr(b)) for a, b in w["recent"]]
+            self.since_restart, self.drifts = int(w["since_restart"]), int(w["drifts"])

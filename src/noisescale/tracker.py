@@ -542,7 +542,9 @@ class GradientNoiseScale:
                         )
                     else:
                         self._measured += 1 + (held if fold == "restart" else 0)
-                        record.update(status="measured", restart=fold == "restart")
+                        # restart: held steps became the average; drift: the average restarted from
+                        # the last steps because the run had moved away from it (ema.RobustAverage)
+                        record.update(status="measured", restart=fold == "restart", drift=fold == "drift")
             else:
                 if status == "skipped":
                     self._skipped += 1
@@ -725,6 +727,7 @@ class GradientNoiseScale:
                 "unmeasurable": float(self._unmeasurable),
                 "outliers": float(self.outliers),
                 "restarts": float(self._avg.filter.restarts if self._avg.filter is not None else 0),
+                "drifts": float(self._avg.drifts),
                 "warmup": float(self._warmup_steps),
                 # the count is named by its unit ("examples", "tokens", ...)
                 self.unit: float(self._examples),
