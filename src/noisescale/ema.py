@@ -379,14 +379,14 @@ class RobustAverage:
     their ``|G|^2`` was 100 times today's they are most of the average (a char GPT reported 105
     tokens where the steps after its warm-up alone said 7,500). After each step the average is
     compared with the mean of the last ``window`` accepted steps; when they differ by more than
-    ``z`` standard errors of that mean (in ``g2`` or ``trace_sigma``), the run has moved away from
+    ``z`` (4) standard errors of that mean (in ``g2`` or ``trace_sigma``), the run has moved away from
     its own average, and the average restarts from the window. On stationary data the two agree
     and nothing happens (tested: the interval keeps its coverage); while the run moves, the average
     spans the last ``window`` steps or more, and the interval widens accordingly.
     """
 
     def __init__(
-        self, beta: float = 0.99, size: int = 1, robust: bool = True, window: int = 32, z: float = 5.0
+        self, beta: float = 0.99, size: int = 1, robust: bool = True, window: int = 32, z: float = 4.0
     ) -> None:
         self.ema = NoiseScaleEMA(beta, size)
         self.filter = TransientFilter() if robust else None
