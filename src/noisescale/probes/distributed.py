@@ -291,7 +291,7 @@ class DistributedProbe(Joinable):
         # The global norm is captured when a backward pass ends, after DDP's/FSDP's own final
         # callbacks wrote the synchronized gradient: clipping before step() changes nothing.
         self._total = StepTotal(pieces, self.groups, self.preconditioner, self.device)
-        self._end = EndOfBackward(self._total.capture)
+        self._end = EndOfBackward(self._capture)
         if config.infer_sizes and local is None:
             self._handles.append(model.register_forward_pre_hook(Hook(self._pre_forward), with_kwargs=True))
 
@@ -361,6 +361,12 @@ class DistributedProbe(Joinable):
             ) from e
 
     # -- hooks -------------------------------------------------------------------------
+
+    def _capture(self) -> None:
+        # A pass under DDP's no_sync() leaves a local .grad that the step's last, synchronized pass
+        # replaces: only that one is worth reading (one share of the gradients per step, not per pass).
+        if getattr(self.model, "require_backward_grad_sync", True):
+            self._total.capture()
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if not torch.is_grad_enabled():
