@@ -221,8 +221,23 @@ class DistributedProbe(Joinable):
     """
 
     name = "ddp"
+    wrapper = "ddp"  # the wrapper the registered probe insists on
     options: ClassVar[frozenset[str]] = frozenset({"process_group"})
     supports: ClassVar[frozenset[str]] = frozenset({"groups", "preconditioner"})
+
+    @staticmethod
+    def applicable(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> str | None:
+        return None  # the constructor says what is wrong (wrapper, process group, world size)
+
+    @classmethod
+    def from_config(
+        cls,
+        model: torch.nn.Module,
+        params: Sequence[torch.nn.Parameter],
+        config: ProbeConfig,
+        process_group: Any = None,
+    ) -> DistributedProbe:
+        return cls(model, params, config, process_group=process_group, kind=cls.wrapper)
 
     def __init__(
         self,
@@ -576,50 +591,24 @@ class DDPProbe(DistributedProbe):
     """``method="ddp"``: local norms in tensor hooks, the global one in shares across ranks."""
 
     name = "ddp"
-
-    @staticmethod
-    def applicable(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> str | None:
-        return None  # the constructor says what is wrong (wrapper, process group, world size)
+    wrapper = "ddp"
 
     @staticmethod
     def auto_score(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> float:
         return 10.0 if _several_ranks(model) == "ddp" else 0.0
-
-    @classmethod
-    def from_config(
-        cls,
-        model: torch.nn.Module,
-        params: Sequence[torch.nn.Parameter],
-        config: ProbeConfig,
-        process_group: Any = None,
-    ) -> DistributedProbe:
-        return cls(model, params, config, process_group=process_group, kind="ddp")
 
 
 class FSDPProbe(DistributedProbe):
     """``method="fsdp"``: local norms at the reduce-scatter, the global one from the shards."""
 
     name = "fsdp"
+    wrapper = "fsdp"
     supports: ClassVar[frozenset[str]] = frozenset()
     why_unsupported: ClassVar[dict[str, str]] = FSDP_UNSUPPORTED
 
     @staticmethod
-    def applicable(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> str | None:
-        return None  # the constructor says what is wrong (wrapper, process group, world size)
-
-    @staticmethod
     def auto_score(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> float:
         return 10.0 if (_several_ranks(model) or "").startswith("fsdp") else 0.0
-
-    @classmethod
-    def from_config(
-        cls,
-        model: torch.nn.Module,
-        params: Sequence[torch.nn.Parameter],
-        config: ProbeConfig,
-        process_group: Any = None,
-    ) -> DistributedProbe:
-        return cls(model, params, config, process_group=process_group, kind="fsdp")
 
 
 class DDPPerExampleProbe(DistributedProbe):
@@ -627,10 +616,6 @@ class DDPPerExampleProbe(DistributedProbe):
 
     name = "ddp_per_example"
     options: ClassVar[frozenset[str]] = frozenset({"process_group", "strict", "layers", "fused"})
-
-    @staticmethod
-    def applicable(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> str | None:
-        return DDPProbe.applicable(model, params)
 
     @staticmethod
     def auto_score(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> float:
