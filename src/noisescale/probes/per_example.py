@@ -307,6 +307,30 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t.to(dtype)
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmul-like ops in on ``x``'s device, or None when it is off."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _autocast_fp32(x: torch.Tensor) -> torch.dtype | None:
+    """float32 where CUDA-style autocast runs normalisation layers in float32 (not on the CPU), else None."""
+    dev = x.device.type
+    return torch.float32 if dev != "cpu" and torch.is_autocast_enabled(dev) else None
+
+
+def _apply(
+    fn: Any, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype | None, *rest: Any
+) -> Any:
+    """``fn.apply(x, w, b, *rest)``; with ``dtype``, in the dtype autocast would run the stock op in (the
+    inputs cast, autocast off inside, so that the function's own ops are not cast again)."""
+    if dtype is None:
+        return fn.apply(x, w, b, *rest)
+    dev = x.device.type
+    with torch.autocast(dev, enabled=False):
+        return fn.apply(_cast(x, dtype), _cast(w, dtype), _cast(b, dtype), *rest)
+
+
 class _Forward:
     """The instrumented ``forward`` set on a module instance.
 
@@ -748,13 +772,10 @@ class PerExampleProbe:
                 b: torch.Tensor | None  # None with bias=False
                 x, w, b = input, lin.weight, lin.bias
                 wc, bc = chk()
-                dev = x.device.type
-                if torch.is_autocast_enabled(dev):  # autocast runs linear in the low-precision dtype
-                    dt = torch.get_autocast_dtype(dev)
-                    x, w, b = _cast(x, dt), _cast(w, dt), _cast(b, dt)
-                    with torch.autocast(dev, enabled=False):
-                        return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused, wc, bc)
-                return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused, wc, bc)
+                # autocast runs linear in the low-precision dtype
+                return _apply(
+                    LinearFn, x, w, b, _autocast_dtype(x), L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused, wc, bc
+                )
         elif kind == "hf_conv1d":  # transformers' Conv1D: addmm(bias, x.view(-1, in), weight [in, out])
             c1 = L.module
 
@@ -763,13 +784,23 @@ class PerExampleProbe:
                 b: torch.Tensor | None
                 x, w, b = input, cast(torch.Tensor, c1.weight), cast("torch.Tensor | None", c1.bias)
                 wc, bc = chk()
-                dev = x.device.type
-                if torch.is_autocast_enabled(dev):  # addmm runs in the low-precision dtype
-                    dt = torch.get_autocast_dtype(dev)
-                    x, w, b = _cast(x, dt), _cast(w, dt), _cast(b, dt)
-                    with torch.autocast(dev, enabled=False):
-                        return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused, wc, bc, True)
-                return LinearFn.apply(x, w, b, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre, fused, wc, bc, True)
+                # addmm runs in the low-precision dtype
+                return _apply(
+                    LinearFn,
+                    x,
+                    w,
+                    b,
+                    _autocast_dtype(x),
+                    L.acc,
+                    L.w_idx,
+                    L.b_idx,
+                    L.w_pre,
+                    L.b_pre,
+                    fused,
+                    wc,
+                    bc,
+                    True,
+                )
         elif kind in ("conv1d", "conv2d"):
             conv = cast(_Conv, L.module)
             nd = 1 if kind == "conv1d" else 2
@@ -784,32 +815,12 @@ class PerExampleProbe:
                     x = torch.nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
                     pad = zero
                 wc, bc = chk()
-                dev = x.device.type
-                if torch.is_autocast_enabled(dev):
-                    dt = torch.get_autocast_dtype(dev)
-                    x, w, b = _cast(x, dt), _cast(w, dt), _cast(b, dt)
-                    with torch.autocast(dev, enabled=False):
-                        return ConvFn.apply(
-                            x,
-                            w,
-                            b,
-                            L.acc,
-                            conv.stride,
-                            pad,
-                            conv.dilation,
-                            conv.groups,
-                            L.w_idx,
-                            L.b_idx,
-                            L.w_pre,
-                            L.b_pre,
-                            fused,
-                            wc,
-                            bc,
-                        )
-                return ConvFn.apply(
+                return _apply(
+                    ConvFn,
                     x,
                     w,
                     b,
+                    _autocast_dtype(x),
                     L.acc,
                     conv.stride,
                     pad,
@@ -842,12 +853,7 @@ class PerExampleProbe:
                 x, w, b = input, ln.weight, ln.bias
                 wc, bc = chk()
                 args = (L.acc, shape, ln.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre, wc, bc)
-                dev = x.device.type
-                if dev != "cpu" and torch.is_autocast_enabled(dev):  # fp32 op under CUDA-style autocast
-                    x, w, b = _cast(x, torch.float32), _cast(w, torch.float32), _cast(b, torch.float32)
-                    with torch.autocast(dev, enabled=False):
-                        return LayerNormFn.apply(x, w, b, *args)[0]
-                return LayerNormFn.apply(x, w, b, *args)[0]
+                return _apply(LayerNormFn, x, w, b, _autocast_fp32(x), *args)[0]
         elif kind == "groupnorm":
             gn = cast(nn.GroupNorm, L.module)
 
@@ -862,12 +868,7 @@ class PerExampleProbe:
                 b = b.contiguous() if b is not None else None
                 wc, bc = chk()
                 args = (L.acc, gn.num_groups, gn.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre, wc, bc)
-                dev = x.device.type
-                if dev != "cpu" and torch.is_autocast_enabled(dev):
-                    x, w, b = _cast(x, torch.float32), _cast(w, torch.float32), _cast(b, torch.float32)
-                    with torch.autocast(dev, enabled=False):
-                        return GroupNormFn.apply(x, w, b, *args)[0]
-                return GroupNormFn.apply(x, w, b, *args)[0]
+                return _apply(GroupNormFn, x, w, b, _autocast_fp32(x), *args)[0]
         elif kind == "rmsnorm":
             rms = cast(nn.RMSNorm, L.module)
             shape = tuple(rms.normalized_shape)
