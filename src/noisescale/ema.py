@@ -376,17 +376,17 @@ class RobustAverage:
 
     **Drift.** An EMA of ``|G|^2`` lags a run whose ``|G|^2`` falls by orders of magnitude (early
     training, a warm-up): with ``beta = 0.99`` the steps of 250 steps ago still weigh 8%, and when
-    their ``|G|^2`` was 100 times today's they are most of the average (a char GPT reported 105
-    tokens where the steps after its warm-up alone said 7,500). After each step the average is
+    their ``|G|^2`` was 100 times today's they are most of the average (a char GPT's plain EMA said
+    1,163 tokens where the steps after its warm-up alone said ~6,900: docs/method.md). After each step the average is
     compared with the mean of the last ``window`` accepted steps; when they differ by more than
-    ``z`` (4) standard errors of that mean (in ``g2`` or ``trace_sigma``), the run has moved away from
+    ``z`` (6) standard errors of that mean (in ``g2`` or ``trace_sigma``), the run has moved away from
     its own average, and the average restarts from the window. On stationary data the two agree
     and nothing happens (tested: the interval keeps its coverage); while the run moves, the average
     spans the last ``window`` steps or more, and the interval widens accordingly.
     """
 
     def __init__(
-        self, beta: float = 0.99, size: int = 1, robust: bool = True, window: int = 32, z: float = 4.0
+        self, beta: float = 0.99, size: int = 1, robust: bool = True, window: int = 128, z: float = 6.0
     ) -> None:
         self.ema = NoiseScaleEMA(beta, size)
         self.filter = TransientFilter() if robust else None
