@@ -25,7 +25,6 @@ __all__ = [
     "sq_norm",
     "grouped_sq_norms",
     "group_sums",
-    "sum_terms",
     "infer_batch_size",
     "trainable_parameters",
     "check_sizes",
@@ -483,18 +482,6 @@ def _weighted(g: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None =
             zero = _ZERO64[g.device] = torch.zeros(1, dtype=torch.float64, device=g.device)
         torch.addcmul(zero.expand(n), g.view(-1), weight.view(-1), out=out)
     return out
-
-
-def sum_terms(terms: Sequence[torch.Tensor | float], device: torch.device) -> torch.Tensor | float:
-    """Sum squared-norm terms (0-d tensors or floats) in float64.
-
-    A Python float when every term is a float or lives on the CPU: nothing runs asynchronously
-    there, so reading a term costs nothing and saves the tiny tensor ops of stacking. Otherwise a
-    0-d float64 tensor on ``device``, with no host sync.
-    """
-    if all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in terms):
-        return math.fsum(float(t) for t in terms)
-    return torch.stack([torch.as_tensor(t, dtype=torch.float64, device=device) for t in terms]).sum()
 
 
 _INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}

@@ -633,17 +633,8 @@ class DDPPerExampleProbe(DistributedProbe):
         from .per_example import PerExampleProbe
 
         _validate(model, "ddp", "ddp_per_example", process_group)  # before the local probe attaches its hooks
-        local = PerExampleProbe(
-            model,
-            params,
-            reduction=config.reduction,
-            unit=config.unit,
-            lenient=config.auto,
-            groups=config.groups,
-            preconditioner=config.preconditioner,
-            capture_total=False,
-            **options,
-        )
+        # this rank's per-example statistics; the step's norm is this probe's share of the synchronized one
+        local = PerExampleProbe.from_config(model, params, config, capture_total=False, **options)
         try:
             return cls(model, params, config, local=local, process_group=process_group, kind="ddp")
         except Exception:

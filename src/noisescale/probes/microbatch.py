@@ -154,7 +154,7 @@ class MicroBatchProbe:
                 f"forward passes with gradients enabled, sizes {seen}); pass them explicitly: "
                 f"gns.step(sizes=[...]) with {k} numbers in the tracker's unit"
             )
-        small = torch.stack(parts).sum(0) if k > 1 else parts[0]
+        small = torch.stack(parts).sum(0)  # (k >= 2 here)
         return make_step_stats(small * ctx.inv_scale2_small, total, sizes, reduction=self.reduction, device=self.device)
 
     def _why_unmeasurable(self, k: int) -> str:
