@@ -11,6 +11,7 @@ Implements McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch
 (:mod:`noisescale.plot`) imports matplotlib when used.
 """
 
+from .controller import BatchSizeController
 from .critical import CriticalBatchFit, RunRecord, fit_critical_batch, fit_sweep, frontier
 from .ema import EMAState, Estimate, NoiseScaleEMA
 from .estimators import (
@@ -20,7 +21,6 @@ from .estimators import (
     b_crit,
     b_simple,
     dL_opt,
-    eps_central,
     eps_opt,
     estimate,
     examples_to_target,
@@ -29,8 +29,21 @@ from .estimators import (
     step_estimates,
     steps_to_target,
 )
+from .lr_rules import (
+    LRRule,
+    adam_sqrt_hyperparameters,
+    eps_central,
+    eps_saturating,
+    fit_power_law,
+    linear_scale,
+    lr_scaling,
+    power_scale,
+    saturating_scale,
+    sqrt_scale,
+)
 from .measure import MeasureResult, measure
 from .runlog import RunLog, RunLogError, read_run_log
+from .schedules import ExamplesSchedule
 from .sweeps import local_critical_batch, lr_grid, sweep
 from .tracker import GradientNoiseScale, Subscription, Update
 
@@ -70,5 +83,16 @@ __all__ = [
     "frontier",
     "RunRecord",
     "CriticalBatchFit",
+    "BatchSizeController",
+    "ExamplesSchedule",
+    "LRRule",
+    "linear_scale",
+    "sqrt_scale",
+    "power_scale",
+    "saturating_scale",
+    "eps_saturating",
+    "adam_sqrt_hyperparameters",
+    "fit_power_law",
+    "lr_scaling",
     "__version__",
 ]

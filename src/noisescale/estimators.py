@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from .lr_rules import eps_central  # re-exported: learning-rate rules live in lr_rules
+
 Number = TypeVar("Number", float, "torch.Tensor", Any)  # elementwise: floats, arrays, tensors
 Scalar = float | torch.Tensor
 
@@ -306,14 +308,6 @@ def b_crit(e_min: float, s_min: float) -> float:
     if not (e_min > 0 and s_min > 0):
         raise ValueError(f"e_min and s_min must be positive, got e_min={e_min!r}, s_min={s_min!r}")
     return e_min / s_min
-
-
-def eps_central(B: Number, eps_star: float, b_star: float, alpha: float = 1.0) -> Number:
-    """Centre of the learning-rate grid at batch ``B``: ``eps* / (1 + B*/B)^alpha`` (App. A.2).
-
-    ``alpha = 1`` for SGD and momentum, ``0.5 <= alpha <= 1`` for Adam/RMSProp.
-    """
-    return eps_star / (1.0 + b_star / B) ** alpha
 
 
 def optimal_batch_for_exchange_rate(r: float, b_noise: float) -> float:

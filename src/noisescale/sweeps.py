@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .critical import CriticalBatchFit, RunRecord, fit_sweep
-from .estimators import eps_central
+from .lr_rules import eps_central, lr_scaling  # lr_scaling re-exported from here
 
 __all__ = [
     "lr_grid",
@@ -825,21 +825,6 @@ def _run_in_workers(
 
 # ---------------------------------------------------------------------------------------
 # Branched local critical batch (Merrill et al. 2025).
-
-
-def lr_scaling(optimizer: str) -> Callable[[float], float]:
-    """``f(k)``, the learning-rate multiplier for a ``k`` times larger batch.
-
-    ``"sgd"`` (and momentum): ``k`` (the linear scaling rule; McCandlish Eq. 2.6 for
-    ``B << b_noise``). ``"adam"`` (and RMSProp, AdamW): ``sqrt(k)`` (Malladi et al. 2022; used by
-    Merrill et al. 2025 Sec. 3).
-    """
-    name = optimizer.lower()
-    if name in ("sgd", "momentum"):
-        return lambda k: float(k)
-    if name in ("adam", "adamw", "rmsprop"):
-        return lambda k: math.sqrt(k)
-    raise ValueError(f"optimizer must be 'sgd' or 'adam' (or pass lr_scale=callable), got {optimizer!r}")
 
 
 @dataclass
