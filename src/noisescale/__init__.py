@@ -41,6 +41,7 @@ from .lr_rules import (
     saturating_scale,
     sqrt_scale,
 )
+from .lr_sweep import LRSweepFit, fit_lr_sweep, fit_lr_sweeps
 from .measure import MeasureResult, measure
 from .runlog import RunLog, RunLogError, read_run_log
 from .schedules import ExamplesSchedule
@@ -83,6 +84,9 @@ __all__ = [
     "frontier",
     "RunRecord",
     "CriticalBatchFit",
+    "fit_lr_sweep",
+    "fit_lr_sweeps",
+    "LRSweepFit",
     "BatchSizeController",
     "ExamplesSchedule",
     "LRRule",
