@@ -23,20 +23,23 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import importlib
 import io
 import itertools
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .critical import CriticalBatchFit, RunRecord, fit_sweep
 from .lr_rules import eps_central, lr_scaling  # lr_scaling re-exported from here
@@ -49,6 +52,7 @@ __all__ = [
     "SweepResult",
     "read_results",
     "RESULT_FIELDS",
+    "TaskExecutor",
     "lr_scaling",
     "local_critical_batch",
     "BranchResult",
@@ -333,7 +337,9 @@ def _watch_parent(sweep_pid: int, first_ppid: int, interval: float) -> None:  # 
             os._exit(1)
 
 
-def _init_worker(threads: int, sweep_pid: int | None = None, watch_interval: float = 1.0) -> None:  # pragma: no cover
+def _init_worker(
+    threads: int | None, sweep_pid: int | None = None, watch_interval: float = 1.0
+) -> None:  # pragma: no cover
     """Runs first in every worker process (measured in the tests by real processes).
 
     - The worker dies with the sweep: on Linux by the kernel (parent-death signal), everywhere by a
@@ -352,12 +358,19 @@ def _init_worker(threads: int, sweep_pid: int | None = None, watch_interval: flo
         ).start()
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_torch_threads(threads)
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    """Give this (worker) process ``threads`` torch threads; ``None`` leaves them as they are."""
+    if threads is None:
+        return
     try:
         import torch
-
+    except ImportError:  # pragma: no cover - a training function without torch
+        return
+    if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    except ImportError:
-        pass
 
 
 def _kill_pool(pool: Any) -> None:
@@ -374,6 +387,156 @@ def _kill_pool(pool: Any) -> None:
     for proc in procs:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             proc.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------
+# Any executor: a Dask cluster, Ray, SLURM through submitit, a ProcessPoolExecutor.
+
+
+class TaskExecutor(Protocol):
+    """What :func:`sweep` needs of an ``executor``: ``submit(fn, *args)`` returning a handle.
+
+    The handle needs ``done()`` and ``result()``, and ``cancel()`` if pending runs are to be
+    cancelled when the sweep stops. Every :class:`concurrent.futures.Executor` is one (a Dask
+    ``Client.get_executor()``, a ``ProcessPoolExecutor``), and so is a submitit executor (its
+    jobs have these three methods).
+    """
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any: ...
+
+
+# token of a running sweep -> the pid of its process. A task that finds its sweep's token here
+# with its own pid runs inside the sweep's process (a thread pool), whose torch threads belong to
+# the caller; a worker process (spawned, forked or on another machine) finds another pid or nothing.
+_SWEEP_PROCESS: dict[str, int] = {}
+
+
+def _run_task(
+    train_fn: Callable[..., Iterable[Any]],
+    spec: RunSpec,
+    targets: tuple[float, ...],
+    kwargs: dict[str, Any],
+    threads: int | None,
+    token: str,
+) -> RunResult:
+    """One run on an executor's worker: the unit of work that :func:`sweep` submits.
+
+    Every argument is positional: a Dask ``ClientExecutor`` reads keyword arguments of ``submit``
+    such as ``workers`` or ``retries`` as its own."""
+    if _SWEEP_PROCESS.get(token) != os.getpid():
+        _set_torch_threads(threads)
+    return run_one(train_fn, spec, targets, **kwargs)
+
+
+def _describe(fn: Any) -> str:
+    func = getattr(fn, "func", fn)  # a functools.partial: name the function it wraps
+    name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
+    return f"functools.partial({name}, ...)" if func is not fn else name
+
+
+def _check_picklable(fn: Callable[..., Any], pickler: str) -> None:
+    """Refuse, on one line, a training function that worker processes cannot receive.
+
+    ``pickler``: ``"pickle"`` (worker processes, ``ProcessPoolExecutor``), ``"cloudpickle"``
+    (Dask, Ray, submitit: functions of ``__main__`` and closures travel by value; plain pickle if
+    cloudpickle is not installed) or ``"none"`` (a thread pool shares this process)."""
+    if pickler == "none":
+        return
+    dumps: Callable[[Any], bytes] = pickle.dumps
+    if pickler == "cloudpickle":
+        with contextlib.suppress(ImportError):  # by name: an optional dependency without type information
+            dumps = importlib.import_module("cloudpickle").dumps
+    try:
+        dumps(fn)
+    except Exception as e:
+        why = " ".join(f"{type(e).__name__}: {e}".split())
+        raise TypeError(
+            f"train_fn {_describe(fn)} cannot be sent to worker processes ({why[:200]}); define it at module "
+            "level in an importable module (not a lambda or a function defined inside another function) and "
+            "bind extra arguments with functools.partial"
+        ) from None
+
+
+def _pickler_for(executor: Any) -> str:
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    if isinstance(executor, ThreadPoolExecutor):
+        return "none"
+    if isinstance(executor, ProcessPoolExecutor):
+        return "pickle"
+    return "cloudpickle"  # Dask, Ray and submitit serialise with cloudpickle
+
+
+def _wait_some(handles: Mapping[int, Any], timeout: float) -> list[int]:
+    """Indices of the finished ``handles``, waiting up to ``timeout`` seconds for one.
+
+    ``concurrent.futures`` futures are waited on; other handles (submitit jobs) are polled. Either
+    way the wait ends within ``timeout``, so that a signal handler (SIGTERM) runs within a second
+    however long a run takes."""
+    from concurrent.futures import FIRST_COMPLETED, Future, wait
+
+    if all(isinstance(h, Future) for h in handles.values()):
+        index = {h: i for i, h in handles.items()}
+        done, _ = wait(list(index), timeout=timeout, return_when=FIRST_COMPLETED)
+        return sorted(index[h] for h in done)
+    deadline = time.monotonic() + timeout
+    while True:
+        done_idx = sorted(i for i, h in handles.items() if h.done())
+        if done_idx or time.monotonic() >= deadline:
+            return done_idx
+        time.sleep(0.2)
+
+
+def _run_on_executor(
+    executor: TaskExecutor,
+    train_fn: Callable[..., Iterable[Any]],
+    todo: Sequence[tuple[RunSpec, tuple[float, ...]]],
+    kwargs: dict[str, Any],
+    finished: Callable[[RunResult], None],
+    threads: int | None,
+    path: Path | None,
+    n_before: int,
+) -> None:
+    """Submit one task per run of ``todo``; this process alone writes each result as it arrives.
+
+    On any exception (a failed run, Ctrl-C, SIGTERM turned into one by the caller) the runs not
+    yet started are cancelled and the exception goes on: the finished runs are already written,
+    and the sweep resumes from them. A generic executor cannot kill a run it has started (Dask
+    lets it finish and drops the result; a submitit job is cancelled with ``scancel``)."""
+    token = uuid.uuid4().hex
+    _SWEEP_PROCESS[token] = os.getpid()
+    handles: dict[int, Any] = {}
+    n_done = 0
+    try:
+        for i, (sp, need) in enumerate(todo):
+            handles[i] = executor.submit(_run_task, train_fn, sp, need, kwargs, threads, token)
+        while handles:
+            for i in _wait_some(handles, 1.0):
+                res = handles.pop(i).result()
+                if not isinstance(res, RunResult):
+                    raise TypeError(
+                        f"the executor returned {type(res).__name__!r} for run {todo[i][0]}, not a RunResult; "
+                        "its submit(fn, *args) must return a future of fn(*args)"
+                    )
+                finished(res)
+                n_done += 1
+    except BaseException as e:
+        cancelled = 0
+        for h in handles.values():
+            cancel = getattr(h, "cancel", None)
+            with contextlib.suppress(Exception):  # a handle that cannot cancel, or one already done
+                cancelled += bool(cancel()) if cancel is not None else 0
+        if hasattr(e, "add_note"):  # Python >= 3.11
+            kept = (
+                f"; the {n_before + n_done} finished runs are in {path}: run the sweep again to resume" if path else ""
+            )
+            e.add_note(
+                f"noisescale.sweep stopped: {cancelled} of {len(handles)} unfinished runs cancelled on the "
+                f"executor (runs already started may go on there; their results are not used){kept}"
+            )
+        raise
+    finally:
+        _SWEEP_PROCESS.pop(token, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -629,8 +792,9 @@ def sweep(
     higher_is_better: bool = False,
     results: str | os.PathLike | None = None,
     workers: int = 0,
-    threads_per_worker: int = 1,
+    threads_per_worker: int | None = 1,
     mp_context: str = "spawn",
+    executor: TaskExecutor | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Train at every batch size x learning rate (x seed) and record steps and examples to each target.
@@ -638,7 +802,8 @@ def sweep(
     Args:
         train_fn: ``train_fn(batch_size, lr, seed)`` returning an iterable of observations (see
             :func:`run_one`): write your training loop as a generator that ``yield`` s the
-            loss. With ``workers > 0`` it must be picklable (a module-level function).
+            loss. With ``workers > 0`` or an ``executor`` it must be picklable (a module-level
+            function, or a ``functools.partial`` of one); this is checked before any run starts.
         batch_sizes: batch sizes to sweep (in examples, or tokens/frames consistently).
         learning_rates: the same list for every batch size, a mapping batch size -> list, a
             callable ``B -> list``, or ``None`` to centre a grid on the paper's rule
@@ -661,6 +826,18 @@ def sweep(
             when the sweep stops on an exception (Ctrl-C, a failed run): finished runs stay in
             ``results``. SIGTERM has its default action here; ``noisescale sweep`` turns it into
             a clean stop.
+        threads_per_worker: torch threads of each worker process (workers or an executor's
+            processes; a thread pool in this process is left alone); ``None`` leaves them as
+            they are.
+        executor: run the runs on any :class:`concurrent.futures.Executor` instead (a Dask
+            ``Client.get_executor()``, a ``ProcessPoolExecutor``, an adaptor for Ray) or a
+            submitit executor (SLURM): one task per run, whose :class:`RunResult` comes back to
+            this process, which alone writes ``results`` as each run finishes (resume and the
+            final grid order as above; the same rows as in this process, wall times aside). A
+            run that raises stops the sweep and the exception goes on, as with ``workers``;
+            on that or on Ctrl-C the runs not yet started are cancelled (one already started
+            cannot be killed through a generic executor: stop its cluster to stop it). The
+            executor stays yours: it is neither shut down nor closed. Not with ``workers``.
         progress: show a progress bar (tqdm) on stderr.
 
     Returns:
@@ -683,6 +860,20 @@ def sweep(
         raise ValueError(f"max_steps must be positive, got {max_steps!r}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers!r}")
+    if threads_per_worker is not None and not (isinstance(threads_per_worker, int) and threads_per_worker >= 1):
+        raise ValueError(f"threads_per_worker must be a positive integer or None, got {threads_per_worker!r}")
+    if executor is not None and workers:
+        raise ValueError(
+            f"give workers={workers} or an executor, not both: the executor runs every run (workers=0 with it)"
+        )
+    if executor is not None and not callable(getattr(executor, "submit", None)):
+        raise TypeError(
+            f"executor must have a submit(fn, *args) method (a concurrent.futures.Executor), got {type(executor).__name__}"
+        )
+    if executor is not None or workers:
+        # before any run and before the results file is touched: one clear line, not a pickling
+        # traceback from inside the first future
+        _check_picklable(train_fn, _pickler_for(executor) if executor is not None else "pickle")
     if learning_rates is None:
         if eps_star is None or b_star is None:
             raise ValueError(
@@ -748,7 +939,10 @@ def sweep(
             bar.set_postfix_str(f"B={res.spec.batch_size} lr={res.spec.lr:.3g}", refresh=False)
 
     try:
-        if workers == 0:
+        if executor is not None:
+            if todo:
+                _run_on_executor(executor, train_fn, todo, kwargs, finished, threads_per_worker, path, len(runs))
+        elif workers == 0:
             for sp, need in todo:
                 finished(run_one(train_fn, sp, need, **kwargs))
         elif todo:
@@ -784,7 +978,7 @@ def _run_in_workers(
     kwargs: dict[str, Any],
     finished: Callable[[RunResult], None],
     workers: int,
-    threads: int,
+    threads: int | None,
     mp_context: str,
     path: Path | None,
     n_before: int,

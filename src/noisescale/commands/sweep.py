@@ -14,9 +14,14 @@ DIR/report.md, DIR/report.json and DIR/critical-frontier.png. SIGTERM or Ctrl-C 
 and its workers (exit 143 / 130) with every finished run kept; the same command resumes it, and
 changed --targets rerun only what is missing. Workers die with the sweep even on SIGKILL.
 
+On a cluster, `--dask-scheduler tcp://HOST:8786` (or the scheduler file of `dask scheduler
+--scheduler-file FILE`) sends one task per run to the Dask workers (noisescale installed there);
+this process alone writes the CSV, so resuming works the same way.
+
 Examples:
     noisescale sweep --task digits                 # the full sweep (a few minutes on 2 cores)
     noisescale sweep --task digits --quick         # a shortened sweep (< 1 minute)
+    noisescale sweep --task digits --dask-scheduler tcp://10.0.0.5:8786   # on a Dask cluster
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import signal
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, TypedDict
@@ -80,6 +86,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: 0, in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
+    p.add_argument(
+        "--dask-scheduler",
+        metavar="ADDRESS",
+        default=None,
+        help="run the runs on a Dask cluster: its scheduler's address (tcp://HOST:8786) or scheduler file (.json)",
+    )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates of the fit (default: 1000)")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming DIR/sweep.csv")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -302,6 +314,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--eps-star and --b-star must be positive")
     if args.workers < 0 or args.threads < 1:
         raise CLIError("--workers must be >= 0 and --threads >= 1")
+    if args.dask_scheduler is not None and args.workers:
+        raise CLIError(
+            f"--workers {args.workers} and --dask-scheduler both say where runs go; give one (the Dask workers run every run)"
+        )
 
     import torch
 
@@ -334,22 +350,24 @@ def run(args: argparse.Namespace) -> int:
     )
     t0 = time.perf_counter()
     try:
-        res = sweep(
-            partial(digits_train, targets=tuple(targets)),
-            [int(b) for b in batch_sizes],
-            None,
-            targets,
-            eps_star=args.eps_star,
-            b_star=args.b_star,
-            alpha=1.0,
-            lr_factors=factors,
-            seeds=(args.seed,),
-            max_steps=max_steps,
-            results=csv_path,
-            workers=args.workers,
-            threads_per_worker=args.threads,
-            progress=not args.no_progress,
-        )
+        with _dask_executor(args.dask_scheduler) as executor:
+            res = sweep(
+                partial(digits_train, targets=tuple(targets)),
+                [int(b) for b in batch_sizes],
+                None,
+                targets,
+                eps_star=args.eps_star,
+                b_star=args.b_star,
+                alpha=1.0,
+                lr_factors=factors,
+                seeds=(args.seed,),
+                max_steps=max_steps,
+                results=csv_path,
+                workers=args.workers,
+                threads_per_worker=args.threads,
+                executor=executor,
+                progress=not args.no_progress,
+            )
     except (KeyboardInterrupt, Interrupted) as e:
         # the workers are already stopped; every finished run is in the CSV
         signum = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
@@ -398,6 +416,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _dask_executor(address: str | None) -> Iterator[Any]:
+    """A ``concurrent.futures`` executor on the Dask cluster at ``address`` (``None``: no executor).
+
+    Dask is imported only here. The client is closed on the way out, which also releases any
+    run still queued on the cluster (a stopped sweep leaves nothing to do there)."""
+    if address is None:
+        yield None
+        return
+    from ..cli import CLIError
+
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise CLIError(
+            "--dask-scheduler needs dask.distributed: pip install 'dask[distributed]' (with torch==2.13.0 pinned)"
+        ) from None
+    kw: dict[str, Any] = {"address": address}
+    if address.endswith(".json"):
+        if not Path(address).is_file():
+            raise CLIError(
+                f"--dask-scheduler {address}: no such scheduler file; give the file that "
+                "`dask scheduler --scheduler-file FILE` writes, or tcp://HOST:PORT"
+            )
+        kw = {"scheduler_file": address}
+    try:
+        # not the default scheduler of this process: the sweep's client is used by the sweep only
+        client = Client(**kw, set_as_default=False)
+    except (OSError, TimeoutError) as e:
+        raise CLIError(f"--dask-scheduler {address}: could not connect ({e}); is the scheduler running?") from None
+    with client:
+        info = client.scheduler_info()
+        print(f"on the Dask cluster at {info.get('address', address)} ({len(info.get('workers', {}))} workers now)")
+        yield client.get_executor(pure=False)  # every run trains, even one with the same arguments
+
+
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this sweep (the options that differ from the defaults)."""
     parts = ["noisescale", "sweep", "--task", args.task]
@@ -418,6 +472,7 @@ def _command(args: argparse.Namespace) -> str:
         ("--n-boot", args.n_boot, 1000),
         ("--workers", args.workers, 0),
         ("--threads", args.threads, 1),
+        ("--dask-scheduler", args.dask_scheduler, None),
     ):
         if val != default:
             parts += [flag, f"{val:g}" if isinstance(val, float) else str(val)]
