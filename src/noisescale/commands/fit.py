@@ -1,11 +1,13 @@
-"""Fit the critical batch size to a batch-size sweep (McCandlish et al. 2018, Eqs. 2.11-2.12, App. A.3).
+"""Fit the critical batch size (and B_noise) to a sweep (McCandlish et al. 2018, Eqs. 2.6-2.12, App. A.3).
 
 Input: a CSV file with one row per run and target. Columns:
 
     batch_size   examples (or tokens) per optimizer step          required
     steps        optimizer steps to reach the target               required
     target       the target the row refers to (rows fitted per target; default: one target)
-    lr           learning rate of the run (only reported)
+    lr           learning rate of the run (see "B_noise" below)
+    seed         the run's seed: runs at one batch size, lr and target with different seeds are
+                 averaged (in log steps) for the B_noise fit; without it every row is one more run
     examples     examples to reach the target (default: batch_size * steps)
     reached      1/0: whether the run reached the target; for 0, `steps` is the run's budget
                  and the run counts as censored (S > steps), not dropped (default: 1)
@@ -13,6 +15,14 @@ Input: a CSV file with one row per run and target. Columns:
 For every target, the fastest run per batch size (the Pareto frontier) is fitted in log space to
 (S/S_min - 1)(E/E_min - 1) = 1, giving S_min, E_min and b_crit = E_min/S_min with bootstrap
 intervals. `noisescale sweep` writes files in this format.
+
+B_noise (the paper's other route, Eqs. 2.4-2.8): when a target has an lr column with three or
+more learning rates at each of three or more batch sizes, the best learning rate per batch size
+(the fastest one, refined between its neighbours with the quadratic model's 1/S = a lr - b lr^2)
+is fitted to eps_opt(B) = eps_max/(1 + B_noise/B), and B_noise and eps_max are reported with
+bootstrap intervals (seeds resampled within cells when every cell has two or more, else
+residuals). A batch size whose fastest lr is at an end of its grid is left out with a note; a
+B_noise beyond the swept batch sizes is reported as "-" with the reason and a one-sided bound.
 
 The file is streamed (only the fastest run and the smallest unreached budget per target and
 batch size are kept, so any size fits in memory); a UTF-8 byte-order mark is accepted; a bad
@@ -22,6 +32,7 @@ Examples:
     noisescale fit sweep.csv
     noisescale fit sweep.csv --json
     noisescale fit sweep.csv --plot frontier.png
+    noisescale fit sweep.csv --lr-refine parabola
 """
 
 from __future__ import annotations
@@ -36,10 +47,14 @@ from typing import Any
 
 from ..cli import CLIError
 
-HELP = "fit S_min, E_min and the critical batch size to a batch-size sweep (.csv)"
+HELP = "fit S_min, E_min and the critical batch size (and B_noise, eps_max from lr sweeps) to a sweep (.csv)"
 
 REQUIRED = ("batch_size", "steps")
-OPTIONAL = ("target", "lr", "examples", "reached")
+OPTIONAL = ("target", "lr", "examples", "reached", "seed")
+# The B_noise fit keeps every run of a (target, batch size, lr) cell, up to this many (a sweep has a
+# few seeds per cell), in at most this many cells: memory stays bounded whatever the file's size.
+MAX_RUNS_PER_CELL = 64
+MAX_LR_CELLS = 20_000
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f"}
 
@@ -58,6 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
     p.add_argument("--unit", default="examples", help="what a batch size counts (default: examples)")
+    p.add_argument(
+        "--lr-refine",
+        choices=("model", "parabola", "none"),
+        default="model",
+        help="how the best lr per batch size is refined for the B_noise fit: model (1/S = a lr - b lr^2, "
+        "the quadratic model's rate, default), parabola (in log lr, log steps) or none (the grid value)",
+    )
 
 
 # Larger magnitudes are refused: no sweep comes near, and the fit and its figure overflow on them.
@@ -149,11 +171,23 @@ class _Best:
         self.n_reached = 0
 
 
-def _scan_sweep_csv(path: Path) -> tuple[list[Any], dict[tuple[Any, float], _Best]]:
-    """Stream the CSV once; keep only a :class:`_Best` per (target, batch size).
+class _Cells:
+    """The runs of each (target, batch size, lr) cell for the B_noise fit: ``(seed, steps, reached,
+    line)`` per run, at most :data:`MAX_RUNS_PER_CELL` per cell and :data:`MAX_LR_CELLS` cells."""
 
-    Memory is bounded by the number of targets x batch sizes, not by the file's size.
-    Returns the targets in order of first appearance and the per-(target, batch size) minima.
+    def __init__(self) -> None:
+        self.runs: dict[tuple[Any, float, float], list[tuple[str | None, float, bool, int]]] = {}
+        self.dropped_runs = 0
+        self.overflow = False
+
+
+def _scan_sweep_csv(path: Path) -> tuple[list[Any], dict[tuple[Any, float], _Best], _Cells]:
+    """Stream the CSV once; keep only a :class:`_Best` per (target, batch size), and the runs of
+    each (target, batch size, lr) cell when there is an lr column (:class:`_Cells`, capped).
+
+    Memory is bounded by the number of targets x batch sizes (x learning rates, capped), not by
+    the file's size. Returns the targets in order of first appearance, the per-(target, batch
+    size) minima and the cells.
     """
     if not path.exists():
         raise CLIError(f"{path}: no such file")
@@ -162,6 +196,7 @@ def _scan_sweep_csv(path: Path) -> tuple[list[Any], dict[tuple[Any, float], _Bes
     expected = f"a CSV header with columns {', '.join(REQUIRED)} (optional {', '.join(OPTIONAL)}) and one row per run"
     targets: dict[Any, None] = {}
     best: dict[tuple[Any, float], _Best] = {}
+    cells = _Cells()
     reader: Any = None
     try:
         # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
@@ -192,7 +227,7 @@ def _scan_sweep_csv(path: Path) -> tuple[list[Any], dict[tuple[Any, float], _Bes
                 )
             n_cols = len(header)
             i_b, i_s = index["batch_size"], index["steps"]
-            i_lr, i_ex, i_re, i_t = (index.get(c) for c in ("lr", "examples", "reached", "target"))
+            i_lr, i_ex, i_re, i_t, i_seed = (index.get(c) for c in ("lr", "examples", "reached", "target", "seed"))
             n_rows = 0
             tcache: dict[str, Any] = {}  # raw target -> target (a file has few distinct targets)
             rcache: dict[str, bool] = {}  # raw reached -> bool
@@ -244,6 +279,18 @@ def _scan_sweep_csv(path: Path) -> tuple[list[Any], dict[tuple[Any, float], _Bes
                         acc.reached = (steps, n_ex, reader.line_num, lr, ex is not None)
                 elif acc.budget is None or steps < acc.budget[0]:
                     acc.budget = (steps, reader.line_num)
+                if lr is not None and not cells.overflow:
+                    runs = cells.runs.get((target, b, lr))
+                    if runs is None and len(cells.runs) >= MAX_LR_CELLS:
+                        cells.overflow = True  # a random-search sweep: every lr its own cell
+                    else:
+                        if runs is None:
+                            runs = cells.runs[(target, b, lr)] = []
+                        if len(runs) < MAX_RUNS_PER_CELL:
+                            seed = (row[i_seed].strip() or None) if i_seed is not None else None
+                            runs.append((seed, steps, reached, reader.line_num))
+                        else:
+                            cells.dropped_runs += 1
     except UnicodeDecodeError as e:
         where = f" after line {reader.line_num}" if reader is not None and reader.line_num else ""
         raise CLIError(f"{path} is not a text (CSV) file: not UTF-8 ({e.reason}){where}") from None
@@ -253,7 +300,7 @@ def _scan_sweep_csv(path: Path) -> tuple[list[Any], dict[tuple[Any, float], _Bes
         ) from None
     if not n_rows:
         raise CLIError(f"{path} has a header but no rows; expected one row per run and target")
-    return list(targets), best
+    return list(targets), best, cells
 
 
 def read_sweep_frontiers(path: Path) -> dict[Any, list[Any]]:
@@ -263,11 +310,15 @@ def read_sweep_frontiers(path: Path) -> dict[Any, list[Any]]:
     per (target, batch size) are kept, so a CSV of any size fits in memory. The result equals
     :func:`~noisescale.critical.frontier` of all the rows. ``CLIError`` on bad input.
     """
+    targets, best, _ = _scan_sweep_csv(path)
+    return _frontiers(path, targets, best)
+
+
+def _frontiers(path: Path, targets: list[Any], best: dict[tuple[Any, float], _Best]) -> dict[Any, list[Any]]:
     import dataclasses
 
     from ..critical import frontier
 
-    targets, best = _scan_sweep_csv(path)
     out: dict[Any, list[Any]] = {}
     for target in targets:
         recs = sorted(
@@ -303,10 +354,40 @@ def read_sweep_csv(path: Path) -> list[Any]:
     """The rows of a sweep CSV that the fit uses, as :class:`~noisescale.critical.RunRecord` s:
     per (target, batch size), the fastest run that reached the target and the run with the
     smallest budget that did not (streamed; see :func:`read_sweep_frontiers`)."""
-    targets, best = _scan_sweep_csv(path)
+    targets, best, _ = _scan_sweep_csv(path)
     order = {t: i for i, t in enumerate(targets)}
     recs = sorted(((order[t], row), r) for (t, b), acc in best.items() for row, r in _records(path, t, b, acc))
     return [r for _, r in recs]
+
+
+def _lr_records(path: Path, cells: _Cells, target: Any) -> list[Any] | None:
+    """The runs of one target for the B_noise fit, as :class:`~noisescale.critical.RunRecord` s;
+    ``None`` unless three or more batch sizes have three or more learning rates."""
+    from ..critical import RunRecord
+
+    lrs: dict[float, int] = {}
+    for t, b, _ in cells.runs:
+        if t == target:
+            lrs[b] = lrs.get(b, 0) + 1
+    if sum(n >= 3 for n in lrs.values()) < 3:
+        return None
+    out = []
+    for (t, b, lr), runs in cells.runs.items():
+        if t != target:
+            continue
+        ids: dict[str, tuple[int, int]] = {}  # raw seed -> (id, line); ids are per cell
+        for seed, steps, reached, line in runs:
+            sid = None
+            if seed is not None:
+                if seed in ids:
+                    where = "" if target is None else f", target {target}"
+                    raise CLIError(
+                        f"{path}, line {line}: batch size {b:g}, lr {lr:g}, seed {seed}{where} already appears "
+                        f"on line {ids[seed][1]}; give each run one row per target"
+                    )
+                sid = ids[seed] = (len(ids), line)
+            out.append(RunRecord(b, steps, target=target, lr=lr, reached=reached, seed=None if sid is None else sid[0]))
+    return out
 
 
 def _fmt_iv(iv: tuple[float, float]) -> str:
@@ -357,6 +438,46 @@ def _table(fits: list[Any], unit: str) -> str:
     )
 
 
+def _lr_table(fits: list[Any], unit: str) -> str:
+    head = ("target", "B_noise", f"{fits[0].level:.0%} interval", "eps_max", "interval", "sizes", "excl.", "scatter")
+    rows = []
+    for f in fits:
+        excluded = sum(not p.used for p in f.points)
+        if f.b_noise is None:
+            bn = "-"
+            if f.b_noise_bound is not None:
+                side, v = f.b_noise_bound
+                bn = f"{'>' if side == 'lower' else '<'}{v:.3g}"
+            biv = "[not resolved]"
+        else:
+            bn, biv = f"{f.b_noise:.4g}", _fmt_iv(f.b_noise_interval())
+        eps, eiv = ("-", "") if f.eps_max is None else (f"{f.eps_max:.4g}", _fmt_iv(f.eps_max_interval()))
+        rows.append(
+            (
+                "-" if f.target is None else f"{f.target:g}" if isinstance(f.target, float) else str(f.target),
+                bn,
+                biv,
+                eps,
+                eiv,
+                str(f.n_used),
+                str(excluded),
+                "-" if math.isnan(f.sigma) else f"{f.sigma:.3f}",
+            )
+        )
+    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
+    return "\n".join(
+        [
+            "B_noise and eps_max from the best learning rate per batch size, eps_opt(B) = eps_max/(1 + B_noise/B):",
+            line(head),
+            line(tuple("-" * w for w in widths)),
+            *map(line, rows),
+            f"(B_noise in {unit}, eps_max in learning-rate units; sizes: batch sizes fitted, excl.: left out, "
+            "see notes; scatter: s.d. of log lr about the fit)",
+        ]
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -366,8 +487,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--level must be between 0 and 1, got {args.level}")
     if args.n_boot < 0:
         raise CLIError(f"--n-boot must be >= 0, got {args.n_boot}")
-    frontiers = read_sweep_frontiers(args.sweep)
+    targets, best, cells = _scan_sweep_csv(args.sweep)
+    frontiers = _frontiers(args.sweep, targets, best)
     from ..critical import fit_critical_batch
+    from ..lr_sweep import fit_lr_sweep
 
     fits = []
     notes: list[str] = []
@@ -376,13 +499,40 @@ def run(args: argparse.Namespace) -> int:
             warnings.simplefilter("always")
             fits.append(fit_critical_batch(points, target=target, level=args.level, n_boot=args.n_boot, seed=args.seed))
         notes += [str(w.message) for w in caught]
+    lr_fits: dict[Any, Any] = {}
+    if cells.overflow:
+        notes.append(f"more than {MAX_LR_CELLS} (target, batch size, lr) cells: no B_noise fit")
+    else:
+        if cells.dropped_runs:
+            notes.append(
+                f"{cells.dropped_runs} runs beyond the first {MAX_RUNS_PER_CELL} of their (batch size, lr) cell "
+                "were left out of the B_noise fit"
+            )
+        for target in frontiers:
+            recs = _lr_records(args.sweep, cells, target)
+            if recs is None:
+                continue
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    lr_fits[target] = fit_lr_sweep(
+                        recs, target=target, level=args.level, n_boot=args.n_boot, seed=args.seed, refine=args.lr_refine
+                    )
+                except ValueError as e:
+                    raise CLIError(f"{args.sweep}: {e}") from None
+            notes += [str(w.message) for w in caught]
     if args.json:
         for f in fits:
             d = f.to_dict()
             d["unit"] = args.unit
+            if f.target in lr_fits:
+                d.update({k: v for k, v in lr_fits[f.target].to_dict().items() if k != "target"})
             print(json.dumps(d))
     else:
         print(_table(fits, args.unit))
+        if lr_fits:
+            print()
+            print(_lr_table(list(lr_fits.values()), args.unit))
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     if args.plot is not None:
