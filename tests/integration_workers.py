@@ -1,0 +1,191 @@
+"""Problems shared by the trainer-integration tests, and their multi-process (gloo) workers.
+
+Everything is deterministic from a seed: a teacher-labelled classification problem (a real signal, so
+``B_simple`` is defined after a few steps), a small MLP, and the plain-loop reference that each
+integration must equal. Workers run as ``python tests/integration_workers.py SCENARIO CFG_JSON OUT``
+with the torchrun environment variables set by the test (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+D_IN, D_OUT = 16, 4
+
+
+def problem(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` examples labelled by a fixed random teacher with 20% of the labels resampled (noise)."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(D_IN, D_OUT, generator=g)
+    X = torch.randn(n, D_IN, generator=g)
+    y = (X @ teacher).argmax(1)
+    flip = torch.rand(n, generator=g) < 0.2
+    y[flip] = torch.randint(0, D_OUT, (int(flip.sum()),), generator=g)
+    return X, y
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(D_IN, 32), nn.Tanh(), nn.Linear(32, D_OUT))
+
+
+def plain_loop(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    k: int,
+    *,
+    lr: float = 0.1,
+    clip: float | None = None,
+    gns: Any = None,
+    ddp: Any = None,
+) -> None:
+    """The hand-written loop each trainer must equal: ``k`` micro-batches of mean loss ``/ k`` per step,
+    clipping, SGD. ``batches`` in order; under DDP (``ddp`` the wrapper) all but the last pass in no_sync."""
+    net = ddp if ddp is not None else model
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for s in range(len(batches) // k):
+        for j in range(k):
+            x, y = batches[s * k + j]
+            ctx = ddp.no_sync() if ddp is not None and j < k - 1 else _Null()
+            with ctx:
+                (F.cross_entropy(net(x), y) / k).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if gns is not None:
+            gns.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# -- Lightning ----------------------------------------------------------------------------
+
+
+def lightning_module(seed: int = 0, lr: float = 0.1, call_forward: bool = False) -> Any:
+    import lightning.pytorch as pl
+
+    class Classifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp(seed)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            # self(x) runs the module's forward (and its hooks); self.net(x) does not
+            return F.cross_entropy(self(x) if call_forward else self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=lr)
+
+    return Classifier()
+
+
+def lightning_trainer(callbacks: list, **kw: Any) -> Any:
+    import lightning.pytorch as pl
+
+    opts: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    opts.update(kw)
+    return pl.Trainer(callbacks=callbacks, **opts)
+
+
+def loader(X: torch.Tensor, y: torch.Tensor, batch: int, sampler: Any = None) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=batch, sampler=sampler)
+
+
+def lightning_ddp(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Lightning's DDP strategy (processes created by the test, gloo) with and without the callback, and
+    the plain DDP loop with a tracker on the same per-rank batches."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data.distributed import DistributedSampler
+
+    from noisescale import GradientNoiseScale
+    from noisescale.integrations.lightning import NoiseScaleCallback
+
+    k, m, steps = cfg["k"], cfg["m"], cfg["steps"]
+    X, y = problem(world * k * m * steps, seed=cfg["seed"])
+    out: dict[str, Any] = {}
+    for with_cb in (False, True):
+        cb = NoiseScaleCallback(method="ddp", log_every_n_steps=0) if with_cb else None
+        module = lightning_module(cfg["seed"])
+        trainer = lightning_trainer(
+            [cb] if cb else [],
+            strategy="ddp",
+            devices=world,
+            max_steps=steps,
+            accumulate_grad_batches=k,
+            gradient_clip_val=cfg["clip"],
+            use_distributed_sampler=False,
+        )
+        trainer.fit(module, loader(X, y, m, DistributedSampler(range(len(y)), world, rank, shuffle=False)))
+        out["params_cb" if with_cb else "params"] = params_of(module.net)
+        if cb is not None:
+            assert cb.gns is not None
+            out["b_simple"] = cb.gns.b_simple
+            out["method"] = cb.gns.method
+            out["history"] = [r.get("g2_step") for r in cb.gns.history]
+    assert dist.is_initialized()
+    net = mlp(cfg["seed"])
+    ddp = DDP(net)
+    gns = GradientNoiseScale(ddp, method="ddp")
+    idx = list(DistributedSampler(range(len(y)), world, rank, shuffle=False))
+    batches = [(X[idx[i : i + m]], y[idx[i : i + m]]) for i in range(0, len(idx), m)]
+    plain_loop(net, batches, k, clip=cfg["clip"], gns=gns, ddp=ddp)
+    out["plain_b_simple"] = gns.b_simple
+    out["plain_history"] = [r.get("g2_step") for r in gns.history]
+    out["plain_params"] = params_of(net)
+    gns.close()
+    return out
+
+
+SCENARIOS = {"lightning_ddp": lightning_ddp}
+
+
+def main() -> None:
+    scenario, cfg_json, out_path = sys.argv[1], sys.argv[2], sys.argv[3]
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:
+        result = SCENARIOS[scenario](rank, world, json.loads(cfg_json))
+    except BaseException:
+        torch.save({"error": traceback.format_exc()}, f"{out_path}.{rank}.pt")
+        sys.stdout.flush()
+        os._exit(3)
+    torch.save(result, f"{out_path}.{rank}.pt")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter finalization (process groups torn down by the OS)
+
+
+if __name__ == "__main__":
+    main()

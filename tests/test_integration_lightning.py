@@ -1,0 +1,214 @@
+"""Lightning: NoiseScaleCallback equals a hand-written loop, changes nothing, logs, checkpoints and runs DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+import integration_workers as W
+from noisescale import GradientNoiseScale
+from noisescale.integrations.lightning import NoiseScaleCallback
+
+K, M, STEPS, CLIP = 4, 8, 10, 0.5
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
+        yield
+
+
+def _data(steps: int = STEPS, seed: int = 0):
+    return W.problem(K * M * steps, seed=seed)
+
+
+def _fit(cb, X, y, steps=STEPS, k=K, call_forward=False, **kw):
+    module = W.lightning_module(call_forward=call_forward)
+    trainer = W.lightning_trainer([cb] if cb else [], max_steps=steps, accumulate_grad_batches=k, **kw)
+    trainer.fit(module, W.loader(X, y, M))
+    return module, trainer
+
+
+def _plain(X, y, steps=STEPS, clip=CLIP, k=K, **opts):
+    net = W.mlp()
+    gns = GradientNoiseScale(net, **opts)
+    batches = [(X[i : i + M], y[i : i + M]) for i in range(0, k * M * steps, M)]
+    W.plain_loop(net, batches, k, clip=clip, gns=gns)
+    return net, gns
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+# (callback's method, the loop's, micro-batches per step, training_step calls self(x)): "auto" on one
+# device with accumulation measures the trainer's micro-batches; without accumulation, per-example norms
+CASES = [("auto", "microbatch", K, False), ("auto", "per_example", 1, True)]
+
+
+@pytest.mark.parametrize("method,ref_method,k,call_forward", CASES)
+def test_equals_plain_loop_with_clipping_and_accumulation_and_is_inert(method, ref_method, k, call_forward):
+    X, y = _data()
+    cb = NoiseScaleCallback(method=method, log_every_n_steps=0)
+    with_cb, _ = _fit(cb, X, y, k=k, call_forward=call_forward, gradient_clip_val=CLIP)
+    without, _ = _fit(None, X, y, k=k, call_forward=call_forward, gradient_clip_val=CLIP)
+    net, ref = _plain(X, y, k=k, method=ref_method)
+    # inert: the trained parameters are bit-identical with and without the callback, and equal the loop's
+    for a, b, c in zip(with_cb.net.parameters(), without.net.parameters(), net.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert cb.gns is not None and cb.gns.method == ref.method
+    assert cb.gns.steps == STEPS and cb.gns.measured == ref.measured == STEPS
+    assert ref.b_simple is not None and rel(cb.gns.b_simple, ref.b_simple) < 1e-6
+    for r1, r2 in zip(cb.gns.history, ref.history):
+        assert rel(r1["g2_step"], r2["g2_step"]) < 1e-6 and rel(r1["trace_sigma_step"], r2["trace_sigma_step"]) < 1e-6
+
+
+def test_clipping_is_active_so_the_equality_tests_it():
+    # the clipped run differs from the unclipped one: the test above compares runs where clipping acted
+    X, y = _data()
+    clipped, _ = _plain(X, y, clip=CLIP, method="microbatch")
+    free, _ = _plain(X, y, clip=None, method="microbatch")
+    assert not all(torch.equal(a, b) for a, b in zip(clipped.parameters(), free.parameters()))
+
+
+def test_logs_through_the_trainer_loggers(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    X, y = _data()
+    cb = NoiseScaleCallback(method="microbatch")
+    _fit(cb, X, y, gradient_clip_val=CLIP, logger=CSVLogger(tmp_path), log_every_n_steps=3)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get("gns/b_simple")]
+    # steps 3, 6, 9 of 10: the trainer's cadence; each value is the tracker's after that step
+    assert [int(float(r["gns/steps"])) for r in logged] == [3, 6, 9]
+    hist = list(cb.gns.history)
+    for r in logged:
+        s = int(float(r["gns/steps"]))
+        want = hist[s - 1]["b_simple"]
+        got = float(r["gns/b_simple"])
+        assert (want is None and got != got) or rel(got, want) < 1e-6
+    assert {"gns/g2", "gns/trace_sigma", "gns/b_simple_low", "gns/examples"} <= set(rows[0])
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    # an epoch is 5 steps (the loader restarts at an epoch boundary, so resumed data equals uninterrupted)
+    X, y = _data(steps=5)
+    full = NoiseScaleCallback(method="microbatch", log_every_n_steps=0)
+    _fit(full, X, y, steps=-1, max_epochs=2, gradient_clip_val=CLIP)
+
+    first = NoiseScaleCallback(method="microbatch", log_every_n_steps=0)
+    _, trainer = _fit(first, X, y, steps=-1, max_epochs=1, gradient_clip_val=CLIP)
+    ckpt = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)  # numbers only
+    assert any("NoiseScaleCallback" in k for k in saved["callbacks"])
+
+    second = NoiseScaleCallback(method="microbatch", log_every_n_steps=0)
+    module = W.lightning_module()
+    t2 = W.lightning_trainer([second], max_epochs=2, accumulate_grad_batches=K, gradient_clip_val=CLIP)
+    t2.fit(module, W.loader(X, y, M), ckpt_path=ckpt)
+    assert second.gns.steps == full.gns.steps == 10
+    assert rel(second.gns.b_simple, full.gns.b_simple) < 1e-9
+    assert second.gns.state_dict() == full.gns.state_dict()
+
+
+def test_per_example_without_the_module_forward_says_so():
+    X, y = _data()
+    cb = NoiseScaleCallback(log_every_n_steps=0)  # auto, no accumulation: per-example norms
+    with pytest.warns(UserWarning, match="training_step did not call"):
+        _fit(cb, X, y, steps=2, k=1)
+
+
+def test_bad_options_are_one_clear_error():
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        NoiseScaleCallback(log_every_n_steps=-2)
+    with pytest.raises(TypeError, match="size_fn"):
+        NoiseScaleCallback(size_fn=3)
+    with pytest.raises(ValueError, match="not a state saved by this callback"):
+        NoiseScaleCallback().load_state_dict({"format": "other"})
+
+
+def test_size_fn_in_tokens_is_used():
+    X, y = _data()
+    cb = NoiseScaleCallback(method="microbatch", unit="tokens", size_fn=lambda b: 3 * len(b[0]), log_every_n_steps=0)
+    _fit(cb, X, y)
+    assert cb.gns.examples == 3 * K * M * STEPS and cb.gns.unit == "tokens"
+
+
+# -- DDP: two gloo processes created by the test, Lightning's DDP strategy inside them --------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(tmp_path: Path, scenario: str, cfg: dict, world: int = 2, timeout: float = 240) -> list[dict]:
+    port = _free_port()
+    procs = []
+    out = tmp_path / scenario
+    for rank in range(world):
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            NODE_RANK="0",
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(Path(W.__file__)), scenario, json.dumps(cfg), str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for rank in range(world):
+        path = Path(f"{out}.{rank}.pt")
+        assert path.exists(), f"rank {rank} left no result:\n{logs[rank][-3000:]}"
+        res = torch.load(path, weights_only=False)
+        assert "error" not in res, res.get("error")
+        results.append(res)
+    return results
+
+
+def test_ddp_two_processes_equals_plain_ddp_loop(tmp_path):
+    cfg = dict(k=3, m=6, steps=6, seed=3, clip=CLIP)
+    per_rank = run_workers(tmp_path, "lightning_ddp", cfg)
+    for r in per_rank:
+        assert r["method"] == "ddp"
+        assert all(torch.equal(a, b) for a, b in zip(r["params"], r["params_cb"]))  # inert under DDP
+        assert all(torch.equal(a, b) for a, b in zip(r["params"], r["plain_params"]))
+        assert r["plain_b_simple"] is not None and rel(r["b_simple"], r["plain_b_simple"]) < 1e-6
+        assert all(rel(a, b) < 1e-6 for a, b in zip(r["history"], r["plain_history"]))
+    assert per_rank[0]["b_simple"] == per_rank[1]["b_simple"]
