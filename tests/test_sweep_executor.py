@@ -7,6 +7,7 @@ thread pool in this process leaves the caller's alone."""
 
 from __future__ import annotations
 
+import _thread
 import csv
 import functools
 import math
@@ -71,6 +72,14 @@ def threads_train(batch_size: int, lr: float, seed: int):
 
 
 CALLS: list[tuple[int, float, int]] = []
+RELEASE = threading.Event()
+
+
+def blocking_train(batch_size: int, lr: float, seed: int):
+    """Records the call, then trains only once RELEASE is set (a long run, stopped by Ctrl-C)."""
+    CALLS.append((batch_size, lr, seed))
+    RELEASE.wait(timeout=30)
+    yield 1.0
 
 
 def failing_first_train(batch_size: int, lr: float, seed: int):
@@ -260,27 +269,56 @@ def test_a_failed_run_cancels_the_runs_not_yet_started():
         assert "11 of 11 unfinished runs cancelled" in " ".join(info.value.__notes__)
 
 
+def test_ctrl_c_while_waiting_cancels_the_runs_not_yet_started(tmp_path):
+    """KeyboardInterrupt in this (the main) thread while the sweep waits on a running run: the sweep
+    stops within its 1 s wait, the 11 queued runs are cancelled and never run."""
+    CALLS.clear()
+    RELEASE.clear()
+    pool = ThreadPoolExecutor(max_workers=1)
+    timer = threading.Timer(0.3, _thread.interrupt_main)  # as Ctrl-C would: KeyboardInterrupt in the main thread
+    t0 = time.monotonic()
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt) as info:
+            ns.sweep(blocking_train, **GRID, results=tmp_path / "s.csv", executor=pool, progress=False)
+        stopped_after = time.monotonic() - t0
+    finally:
+        timer.cancel()
+        RELEASE.set()  # the run that had started ends (a thread cannot be killed)
+        pool.shutdown(wait=True)
+    assert stopped_after < 5
+    assert CALLS == [(4, 0.05, 0)]
+    if sys.version_info >= (3, 11):
+        note = info.value.__notes__[-1]
+        assert "11 of 12 unfinished runs cancelled" in note and "the 0 finished runs are in" in note
+
+
 class _Job:
     """A submitit job's interface (done/result/cancel): not a concurrent.futures.Future."""
 
     def __init__(self, fn, args):
-        self._out = None
+        self._out = self._error = None
         self._thread = threading.Thread(target=self._run, args=(fn, args))
         self._thread.start()
 
     def _run(self, fn, args):
         time.sleep(0.05)
-        self._out = fn(*args)
+        try:
+            self._out = fn(*args)
+        except BaseException as e:  # as a job does: the failure comes back with result()
+            self._error = e
 
     def done(self) -> bool:
         return not self._thread.is_alive()
 
     def result(self):
         self._thread.join()
+        if self._error is not None:
+            raise self._error
         return self._out
 
-    def cancel(self) -> bool:
-        return False
+    def cancel(self) -> None:  # submitit's answers nothing
+        return None
 
 
 class _SubmititLike:
@@ -300,6 +338,13 @@ def test_an_executor_whose_jobs_are_polled(tmp_path):
     serial = ns.sweep(torch_train, [4, 16], [0.1], targets=[0.6], max_steps=50, progress=False)
     assert [(r.spec, r.steps, r.metrics) for r in res.runs] == [(r.spec, r.steps, r.metrics) for r in serial.runs]
     assert len(_rows(path)) == 2
+    CALLS.clear()
+    with pytest.raises(RuntimeError, match="this run failed") as info:
+        ns.sweep(failing_first_train, [4, 16], [0.1], targets=[0.6], max_steps=50, executor=ex, progress=False)
+    if sys.version_info >= (3, 11):
+        assert "cancel requested for the 1 unfinished runs" in info.value.__notes__[-1]
+    for job in ex.jobs:
+        job._thread.join()  # every job has ended before the next test
 
 
 def test_unpicklable_training_functions_are_refused_before_anything_runs(tmp_path, pool):

@@ -470,21 +470,20 @@ def _pickler_for(executor: Any) -> str:
 def _wait_some(handles: Mapping[int, Any], timeout: float) -> list[int]:
     """Indices of the finished ``handles``, waiting up to ``timeout`` seconds for one.
 
-    ``concurrent.futures`` futures are waited on; other handles (submitit jobs) are polled. Either
-    way the wait ends within ``timeout``, so that a signal handler (SIGTERM) runs within a second
-    however long a run takes."""
+    ``concurrent.futures`` futures are waited on; other handles (submitit jobs) are polled once
+    per call, then ``timeout`` is slept if none is done (a submitit ``done()`` touches the shared
+    file system: once a second per job, not more). Either way the wait ends within ``timeout``, so
+    that a signal handler (SIGTERM) runs within a second however long a run takes."""
     from concurrent.futures import FIRST_COMPLETED, Future, wait
 
     if all(isinstance(h, Future) for h in handles.values()):
         index = {h: i for i, h in handles.items()}
         done, _ = wait(list(index), timeout=timeout, return_when=FIRST_COMPLETED)
         return sorted(index[h] for h in done)
-    deadline = time.monotonic() + timeout
-    while True:
-        done_idx = sorted(i for i, h in handles.items() if h.done())
-        if done_idx or time.monotonic() >= deadline:
-            return done_idx
-        time.sleep(0.2)
+    done_idx = sorted(i for i, h in handles.items() if h.done())
+    if not done_idx:
+        time.sleep(timeout)
+    return done_idx
 
 
 def _run_on_executor(
@@ -521,18 +520,22 @@ def _run_on_executor(
                 finished(res)
                 n_done += 1
     except BaseException as e:
-        cancelled = 0
+        answers = []
         for h in handles.values():
             cancel = getattr(h, "cancel", None)
             with contextlib.suppress(Exception):  # a handle that cannot cancel, or one already done
-                cancelled += bool(cancel()) if cancel is not None else 0
+                answers.append(cancel() if cancel is not None else False)
         if hasattr(e, "add_note"):  # Python >= 3.11
+            if all(isinstance(a, bool) for a in answers):  # concurrent.futures: True when cancelled
+                what = f"{sum(answers)} of {len(handles)} unfinished runs cancelled"
+            else:  # a submitit job's cancel() answers nothing
+                what = f"cancel requested for the {len(handles)} unfinished runs"
             kept = (
                 f"; the {n_before + n_done} finished runs are in {path}: run the sweep again to resume" if path else ""
             )
             e.add_note(
-                f"noisescale.sweep stopped: {cancelled} of {len(handles)} unfinished runs cancelled on the "
-                f"executor (runs already started may go on there; their results are not used){kept}"
+                f"noisescale.sweep stopped: {what} (a run already started may go on on the executor; "
+                f"its result is not used){kept}"
             )
         raise
     finally:
