@@ -656,10 +656,14 @@ def fit_lr_sweep(
     # -- identification --------------------------------------------------------------------
     bmin, bmax = math.exp(float(logb_all.min())), math.exp(float(logb_all.max()))
     lo_iv, hi_iv = fit.b_noise_interval() if len(fit._boot_c) else (math.nan, math.nan)
-    above = edge == 1 or (math.exp(c) > _EXTRAPOLATE * bmax and hi_iv == math.inf)
-    below = edge == 0 or (math.exp(c) < bmin / _EXTRAPOLATE and lo_iv == 0.0)
+    # Whether the data bound B_noise on each side: the profile-likelihood range at `level`
+    # (deterministic, there without a bootstrap) or the bootstrap interval.
+    p_lo, p_hi = _profile_range(y, w, logb, cgrid, c, 0.5 + level / 2)
+    open_hi, open_lo = p_hi is None or hi_iv == math.inf, p_lo is None or lo_iv == 0.0
+    above = edge == 1 or (math.exp(c) > _EXTRAPOLATE * bmax and open_hi)
+    below = edge == 0 or (math.exp(c) < bmin / _EXTRAPOLATE and open_lo)
     if above:
-        bound = lo_iv if math.isfinite(lo_iv) and lo_iv > 0 else None
+        bound = _profile_range(y, w, logb, cgrid, c, level)[0]  # one-sided at `level`
         fit.reason = (
             f"the best learning rate grows about linearly with B over the whole sweep (B = {bmin:g}..{bmax:g}): "
             f"B_noise is above the largest batch"
@@ -669,7 +673,7 @@ def fit_lr_sweep(
         fit.b_noise_bound = ("lower", bound) if bound else None
         fit.eps_max = None
     elif below:
-        bound = hi_iv if math.isfinite(hi_iv) else None
+        bound = _profile_range(y, w, logb, cgrid, c, level)[1]
         fit.reason = (
             f"the best learning rate is flat in B over the whole sweep (B = {bmin:g}..{bmax:g}): "
             f"B_noise is below the smallest batch"
@@ -684,14 +688,39 @@ def fit_lr_sweep(
             messages.append(
                 f"B_noise = {fit.b_noise:.3g} lies outside the swept batch sizes ({bmin:g}..{bmax:g}): an extrapolation"
             )
-        if lo_iv == 0.0 or hi_iv == math.inf:
+        if open_lo or open_hi:
             messages.append(
-                f"the {level:.0%} interval of B_noise reaches {'0' if lo_iv == 0.0 else 'infinity'}: "
+                f"at {level:.0%}, B_noise is compatible with {'0' if open_lo else 'infinity'}: "
                 f"the sweep ({bmin:g}..{bmax:g}) bounds it from one side only"
             )
     if fit.reason:
         messages.append(f"B_noise not resolved: {fit.reason}")
     return _finish(fit, tlabel)
+
+
+def _profile_range(
+    y: np.ndarray, w: np.ndarray, logb: np.ndarray, cgrid: np.ndarray, c: float, q: float
+) -> tuple[float | None, float | None]:
+    """The ``B_noise`` compatible with the data by a profile-likelihood (F) test: those whose
+    profiled SSE stays within ``s^2 t_{n-2}(q)^2`` of the minimum (``s^2 = SSE_min/(n-2)``), walked
+    out from the estimate ``c``. Returns the ends ``(low, high)``; ``None`` for an end that reaches
+    the search range's (the data do not bound that side). Unlike the bootstrap it needs no
+    replicates, and it gives a finite bound when replicates pile up at the search edge.
+    """
+    n = len(y)
+    if n < 3:
+        return None, None
+    sse = _sse_grid(y[None, :], w[None, :], logb, cgrid)[0]
+    smin = float(sse.min())
+    thr = smin + smin / (n - 2) * t_quantile(q, n - 2) ** 2
+    k0 = int(np.argmin(np.abs(cgrid - c)))
+    ends: list[float | None] = []
+    for step in (-1, 1):
+        k = k0
+        while 0 <= k + step < len(cgrid) and sse[k + step] <= thr:
+            k += step
+        ends.append(None if k in (0, len(cgrid) - 1) else math.exp(float(cgrid[k])))
+    return ends[0], ends[1]
 
 
 def _finish(fit: LRSweepFit, tlabel: str) -> LRSweepFit:
