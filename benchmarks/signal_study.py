@@ -64,7 +64,7 @@ from noisescale.data import digits_mlp, load_digits
 from noisescale.measure import split_batch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from models import CharTransformer, char_data  # noqa: E402
+from models import CharTransformer, char_data
 
 # ../shared beside the repository (as the tests expect), or NOISESCALE_SHAKESPEARE
 _DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -431,7 +431,7 @@ def branched(task: Task, ck: Checkpoint) -> dict[str, Any]:
         return per_seed[(batch, seed)]
 
     lr0 = cfg.lr(cfg.b0)
-    scale: Callable[[float], float] = lambda k: cfg.lr(k * cfg.b0) / lr0  # noqa: E731
+    scale: Callable[[float], float] = lambda k: cfg.lr(k * cfg.b0) / lr0
     eps = cfg.rel_eps * ck.loss
     kw = dict(examples=cfg.branch_examples, epsilon=eps, ks=cfg.ks, lr_scale=scale)
     r = ns.local_critical_batch(branch, cfg.b0, lr0, seeds=cfg.seeds, **kw)  # type: ignore[arg-type]
@@ -606,7 +606,7 @@ def table_md(rows: list[dict[str, Any]], analysis: dict[str, Any], runtime: dict
             lines.append(f"| {r['step']} | {r['loss']:.3f} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
         reasons = {c: r[c]["reason"] for r in rs for c in cols if r[c].get("value") is None and r[c].get("reason")}
         lines += [""] + [f"- {LABELS[c]} —: {why}" for c, why in reasons.items()]
-        lines += ["", "| signal | Spearman ρ with the branched critical batch | exact permutation p | checkpoints |"]
+        lines += ["", "| signal | Spearman rho with the branched critical batch | exact permutation p | checkpoints |"]
         lines.append("|---|---|---|---|")
         for s, c in a["correlations"].items():
             rho = f"{c['rho']:+.2f}" if c["rho"] is not None else "—"

@@ -87,15 +87,15 @@ def test_quick_study_output(study, tmp_path, shakespeare_path, monkeypatch):
             assert math.isclose(r["b_layer_max"]["value"], max(layer), rel_tol=1e-9)
     assert defined >= 20
     n_rho = 0
-    for task, a in summary["analysis"].items():
-        for s, c in a["correlations"].items():
+    for a in summary["analysis"].values():
+        for c in a["correlations"].values():
             if c["rho"] is not None:
                 n_rho += 1
                 assert -1.0 <= c["rho"] <= 1.0 and 0.0 < c["p_exact"] <= 1.0
                 assert c["n"] >= 3 and len(c["points"]) == c["n"]
-        for t, tr in a["table1"].items():
+        for tr in a["table1"].values():
             fit = tr["b_crit"]
-            for s, v in tr["signals"].items():
+            for v in tr["signals"].values():
                 if v["ratio"] is not None:
                     assert math.isclose(v["ratio"], v["average"] / fit["b_crit"])
                     # the ratio's interval is b_crit's, inverted (the fit's own interval is reported as is)
