@@ -269,6 +269,22 @@ def test_intervals_nest_by_level_and_to_dict_is_json():
         f.b_noise_interval(1.5)
 
 
+def test_weights_are_the_seeds_of_the_fastest_cell():
+    """weights="seeds": the fit is fit_eps_opt of the best lrs weighted by the seeds averaged in each
+    batch size's fastest cell (6 at B = 4096, 3 elsewhere); "equal": unweighted."""
+    base = lr_sweep(16)
+    extra = [RunRecord(4096, r.steps * 1.05, lr=r.lr, seed=r.seed + 3) for r in base if r.batch_size == 4096]
+    recs = base + extra
+    pts = quiet(best_lr, recs)
+    assert [p.n_seeds for p in pts] == [3] * 8 + [6]
+    b, e = [p.batch_size for p in pts], [p.lr for p in pts]
+    for weights, w in (("seeds", [p.n_seeds for p in pts]), ("equal", None)):
+        f = quiet(fit_lr_sweep, recs, n_boot=0, weights=weights)
+        bn, em, _ = fit_eps_opt(b, e, w)
+        assert f.b_noise == pytest.approx(bn, rel=1e-9) and f.eps_max == pytest.approx(em, rel=1e-9)
+    assert quiet(fit_lr_sweep, recs, n_boot=0).b_noise != quiet(fit_lr_sweep, recs, n_boot=0, weights="equal").b_noise
+
+
 def test_fit_is_seeded():
     a = quiet(fit_lr_sweep, lr_sweep(9), n_boot=100, seed=3)
     b = quiet(fit_lr_sweep, lr_sweep(9), n_boot=100, seed=3)

@@ -131,7 +131,7 @@ class BestLR:
 
     ``lr``: the refined optimum (``None`` when the batch size is excluded); ``grid_lr``: the grid
     learning rate that reached the target in the fewest steps (``steps``: its steps, the
-    geometric mean over seeds). ``status``:
+    geometric mean over its ``n_seeds`` seeds). ``status``:
 
     - ``"refined"``: the optimum is interpolated between the best grid point and its neighbours;
     - ``"grid"``: not refined (a neighbour never reached the target, or the points show no
@@ -246,8 +246,10 @@ def _best_point(c: _Cells, lx: np.ndarray, st: np.ndarray) -> BestLR:
     s = int(st[0])
     y = c.means()[0]
     reached = np.isfinite(y)
-    n_seeds = min((len(v) for v in c.logs if v is not None), default=0)
-    grid = float(np.exp(c.log_lr[int(np.argmin(np.where(reached, y, np.inf)))])) if reached.any() else None
+    jbest = int(np.argmin(np.where(reached, y, np.inf)))
+    fastest = c.logs[jbest] if reached.any() else None
+    n_seeds = 0 if fastest is None else len(fastest)  # seeds averaged in the fastest cell
+    grid = float(np.exp(c.log_lr[jbest])) if reached.any() else None
     steps = float(np.exp(y[reached].min())) if reached.any() else None
     lrs = np.exp(c.log_lr)
     reason = None
