@@ -468,7 +468,8 @@ class BatchSizeController:
         """The learning rate each param group's next step uses: its ``lr`` (the schedule's) x :attr:`lr_scale`."""
         if self.optimizer is None:
             return []
-        return [float(g["lr"]) * self.lr_scale for g in self.optimizer.param_groups]
+        scale = self.lr_scale if self._handles else 1.0  # closed: the hooks no longer apply it
+        return [float(g["lr"]) * scale for g in self.optimizer.param_groups]
 
     def metrics(self, prefix: str = "controller/") -> dict[str, float]:
         """Flat dict of floats for a logger: ``batch_size``, ``accumulation``, ``lr_scale``, ``changes``,
@@ -563,7 +564,7 @@ class BatchSizeController:
     # -- lifetime ----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop reading the tracker and remove the optimizer hooks. Idempotent."""
+        """Stop reading the tracker and remove the optimizer hooks (steps then use the plain ``lr``). Idempotent."""
         self._subscription.remove()
         for h in self._handles:
             h.remove()
