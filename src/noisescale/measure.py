@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .hessian import BNoiseAverage, hessian_draw
 from .tracker import GradientNoiseScale
 
 __all__ = ["measure", "MeasureResult", "split_batch"]
@@ -32,7 +33,16 @@ class MeasureResult:
     method: str
     reason: str | None
     coverage: float = 1.0  # fraction of the parameters' elements measured (per-example norms may cover fewer)
+    # with hessian=True (None otherwise): B_noise = tr(H Sigma)/(G^T H G) and eps_max = |G|^2/(G^T H G)
+    b_noise: float | None = None
+    eps_max: float | None = None
+    gHg: float | None = None
+    trace_h_sigma: float | None = None
+    b_noise_reason: str | None = "not measured: pass hessian=True"
+    hessian_draws: int = 0
+    hessian_seconds: float = 0.0  # time spent in the Hessian draws
     _tracker_state: dict[str, Any] = field(repr=False, default_factory=dict)
+    _hessian: BNoiseAverage | None = field(repr=False, default=None)
 
     def interval(self, level: float = 0.95) -> tuple[float, float] | None:
         """Fieller interval for ``b_simple`` over the ``n`` draws."""
@@ -41,6 +51,15 @@ class MeasureResult:
         ema = NoiseScaleEMA(1.0)
         ema.load_state_dict(self._tracker_state["ema"])
         return ema.interval(level)
+
+    def b_noise_interval(self, level: float = 0.95) -> tuple[float, float] | None:
+        """Fieller interval for ``b_noise`` over the Hessian draws (``None`` without ``hessian=True``,
+        below 3 draws, or while ``b_noise`` is undefined)."""
+        return None if self._hessian is None else self._hessian.b_noise_interval(level)
+
+    def eps_max_interval(self, level: float = 0.95) -> tuple[float, float] | None:
+        """Fieller interval for ``eps_max``."""
+        return None if self._hessian is None else self._hessian.eps_max_interval(level)
 
 
 def split_batch(batch: Any, k: int) -> list[Any]:
@@ -68,6 +87,25 @@ def split_batch(batch: Any, k: int) -> list[Any]:
     )
 
 
+def _hessian_draw(
+    model: torch.nn.Module,
+    params: Sequence[torch.nn.Parameter],
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    parts: Sequence[Any],
+    sizes: Callable[[Any], float] | None,
+    unit: str,
+) -> Any:
+    """One draw from one batch's parts: gradients of all but the last, the Hessian of the last."""
+    it = iter(parts)
+
+    def closure() -> Any:
+        part = next(it)
+        loss = loss_fn(model, part)
+        return (loss, float(sizes(part))) if sizes is not None else loss
+
+    return hessian_draw(model, params, closure, parts=len(parts) - 1, unit=unit)
+
+
 def measure(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
@@ -78,6 +116,7 @@ def measure(
     sizes: Callable[[Any], float] | None = None,
     unit: str = "examples",
     params: Sequence[torch.nn.Parameter] | None = None,
+    hessian: bool = False,
 ) -> MeasureResult:
     """Estimate ``b_simple`` of ``model`` at its current parameters.
 
@@ -95,6 +134,13 @@ def measure(
             (e.g. the number of non-padding tokens).
         unit: the unit of batch sizes, carried into the result.
         params: measure only these parameters (default: all trainable).
+        hessian: also measure ``B_noise = tr(H Sigma)/(G^T H G)`` and ``eps_max = |G|^2/(G^T H G)``
+            (eqs. 2.7-2.8) by Hessian-vector products (:mod:`noisescale.hessian`): each batch is
+            split into ``micro_batches`` parts (>= 3); the gradients of all parts but the last
+            and the Hessian of the last, independent of them, make one unbiased draw. Costs about
+            ``micro_batches + 3`` gradient passes per batch on top of the ``B_simple`` measurement.
+            The loss must be twice differentiable (attention runs on the MATH SDPA kernel meanwhile;
+            a ``torch.compile``'d module has no double backward: pass the original module).
     """
     if method not in ("microbatch", "auto", "per_example"):
         raise ValueError(f"measure() supports method='microbatch' or 'per_example', got {method!r}")
@@ -103,6 +149,11 @@ def measure(
         raise ValueError(
             f"micro_batches must be an integer >= 2 (small batches to compare with the "
             f"whole batch), got {micro_batches!r}"
+        )
+    if hessian and micro_batches < 3:
+        raise ValueError(
+            f"hessian=True needs micro_batches >= 3 (two or more gradient micro-batches and one, independent of "
+            f"them, for the Hessian), got {micro_batches}"
         )
     if unit != "examples" and sizes is None:
         raise ValueError(f"unit={unit!r} needs sizes=: a function giving each micro-batch's size in {unit}")
@@ -114,6 +165,7 @@ def measure(
     gns = GradientNoiseScale(
         model, "per_example" if per_example else "microbatch", beta=1.0, unit=unit, params=params, robust=False
     )
+    avg = BNoiseAverage(1.0) if hessian else None
     try:
         with torch.random.fork_rng(devices=devices):
             for p in tracked:
@@ -131,6 +183,9 @@ def measure(
                 gns.step([float(sizes(p)) for p in parts] if sizes is not None else None)
                 for p in tracked:
                     p.grad = None
+                if avg is not None:
+                    hparts = parts if not per_example else split_batch(batch, micro_batches)
+                    avg.update(_hessian_draw(model, tracked, loss_fn, hparts, sizes, unit))
         if gns.steps == 0:
             raise ValueError("batches was empty: measure() needs at least 3 batches (draws)")
         sd = gns.state_dict()
@@ -144,7 +199,15 @@ def measure(
             method=gns.method,
             reason=gns.reason,
             coverage=float(gns.probe.metrics().get("coverage", 1.0)),
+            b_noise=avg.b_noise if avg is not None else None,
+            eps_max=avg.eps_max if avg is not None else None,
+            gHg=avg.gHg if avg is not None else None,
+            trace_h_sigma=avg.trace_h_sigma if avg is not None else None,
+            b_noise_reason=avg.reason if avg is not None else "not measured: pass hessian=True",
+            hessian_draws=avg.count if avg is not None else 0,
+            hessian_seconds=avg.seconds if avg is not None else 0.0,
             _tracker_state=sd,
+            _hessian=avg,
         )
     finally:
         gns.close()

@@ -19,6 +19,8 @@ __all__ = [
     "StepContext",
     "Groups",
     "Hook",
+    "suspended",
+    "is_suspended",
     "resolve_groups",
     "Preconditioner",
     "EndOfBackward",
@@ -226,12 +228,37 @@ class Preconditioner:
         return self.weights[id(p)]
 
 
+# Process-wide, not thread-local: backward hooks run on the autograd engine's device threads.
+_suspend_depth = [0]
+
+
+class suspended:  # noqa: N801 (used as a context manager, like torch.no_grad)
+    """Context in which every probe's hooks and instrumented forwards do nothing.
+
+    The Hessian measurement (:mod:`noisescale.hessian`) runs extra forward and backward passes on
+    other micro-batches inside ``step()``; they must neither count as parts of the training step
+    nor run through the per-example layers' custom autograd functions (which have no double
+    backward). Re-entrant.
+    """
+
+    def __enter__(self) -> None:
+        _suspend_depth[0] += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        _suspend_depth[0] -= 1
+
+
+def is_suspended() -> bool:
+    """Whether a :class:`suspended` block is active."""
+    return _suspend_depth[0] > 0
+
+
 class Hook:
     """A tensor or module hook that a deep copy of the model does not carry along.
 
     ``copy.deepcopy(model)`` (an EMA copy, a checkpoint snapshot) copies the hooks on its
     parameters and modules; the copy's passes must not reach this tracker, so a copied hook
-    does nothing (and the probe itself is not copied).
+    does nothing (and the probe itself is not copied). Inside :class:`suspended` it does nothing.
     """
 
     __slots__ = ("fn",)
@@ -240,6 +267,8 @@ class Hook:
         self.fn = fn
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
+        if _suspend_depth[0]:
+            return
         self.fn(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> Callable[..., None]:
