@@ -758,7 +758,24 @@ class GradientNoiseScale:
             return f"B_simple undefined: {self.reason} ({extra.lstrip(', ')})"
         iv = self.interval(level)
         ivs = f" [{level:.0%}: {iv[0]:.3g}, {iv[1]:.3g}]" if iv else ""
-        return f"B_simple = {b:.4g}{ivs} {self.unit} (n_eff={self.n_eff:.0f}, skipped={self._skipped}{extra})"
+        line = f"B_simple = {b:.4g}{ivs} {self.unit} (n_eff={self.n_eff:.0f}, skipped={self._skipped}{extra})"
+        adv = self.advice(level=level)  # a second line: the paper's costs at the batch in use (advice.py)
+        return line if adv.reason is not None else f"{line}\n{adv.line()}"
+
+    def advice(
+        self,
+        batch_size: float | None = None,
+        *,
+        factor: float = 1.0,
+        dataset_size: float | None = None,
+        level: float = 0.95,
+    ) -> Any:
+        """The paper's predicted ``S(B)/S_min`` and ``E(B)/E_min`` at ``batch_size`` (default: the last
+        step's batch) and the recommended batch ``factor x B_simple``: a :class:`noisescale.advice.Advice`
+        (``.line()`` for one human line); see :mod:`noisescale.advice`."""
+        from .advice import advice_for
+
+        return advice_for(self, batch_size, factor=factor, dataset_size=dataset_size, level=level)
 
     # -- state -------------------------------------------------------------------------
 
