@@ -168,6 +168,79 @@ def lightning_ddp(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# -- Hugging Face ---------------------------------------------------------------------------
+
+VOCAB, SEQ = 32, 8
+
+
+def tiny_gpt2(seed: int = 0) -> Any:
+    """A 1-layer GPT-2 built from a config (nothing downloaded), without dropout (deterministic), initialised
+    wide enough that its gradient norm is above 1 (so that max_grad_norm=1.0 clips)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        initializer_range=0.5,
+        bos_token_id=0,
+        eos_token_id=0,
+        loss_type="ForCausalLM",
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Sequences from a fixed random bigram chain (learnable), labels = inputs (the model shifts them)."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        trans = torch.softmax(3 * torch.randn(VOCAB, VOCAB, generator=g), 1)
+        ids = torch.empty(n, SEQ, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, VOCAB, (n,), generator=g)
+        for t in range(1, SEQ):
+            ids[:, t] = torch.multinomial(trans[ids[:, t - 1]], 1, generator=g).squeeze(1)
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def hf_trainer(model: Any, out_dir: str, ds: Any, callbacks: list | None = None, lr: float = 0.05, **args: Any) -> Any:
+    """A Trainer on the CPU with plain SGD at a constant learning rate (the plain loop can replay it)."""
+    from transformers import Trainer, TrainingArguments
+
+    opts: dict[str, Any] = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=3,
+        max_steps=8,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    opts.update(args)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return Trainer(
+        model=model, args=TrainingArguments(**opts), train_dataset=ds, callbacks=callbacks, optimizers=(opt, None)
+    )
+
+
 SCENARIOS = {"lightning_ddp": lightning_ddp}
 
 

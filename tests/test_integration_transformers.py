@@ -1,0 +1,161 @@
+"""Hugging Face Trainer: NoiseScaleCallback is right despite clipping before the callback, changes nothing,
+logs through trainer.log and checkpoints with the trainer's state."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import integration_workers as W
+from noisescale import GradientNoiseScale, estimate
+from noisescale.integrations.transformers import NoiseScaleCallback
+
+K = 3  # gradient_accumulation_steps of W.hf_trainer
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    yield
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def _record(model):
+    """Every forward call with gradients enabled: the exact keyword inputs the trainer gave the model."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        if torch.is_grad_enabled():
+            calls.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+
+    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _train(tmp_path, with_cb: bool, **args):
+    model = W.tiny_gpt2()
+    init = copy.deepcopy(model)
+    calls, h = _record(model)
+    trainer = W.hf_trainer(model, str(tmp_path / ("cb" if with_cb else "plain")), W.TokenData(256), **args)
+    cb = NoiseScaleCallback(trainer, method="microbatch") if with_cb else None
+    trainer.train()
+    h.remove()
+    return model, init, calls, trainer, cb
+
+
+def _replay(init, calls, k, clip, gns=None):
+    """The trainer's step by hand: its exact inputs, its loss scaling, clip_grad_norm_, SGD."""
+    model = init
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = GradientNoiseScale(model, method="microbatch", reduction="sum") if gns else None
+    per_step = []  # (per-micro-batch gradients, step gradient before clipping)
+    for s in range(len(calls) // k):
+        parts = []
+        for kw in calls[s * k : (s + 1) * k]:
+            loss = model(**kw).loss
+            if kw.get("num_items_in_batch") is None:
+                loss = loss / k
+            before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+            loss.backward()
+            parts.append(torch.cat([(p.grad - b).reshape(-1) for p, b in zip(model.parameters(), before)]))
+        total = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if tracker is not None:
+            tracker.step()
+        per_step.append((parts, total))
+        opt.step()
+        model.zero_grad()
+    return model, tracker, per_step
+
+
+@pytest.fixture(scope="module")
+def cb_run(tmp_path_factory):
+    """One training run with the callback (max_grad_norm=1.0, gradient_accumulation_steps=3), shared."""
+    return _train(tmp_path_factory.mktemp("hf"), True)
+
+
+def test_equals_plain_loop_with_clipping_and_accumulation_and_is_inert(cb_run, tmp_path):
+    model_cb, init, calls, _, cb = cb_run
+    model_plain, _, calls_plain, _, _ = _train(tmp_path, False)
+    assert len(calls) == 8 * K and all(c["input_ids"].shape == (4, W.SEQ) for c in calls)
+    # inert: same inputs, bit-identical parameters with and without the callback
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(calls, calls_plain))
+    for a, b in zip(model_cb.parameters(), model_plain.parameters()):
+        assert torch.equal(a, b)
+    replayed, ref, _ = _replay(copy.deepcopy(init), calls, K, clip=1.0, gns=True)
+    for a, b in zip(model_cb.parameters(), replayed.parameters()):  # the replay is the trainer's run
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert cb.gns.steps == 8 and cb.gns.measured == 8 and ref.measured == 8
+    assert ref.b_simple is not None and rel(cb.gns.b_simple, ref.b_simple) < 1e-6
+
+
+def test_max_grad_norm_clipping_is_not_measured(cb_run):
+    """The callback's per-step |G|^2 and tr(Sigma) are those of the unclipped gradients; a tracker that read
+    the clipped .grad in on_pre_optimizer_step (where the trainer calls back after clipping) is far off."""
+    _, init, calls, _, cb = cb_run
+    _, _, per_step = _replay(copy.deepcopy(init), calls, K, clip=1.0)
+    b_small, b_big = 4.0, 4.0 * K
+    clipped_steps = 0
+    for rec, (parts, total) in zip(cb.gns.history, per_step):
+        # "sum" convention: micro-batch j's gradient is its token sum over the step's count, so its own
+        # mean gradient is K times it (equal micro-batches)
+        sq_small = float(torch.stack([(K * g).double().square().sum() for g in parts]).mean())
+        sq_big = float(total.double().square().sum())
+        g2, ts = estimate(sq_small, b_small, sq_big, b_big)
+        # (the parts here are differences of float32 sums: g2, itself a difference, agrees to ~1e-6)
+        assert rel(rec["g2_step"], g2) < 1e-4 and rel(rec["trace_sigma_step"], ts) < 1e-4
+        norm = math.sqrt(sq_big)
+        if norm > 1.0:  # max_grad_norm=1.0 acted on this step: the clipped norm would give another g2
+            clipped_steps += 1
+            g2_clipped, _ = estimate(sq_small, b_small, 1.0, b_big)
+            assert rel(g2_clipped, g2) > 0.1
+    assert clipped_steps >= 4  # the clipping was active on most steps
+
+
+def test_logs_through_trainer_log(cb_run):
+    *_, trainer, cb = cb_run
+    logged = [r for r in trainer.state.log_history if "gns/b_simple" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8]  # logging_steps=2
+    hist = list(cb.gns.history)
+    for r in logged:
+        want = hist[r["step"] - 1]["b_simple"]
+        assert (want is None and math.isnan(r["gns/b_simple"])) or rel(r["gns/b_simple"], want) < 1e-9
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    ds = W.TokenData(256)
+
+    def run(out, max_steps, resume=None):
+        model = W.tiny_gpt2()
+        trainer = W.hf_trainer(model, str(tmp_path / out), ds, max_steps=max_steps, save_strategy="steps", save_steps=4)
+        cb = NoiseScaleCallback(trainer, method="microbatch")
+        trainer.train(resume_from_checkpoint=resume)
+        return cb
+
+    full = run("full", 8)
+    run("part", 4)
+    ckpt = tmp_path / "part" / "checkpoint-4"
+    saved = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["noisescale"]
+    assert saved["tracker"]["counters"]["steps"] == 4
+    resumed = run("part", 8, resume=str(ckpt))
+    assert resumed.gns.steps == full.gns.steps == 8
+    assert rel(resumed.gns.b_simple, full.gns.b_simple) < 1e-9
+
+
+def test_advice_and_errors(cb_run):
+    *_, cb = cb_run
+    line = cb.advice()
+    assert "gradient_accumulation_steps=" in line and "B_simple" in line and cb.batch_size() == 12
+    with pytest.raises(TypeError, match="transformers.Trainer"):
+        NoiseScaleCallback(object())
+    with pytest.raises(ValueError, match="not a state saved by this callback"):
+        cb.load_state_dict({"format": "x"})
