@@ -22,10 +22,12 @@ more learning rates at each of three or more batch sizes, the best learning rate
 is fitted to eps_opt(B) = eps_max/(1 + B_noise/B), and B_noise and eps_max are reported with
 bootstrap intervals (seeds resampled within cells when every cell has two or more, else
 residuals). A batch size whose fastest lr is at an end of its grid is left out with a note; a
-B_noise beyond the swept batch sizes is reported as "-" with the reason and a one-sided bound.
+B_noise the sweep cannot resolve (best lr linear or flat in B) is shown as its one-sided bound
+(">x" or "<x", or "-") with the reason in a note, never as an extrapolated number.
 
 The file is streamed (only the fastest run and the smallest unreached budget per target and
-batch size are kept, so any size fits in memory); a UTF-8 byte-order mark is accepted; a bad
+batch size are kept, and for the B_noise fit the first 64 runs of each (target, batch size, lr)
+cell, in at most 20,000 cells, so any size fits in memory); a UTF-8 byte-order mark is accepted; a bad
 value, a duplicated column or a non-finite target is an error naming the line.
 
 Examples:
