@@ -75,3 +75,48 @@ def test_tracker_advice_and_summary_line():
     first, second = gns.summary().split("\n")
     assert first.startswith("B_simple = ") and second == a.line() and "at B = 32 examples" in second
     gns.close()
+
+
+def test_plot_draws_the_batch_used_and_flags_the_dataset_size(tmp_path):
+    """The run log's examples give each step's batch; the plot draws it on the B_simple panel."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from noisescale.cli import main
+    from noisescale.plot import batch_used, plot_b_simple
+
+    torch.manual_seed(0)
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    X = torch.randn(512, 8)
+    y = (X @ torch.randn(8, 3)).argmax(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    log = tmp_path / "run.jsonl"
+    gns = ns.GradientNoiseScale(model, method="microbatch", log=log)
+    ctl = ns.BatchSizeController(gns, opt, batch_size=16, micro_batch_size=8, max_batch_size=128, patience=10, every=5)
+    gen = torch.Generator().manual_seed(0)
+    used = []
+    for _ in range(80):
+        used.append(ctl.batch_size)
+        for _ in range(ctl.accumulation):
+            idx = torch.randint(0, 512, (8,), generator=gen)
+            (F.cross_entropy(model(X[idx]), y[idx]) / ctl.accumulation).backward()
+        gns.step()
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+    gns.close()
+    torch.set_num_threads(n_threads)
+    assert len(set(used)) >= 2, "the batch must change for this test to mean anything"
+    run = ns.read_run_log(log)
+    assert batch_used(run) == used
+    small = min(r["b_simple"] for r in run.records if r.get("b_simple")) * 1.01  # some estimates lie above it
+    fig, ax = plot_b_simple(run, dataset_size=small)
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["batch used"].get_ydata()) == used
+    assert "beyond the dataset (unreliable)" in [c.get_label() for c in ax.collections]
+    plt.close(fig)
+    png = tmp_path / "f.png"
+    assert main(["plot", str(log), "-o", str(png), "--dataset-size", f"{small}"]) == 0 and png.stat().st_size > 0
+    assert main(["plot", str(log), "--dataset-size", "-1"]) == 2

@@ -13,7 +13,16 @@ from typing import Any
 
 from .runlog import RunLog, read_run_log
 
-__all__ = ["plot_b_simple", "plot_groups", "plot_components", "plot_loss", "plot_run", "figure_path", "save_figure"]
+__all__ = [
+    "plot_b_simple",
+    "batch_used",
+    "plot_groups",
+    "plot_components",
+    "plot_loss",
+    "plot_run",
+    "figure_path",
+    "save_figure",
+]
 
 _X_LABEL = {"step": "optimizer step", "examples": "{unit} seen"}
 
@@ -98,8 +107,31 @@ def _positive_log_scale(ax: Any, *series: list[float]) -> None:
         ax.set_yscale("log")
 
 
-def plot_b_simple(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "step") -> tuple[Any, Any]:
-    """``B_simple`` against steps or examples, with its 95% interval as a band."""
+def batch_used(log: RunLog) -> list[float]:
+    """The batch of each step, in the log's unit: the step's increase in examples seen (``nan`` where a
+    step is missing before it, e.g. the first step of a log continued after a resume)."""
+    xs, steps = _col(log, "examples"), _col(log, "step")
+    out = []
+    for i, (e, s) in enumerate(zip(xs, steps)):
+        if i == 0:
+            out.append(e if s == 1 else math.nan)
+        else:
+            out.append(e - xs[i - 1] if s - steps[i - 1] == 1 else math.nan)
+    return out
+
+
+def plot_b_simple(
+    run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "step", dataset_size: float | None = None
+) -> tuple[Any, Any]:
+    """``B_simple`` against steps or examples, with its 95% interval as a band, and the batch used at
+    each step (a stepped line: it moves when a ``BatchSizeController`` changes it).
+
+    ``dataset_size`` (in the log's unit) draws that size and marks the estimates beyond it: the
+    ``1/B`` law behind the estimator needs ``B << D`` (McCandlish et al., footnote 6)."""
+    if dataset_size is not None and not (
+        isinstance(dataset_size, (int, float)) and math.isfinite(dataset_size) and dataset_size > 0
+    ):
+        raise ValueError(f"dataset_size must be a finite positive number (in the log's unit), got {dataset_size!r}")
     log = _run(run)
     fig, ax = _axes(ax)
     xs, xlabel = _xs(log, x)
@@ -121,6 +153,14 @@ def plot_b_simple(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "
     if out:
         ax.scatter(*zip(*out), s=12, color="C3", alpha=0.7, marker="x", label="held out (transient)")
     ax.plot(xs, b, color="C0", label="$B_{simple}$")
+    used = batch_used(log)
+    if any(math.isfinite(v) and v > 0 for v in used):
+        ax.plot(xs, used, color="k", linewidth=1, drawstyle="steps-post", label="batch used")
+    if dataset_size is not None:
+        ax.axhline(dataset_size, color="C3", linestyle=":", linewidth=1, label="dataset size")
+        beyond = [(xv, v) for xv, v in zip(xs, b) if math.isfinite(v) and v > dataset_size]
+        if beyond:
+            ax.scatter(*zip(*beyond), s=10, color="C3", marker="^", label="beyond the dataset (unreliable)")
     _positive_log_scale(ax, b)
     if math.isfinite(finite_top) and finite_top > 0:
         ax.set_ylim(top=finite_top * 10)
@@ -188,9 +228,15 @@ def plot_loss(run: RunLog | str | os.PathLike, ax: Any = None, *, x: str = "step
     return fig, ax
 
 
-def plot_run(run: RunLog | str | os.PathLike, path: str | os.PathLike | None = None, *, x: str = "step") -> Any:
-    """Panels: ``B_simple``; per-group ``B_simple`` if the log has groups; ``|G|^2`` and ``tr(Sigma)``;
-    the loss if logged. Saves a PNG if ``path``."""
+def plot_run(
+    run: RunLog | str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    *,
+    x: str = "step",
+    dataset_size: float | None = None,
+) -> Any:
+    """Panels: ``B_simple`` (with the batch used, and ``dataset_size`` if given); per-group ``B_simple``
+    if the log has groups; ``|G|^2`` and ``tr(Sigma)``; the loss if logged. Saves a PNG if ``path``."""
     log = _run(run)
     if x not in _X_LABEL:
         raise ValueError(f"x must be 'step' or 'examples', got {x!r}")
@@ -205,7 +251,7 @@ def plot_run(run: RunLog | str | os.PathLike, path: str | os.PathLike | None = N
     n = 2 + has_loss + has_groups
     fig, axes = plt.subplots(n, 1, figsize=(7, 3.2 * n), sharex=True)
     try:
-        plot_b_simple(log, axes[0], x=x)
+        plot_b_simple(log, axes[0], x=x, dataset_size=dataset_size)
         if has_groups:
             plot_groups(log, axes[1], x=x)
         plot_components(log, axes[1 + has_groups], x=x)

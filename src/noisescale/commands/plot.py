@@ -21,6 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="PNG to write, or a directory to write LOGNAME.png into (default: the log's name with .png)",
     )
     p.add_argument("--x", choices=("step", "examples"), default="step", help="x axis (default: step)")
+    p.add_argument(
+        "--dataset-size",
+        type=float,
+        default=None,
+        help="training-set size in the log's unit: drawn on the B_simple panel, estimates beyond it flagged",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.run}: the run log has a header but no step records; nothing to plot")
     default = args.run.with_suffix(".png")
     out = figure_path(args.output, default.name) if args.output is not None else default
-    fig = plot_run(log, out, x=args.x)
+    if args.dataset_size is not None and not (args.dataset_size > 0 and args.dataset_size < float("inf")):
+        raise ValueError(f"--dataset-size must be a finite positive number, got {args.dataset_size}")
+    fig = plot_run(log, out, x=args.x, dataset_size=args.dataset_size)
     try:
         import matplotlib.pyplot as plt
 
