@@ -238,7 +238,9 @@ def best_lr(records: Iterable[RunRecord], *, refine: str = "model") -> list[Best
         raise ValueError("no runs given")
     targets = {_target_key(r.target) for r in recs}
     if len(targets) > 1:
-        raise ValueError(f"records mix {len(targets)} targets {sorted(map(str, targets))}; pass target= to choose one")
+        raise ValueError(
+            f"records mix {len(targets)} targets {sorted(map(str, targets))}; split them with group_by_target()"
+        )
     return [_best_point(c, *_refine(c.log_lr, c.means(), refine)) for c in _cells(recs)]
 
 
