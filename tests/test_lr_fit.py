@@ -422,3 +422,30 @@ def test_cli_duplicated_run_is_one_line_exit_2(tmp_path, capsys):
     assert main(["fit", str(p), "--n-boot", "20"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "seed 0, target 0.5 already appears on line 2" in err
+
+
+def test_cli_reads_the_sweep_runner_output(tmp_path, capsys):
+    """`noisescale.sweep` -> results CSV -> `noisescale fit`: B_noise of the model training function
+    of test_sweep.py (its best lr is eps_opt(B) = 1/(1 + 200/B) exactly, and the grid is centred
+    on it, so any refinement bias is the same factor at every B and cancels in B_noise)."""
+    import noisescale as ns
+    from noisescale.cli import main
+    from test_sweep import B_NOISE as B_MODEL
+    from test_sweep import model_train
+
+    path = tmp_path / "sweep.csv"
+    ns.sweep(
+        model_train,
+        [32, 128, 512, 2048],
+        targets=[0.5],
+        eps_star=1.0,
+        b_star=B_MODEL,
+        lr_factors=(0.5, 1.0, 2.0),
+        max_steps=20_000,
+        results=path,
+        progress=False,
+    )
+    assert main(["fit", str(path), "--json", "--n-boot", "100"]) == 0
+    (o,) = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert o["b_noise"] == pytest.approx(B_MODEL, rel=0.02) and o["b_crit"] == pytest.approx(B_MODEL, rel=0.02)
+    assert [p[2] for p in o["best_lr"]] == ["refined"] * 4 and o["lr_bootstrap"] == "residuals"
