@@ -1,6 +1,6 @@
 """The Hessian-aware noise scale ``B_noise = tr(H Sigma)/(G^T H G)`` from Hessian-vector products.
 
-McCandlish et al. (2018), §2.2 (eqs. 2.6–2.8): with the loss locally quadratic, the best step
+McCandlish et al. (2018), §2.2 (eqs. 2.6-2.8): with the loss locally quadratic, the best step
 for a batch of size ``B`` is ``eps_opt(B) = eps_max/(1 + B_noise/B)`` with
 ``eps_max = |G|^2/(G^T H G)``; ``B_simple = tr(Sigma)/|G|^2`` is its stand-in for a Hessian that is
 a multiple of the identity.
@@ -168,6 +168,25 @@ def _call(closure: Callable[[], Any], model: torch.nn.Module, unit: str) -> tupl
     return loss, size
 
 
+def _check_twice_differentiable(gh: Sequence[torch.Tensor | None]) -> None:
+    """Refuse a gradient graph that holds an ``@once_differentiable`` backward: torch marks it with an
+    ``Error`` node but, where the second derivative flows through the saved inputs, silently leaves
+    that term out of the Hessian-vector product instead of raising (torch 2.13; a wrong B_noise)."""
+    seen: set[Any] = set()
+    stack = [t.grad_fn for t in gh if t is not None and t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "Error":
+            raise RuntimeError(
+                "the loss's gradient passes through a backward marked @once_differentiable (a custom autograd "
+                "Function without a double backward), so Hessian-vector products would miss its second derivative"
+            )
+        stack.extend(f for f, _ in node.next_functions if f is not None)
+
+
 def hessian_draw(
     model: torch.nn.Module,
     params: Sequence[torch.nn.Parameter],
@@ -202,6 +221,7 @@ def hessian_draw(
             del loss, g
         loss_h, _ = _call(closure, model, unit)
         gh = torch.autograd.grad(loss_h, params, create_graph=True, allow_unused=True)
+        _check_twice_differentiable(gh)
         # parameters whose gradient does not depend on the parameters have a zero Hessian row and
         # column (H is symmetric): only the others enter the Hessian-vector products
         live = [j for j, t in enumerate(gh) if t is not None and t.requires_grad]

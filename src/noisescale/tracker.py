@@ -29,6 +29,7 @@ import torch
 
 from .ema import Estimate, NoiseScaleEMA, RobustAverage
 from .estimators import EXAMPLES, HEAD, PARTS, RANKS, SUM_A2, SUM_A2_OVER_B, StepStats, step_estimates
+from .hessian import BNoiseAverage, HessianDraw, hessian_draw
 from .probes import PROBES, make_probe, select_probe
 from .probes.base import Hook, Preconditioner, ProbeConfig, StepContext, resolve_groups, trainable_parameters
 from .runlog import RunLogWriter
@@ -129,10 +130,10 @@ class _Lifetime:
 class _Entry:
     """One ``step()`` waiting to be folded in (its tensors not yet read)."""
 
-    __slots__ = ("step", "stats", "loss")
+    __slots__ = ("step", "stats", "loss", "hessian")
 
-    def __init__(self, step: int, stats: StepStats, loss: Any) -> None:
-        self.step, self.stats, self.loss = step, stats, loss
+    def __init__(self, step: int, stats: StepStats, loss: Any, hessian: HessianDraw | None = None) -> None:
+        self.step, self.stats, self.loss, self.hessian = step, stats, loss, hessian
 
 
 class GradientNoiseScale:
@@ -180,6 +181,14 @@ class GradientNoiseScale:
             :meth:`load_state_dict` before the first step, the tracker continues the existing log
             (no step twice); a new run moves an existing log aside to ``<name>.old``.
         max_pending: steps queued on the device before they are read anyway.
+        hessian_every: also measure ``B_noise = tr(H Sigma)/(G^T H G)`` and ``eps_max`` (eqs. 2.7-2.8)
+            every this many steps (the first at step 1), from Hessian-vector products on fresh
+            micro-batches drawn by the ``closure=`` passed to :meth:`step` (:mod:`noisescale.hessian`;
+            one draw costs about ``hessian_parts + 3`` gradient passes). Averaged with decay
+            ``beta ** hessian_every`` per draw (the same span of steps as ``b_simple``); see
+            :attr:`b_noise`, :attr:`eps_max`. Parameters, ``.grad``, buffers and RNG are untouched.
+        hessian_parts: gradient micro-batches per draw (>= 2); the closure is called one more time
+            for the Hessian's own micro-batch.
         **probe_options: options of the chosen probe (``strict``, ``layers``, ``fused`` for
             per-example norms; ``process_group`` for the distributed methods).
     """
@@ -203,6 +212,8 @@ class GradientNoiseScale:
         log: str | os.PathLike | None = None,
         log_seconds: float = 10.0,
         max_pending: int = 64,
+        hessian_every: int | None = None,
+        hessian_parts: int = 2,
         **probe_options: Any,
     ) -> None:
         if not isinstance(unit, str) or not unit:
@@ -215,6 +226,10 @@ class GradientNoiseScale:
             raise ValueError(f"warmup must be a number of steps >= 0, got {warmup!r}")
         if not (isinstance(warmup_examples, (int, float)) and warmup_examples >= 0):
             raise ValueError(f"warmup_examples must be a number >= 0 (in the tracker's unit), got {warmup_examples!r}")
+        if hessian_every is not None and not (isinstance(hessian_every, int) and hessian_every >= 1):
+            raise ValueError(f"hessian_every must be a positive number of steps or None, got {hessian_every!r}")
+        if not (isinstance(hessian_parts, int) and hessian_parts >= 2):
+            raise ValueError(f"hessian_parts must be an integer >= 2, got {hessian_parts!r}")
         self.model = model
         self._own_params = params is None
         self.params = self._tracked(model, params)
@@ -233,6 +248,16 @@ class GradientNoiseScale:
         )
         self._config = config
         self.probe = make_probe(cls, model, self.params, config, probe_options)
+        if hessian_every is not None and self.method == "fsdp":
+            self.probe.close()
+            raise ValueError(
+                "hessian_every= is not supported with method='fsdp': the parameters are sharded, and a Hessian-vector "
+                "product through FSDP's unshard/reshard has no double backward. Measure B_noise at a checkpoint on a "
+                "full (unsharded) copy with ns.measure(..., hessian=True)"
+            )
+        self.hessian_every, self.hessian_parts = hessian_every, hessian_parts
+        self._hessian = BNoiseAverage(beta**hessian_every) if hessian_every is not None else None
+        self._hessian_failed: str | None = None
         self._avg = RobustAverage(beta, 1 + len(self.groups) if self.groups.grouped else 1, robust=robust)
         self.warmup, self.warmup_examples = warmup, float(warmup_examples)
         self._accumulation_checks = 3  # first steps: check that .grad was cleared after step() (_check_hook)
@@ -292,7 +317,9 @@ class GradientNoiseScale:
 
     # -- the loop ----------------------------------------------------------------------
 
-    def step(self, sizes: Sequence[Any] | None = None, *, loss: Any = None) -> None:
+    def step(
+        self, sizes: Sequence[Any] | None = None, *, loss: Any = None, closure: Callable[[], Any] | None = None
+    ) -> None:
         """Record this optimizer step.
 
         Args:
@@ -300,8 +327,19 @@ class GradientNoiseScale:
                 inferred from the model's inputs, in examples).
             loss: optional training loss of the step, kept for the run log and plots
                 (a tensor is not read until the log is written).
+            closure: with ``hessian_every=``: a function that draws a *fresh* micro-batch each time
+                it is called and returns its mean loss (or ``(loss, size)`` in the tracker's unit),
+                e.g. ``lambda: loss_fn(model, next(batches))``. Called ``hessian_parts + 1`` times
+                on the steps that measure ``B_noise`` only; ignored otherwise.
         """
         self._check_open()
+        if self._hessian is not None and closure is None and self._hessian_due(self.steps + 1):
+            raise ValueError(
+                f"hessian_every={self.hessian_every} needs step(closure=...) on the steps that measure B_noise "
+                f"(step {self.steps + 1} is one): a function drawing a fresh micro-batch and returning its mean loss"
+            )
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         passes = self.probe.pending_parts()  # backward passes (micro-batches) of this step
         try:
             stats = self.probe.collect(self._context(sizes))
@@ -324,7 +362,8 @@ class GradientNoiseScale:
             if reason not in self._warned:
                 self._warned.add(reason)
                 warnings.warn(f"noisescale: step {self.steps} not measured: {reason}", stacklevel=2)
-        self._pending.append(_Entry(self.steps, stats, loss))
+        draw = self._draw_hessian(closure) if closure is not None and self._hessian_due(self.steps) else None
+        self._pending.append(_Entry(self.steps, stats, loss, draw))
         self._maybe_fall_back(passes)
         now = time.monotonic()
         due = [s for s in self._subscribers if s.due(self.steps, now)]
@@ -332,6 +371,37 @@ class GradientNoiseScale:
             self._flush()
         if due:
             self._notify(due)
+
+    def _hessian_due(self, step: int) -> bool:
+        every = self.hessian_every
+        return every is not None and self._hessian_failed is None and (step - 1) % every == 0
+
+    def _draw_hessian(self, closure: Callable[[], Any]) -> HessianDraw | None:
+        """One draw at the current parameters (before ``optimizer.step()``), averaged over the ranks of a
+        distributed method so that every rank folds the same numbers."""
+        try:
+            draw = hessian_draw(self.model, self.params, closure, parts=self.hessian_parts, unit=self.unit)
+        except (RuntimeError, NotImplementedError) as e:
+            # an operation without a double backward (a compiled module, a fused kernel): training goes
+            # on, B_noise says why it stopped
+            self._hessian_failed = (
+                f"the Hessian-vector product failed at step {self.steps} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "B_noise is no longer measured. A torch.compile'd module has no double backward: call the "
+                "original module (model._orig_mod) in the closure; custom or fused kernels need a double backward"
+            )
+            warnings.warn(f"noisescale: {self._hessian_failed}", stacklevel=3)
+            return None
+        group = getattr(self.probe, "group", None)
+        world = getattr(self.probe, "world_size", 1)
+        if world > 1:
+            import torch.distributed as dist
+
+            dev = self.params[0].device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+            v = torch.tensor([draw.gHg, draw.trace_h_sigma, draw.g2], dtype=torch.float64, device=dev)
+            dist.all_reduce(v, op=dist.ReduceOp.SUM, group=group)  # one small collective per draw
+            gHg, ts, g2 = (v / world).tolist()
+            draw = HessianDraw(gHg, ts, g2, draw.sizes, draw.seconds)
+        return draw
 
     def _maybe_fall_back(self, passes: int) -> None:
         """``method="auto"`` chose exact per-example norms, but they turned out to cover less than 90%
@@ -418,6 +488,8 @@ class GradientNoiseScale:
         self._check_open()
         self._flush()
         self._avg.reset()
+        if self._hessian is not None:
+            self._hessian.reset()
 
     @property
     def _ema(self) -> NoiseScaleEMA:
@@ -566,6 +638,8 @@ class GradientNoiseScale:
                 trace_sigma=est.trace_sigma,
                 n_eff=total.n_eff,
             )
+            if self._hessian is not None:
+                self._fold_hessian(e, record)
             if grouped:
                 for i, name in enumerate(self.groups.names):
                     gst = Estimate(self._ema.series(i + 1))
@@ -575,6 +649,29 @@ class GradientNoiseScale:
             self._history.append(record)
             for sub in self._subscribers:
                 sub.records.append(record)
+
+    def _fold_hessian(self, e: _Entry, record: dict[str, Any]) -> None:
+        h = self._hessian
+        assert h is not None
+        d = e.hessian
+        if d is not None:
+            record.update(gHg_draw=d.gHg, trace_h_sigma_draw=d.trace_h_sigma, g2_draw=d.g2, hessian_seconds=d.seconds)
+            if e.step <= self.warmup or self._examples <= self.warmup_examples:
+                record["hessian_status"] = "warmup"
+            elif math.isfinite(d.gHg) and math.isfinite(d.trace_h_sigma) and math.isfinite(d.g2):
+                h.update(d)
+                record["hessian_status"] = "measured"
+            else:
+                record["hessian_status"] = "skipped"
+        iv = h.b_noise_interval(0.95)
+        record.update(
+            b_noise=h.b_noise,
+            b_noise_low=iv[0] if iv else None,
+            b_noise_high=iv[1] if iv else None,
+            eps_max=h.eps_max,
+            gHg=h.gHg,
+            trace_h_sigma=h.trace_h_sigma,
+        )
 
     def _read(self, entries: list[_Entry]) -> list[tuple[_Entry, np.ndarray, float | None]]:
         """Every queued vector and loss, waited for and read with one transfer per device."""
@@ -682,6 +779,47 @@ class GradientNoiseScale:
         self._flush()
         return self._ema.interval(level)
 
+    @property
+    def b_noise(self) -> float | None:
+        """Smoothed ``B_noise = tr(H Sigma)/(G^T H G)`` in :attr:`unit` (eq. 2.8; ``hessian_every=``);
+        ``None`` while undefined (see :attr:`b_noise_reason`)."""
+        self._flush()
+        return None if self._hessian is None or self._hessian_failed else self._hessian.b_noise
+
+    @property
+    def eps_max(self) -> float | None:
+        """Smoothed ``eps_max = |G|^2/(G^T H G)`` (eq. 2.7): the best SGD step for the full-batch
+        gradient; ``eps_max/(1 + b_noise/B)`` is the best for batch ``B``."""
+        self._flush()
+        return None if self._hessian is None or self._hessian_failed else self._hessian.eps_max
+
+    @property
+    def b_noise_reason(self) -> str | None:
+        """Why :attr:`b_noise` is ``None`` (``None`` when it is defined)."""
+        self._flush()
+        if self._hessian is None:
+            return "B_noise is not measured: pass hessian_every=K and step(closure=...)"
+        return self._hessian_failed or self._hessian.reason
+
+    def b_noise_interval(self, level: float = 0.95) -> tuple[float, float] | None:
+        """Fieller interval for :attr:`b_noise` (``None`` below 3 draws or while undefined)."""
+        self._flush()
+        if self._hessian is None or self._hessian_failed:
+            return None
+        return self._hessian.b_noise_interval(level)
+
+    @property
+    def hessian_draws(self) -> int:
+        """Hessian draws averaged (``hessian_every=``)."""
+        self._flush()
+        return 0 if self._hessian is None else self._hessian.count
+
+    @property
+    def hessian_seconds(self) -> float:
+        """Wall time spent in Hessian draws so far."""
+        self._flush()
+        return 0.0 if self._hessian is None else self._hessian.seconds
+
     def _group_estimates(self) -> dict[str, Estimate]:
         if not self.groups.grouped:
             return {"all": Estimate(self._ema.series(0))}
@@ -734,6 +872,22 @@ class GradientNoiseScale:
             }
         )
         out.update(self.probe.metrics())
+        if self._hessian is not None:
+            h = self._hessian
+            ok = self._hessian_failed is None
+            ivn = h.b_noise_interval(level) if ok else None
+            out.update(
+                {
+                    "b_noise": f(h.b_noise if ok else None),
+                    "b_noise_low": ivn[0] if ivn else math.nan,
+                    "b_noise_high": ivn[1] if ivn else math.nan,
+                    "eps_max": f(h.eps_max if ok else None),
+                    "gHg": f(h.gHg),
+                    "trace_h_sigma": f(h.trace_h_sigma),
+                    "hessian_draws": float(h.count),
+                    "hessian_seconds": h.seconds,
+                }
+            )
         if self.groups.grouped:
             for name, est in self._group_estimates().items():
                 out.update(series(est, name + "/"))
@@ -759,8 +913,22 @@ class GradientNoiseScale:
         iv = self.interval(level)
         ivs = f" [{level:.0%}: {iv[0]:.3g}, {iv[1]:.3g}]" if iv else ""
         line = f"B_simple = {b:.4g}{ivs} {self.unit} (n_eff={self.n_eff:.0f}, skipped={self._skipped}{extra})"
+        line += self._b_noise_line(level)
         adv = self.advice(level=level)  # a second line: the paper's costs at the batch in use (advice.py)
         return line if adv.reason is not None else f"{line}\n{adv.line()}"
+
+    def _b_noise_line(self, level: float) -> str:
+        if self._hessian is None:
+            return ""
+        bn = self.b_noise
+        if bn is None:
+            return f"; B_noise undefined: {self.b_noise_reason}"
+        iv = self.b_noise_interval(level)
+        ivs = f" [{level:.0%}: {iv[0]:.3g}, {iv[1]:.3g}]" if iv else ""
+        eps = self.eps_max
+        return f"; B_noise = {bn:.4g}{ivs} {self.unit} ({self.hessian_draws} draws" + (
+            f", eps_max = {eps:.3g})" if eps is not None else ")"
+        )
 
     def advice(
         self,
@@ -791,6 +959,9 @@ class GradientNoiseScale:
             "groups": list(self.groups.names),
             "preconditioned": self.preconditioned,
             "ema": self._avg.state_dict(),
+            "hessian": None
+            if self._hessian is None
+            else {**self._hessian.state_dict(), "every": self.hessian_every, "failed": self._hessian_failed},
             "counters": {
                 "steps": self.steps,
                 "measured": self._measured,
@@ -847,8 +1018,26 @@ class GradientNoiseScale:
             fresh.load_state_dict(ema)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"state_dict section 'ema' is not valid: {e}") from None
+        hsd = sd.get("hessian")
+        hess = None
+        if self._hessian is not None:
+            if not isinstance(hsd, dict) or hsd.get("every") != self.hessian_every:
+                raise ValueError(
+                    f"state_dict was saved with hessian_every={None if not isinstance(hsd, dict) else hsd.get('every')!r} "
+                    f"but this tracker has hessian_every={self.hessian_every!r}; construct the tracker with the same "
+                    "hessian_every"
+                )
+            hess = BNoiseAverage(self._hessian.beta)
+            try:
+                hess.load_state_dict(hsd)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"state_dict section 'hessian' is not valid: {e}") from None
         self._flush()
         self._avg = fresh
+        if hess is not None:
+            self._hessian = hess
+            failed = hsd.get("failed") if isinstance(hsd, dict) else None
+            self._hessian_failed = failed if isinstance(failed, str) else None
         self._warmup_steps = c["warmup"]
         self.steps, self._measured, self._skipped = c["steps"], c["measured"], c["skipped"]
         self._unmeasurable, self._examples = c["unmeasurable"], examples

@@ -232,7 +232,7 @@ class Preconditioner:
 _suspend_depth = [0]
 
 
-class suspended:  # noqa: N801 (used as a context manager, like torch.no_grad)
+class suspended:
     """Context in which every probe's hooks and instrumented forwards do nothing.
 
     The Hessian measurement (:mod:`noisescale.hessian`) runs extra forward and backward passes on
