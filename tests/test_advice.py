@@ -115,7 +115,7 @@ def test_plot_draws_the_batch_used_and_flags_the_dataset_size(tmp_path):
     fig, ax = plot_b_simple(run, dataset_size=small)
     lines = {ln.get_label(): ln for ln in ax.get_lines()}
     assert list(lines["batch used"].get_ydata()) == used
-    assert "beyond the dataset (unreliable)" in [c.get_label() for c in ax.collections]
+    assert "beyond the dataset size" in [c.get_label() for c in ax.collections]
     plt.close(fig)
     png = tmp_path / "f.png"
     assert main(["plot", str(log), "-o", str(png), "--dataset-size", f"{small}"]) == 0 and png.stat().st_size > 0

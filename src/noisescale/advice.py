@@ -13,7 +13,9 @@ default: the paper's stand-in, an order-of-magnitude guide, ``B_simple/B_crit`` 
   of both; App. D: larger favours fewer steps, smaller fewer examples).
 
 Both ratios carry the interval of the noise scale. A noise scale beyond the dataset size is
-flagged: the ``1/B`` law behind it holds for ``B << D`` only (the paper's footnote 6).
+flagged: the ``1/B`` law behind it holds there only for sampling with replacement (the paper's
+footnote 6: otherwise the variance scales as ``1/B - 1/D``), and no batch of distinct examples is
+that large.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Advice:
     reason: str | None = None
 
     def line(self) -> str:
-        """One human line: ``at B = 512 examples: S/S_min = 2.6 [1.9, 3.4], E/E_min = 1.6 [...]; recommended B ~ 812``."""
+        """One human line: ``advice: at B = 512 examples: S/S_min = 2.6 [1.9, 3.4], E/E_min = 1.6 [...]; recommended B ~ 812``."""
         if self.reason is not None:
             return f"advice: none yet ({self.reason})"
         assert self.batch_size is not None and self.steps_ratio is not None and self.examples_ratio is not None
@@ -57,14 +59,14 @@ class Advice:
         r = self.batch_size / self.recommended
         where = f"{r:.2g}x the recommended" if r >= 1 else f"1/{1 / r:.2g} of the recommended"
         out = (
-            f"at B = {self.batch_size:.4g} {self.unit}: S/S_min = {self.steps_ratio:.3g}{s_iv}, "
+            f"advice: at B = {self.batch_size:.4g} {self.unit}: S/S_min = {self.steps_ratio:.3g}{s_iv}, "
             f"E/E_min = {self.examples_ratio:.3g}{e_iv} (Eq. 2.11 with B_crit ~ {self.signal}); "
             f"recommended B ~ {self.recommended:.4g} {self.unit} (the batch in use is {where})"
         )
         if self.beyond_dataset:
             out += (
-                f"; beyond the dataset size {self.dataset_size:.4g}: the 1/B law needs B << D (footnote 6), "
-                "so this estimate is not reliable"
+                f"; beyond the dataset size {self.dataset_size:.4g}: the 1/B law behind it holds there only for "
+                "sampling with replacement (footnote 6), and no batch of distinct examples is that large"
             )
         return out
 

@@ -126,8 +126,9 @@ def plot_b_simple(
     """``B_simple`` against steps or examples, with its 95% interval as a band, and the batch used at
     each step (a stepped line: it moves when a ``BatchSizeController`` changes it).
 
-    ``dataset_size`` (in the log's unit) draws that size and marks the estimates beyond it: the
-    ``1/B`` law behind the estimator needs ``B << D`` (McCandlish et al., footnote 6)."""
+    ``dataset_size`` (in the log's unit) draws that size and marks the estimates beyond it: there the
+    ``1/B`` law behind the estimator holds only for sampling with replacement (McCandlish et al.,
+    footnote 6), and no batch of distinct examples is that large."""
     if dataset_size is not None and not (
         isinstance(dataset_size, (int, float)) and math.isfinite(dataset_size) and dataset_size > 0
     ):
@@ -160,7 +161,7 @@ def plot_b_simple(
         ax.axhline(dataset_size, color="C3", linestyle=":", linewidth=1, label="dataset size")
         beyond = [(xv, v) for xv, v in zip(xs, b) if math.isfinite(v) and v > dataset_size]
         if beyond:
-            ax.scatter(*zip(*beyond), s=10, color="C3", marker="^", label="beyond the dataset (unreliable)")
+            ax.scatter(*zip(*beyond), s=10, color="C3", marker="^", label="beyond the dataset size")
     _positive_log_scale(ax, b)
     if math.isfinite(finite_top) and finite_top > 0:
         ax.set_ylim(top=finite_top * 10)

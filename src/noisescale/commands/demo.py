@@ -138,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
             if step % args.print_every == 0 or step == args.steps:
                 say(f"step {step:5d}  loss {running_loss:.4f}  {_fmt(gns)}")
                 checkpoints.append((step, running_loss, gns.b_simple, gns.interval(0.95)))
-        summary = gns.summary()
+        summary = gns.summary().split("\n")[0]  # its advice line is printed below, with the dataset size
+        advice = gns.advice(dataset_size=len(y)).line()
     if progress is not None:
         progress.close()
     with torch.no_grad():
@@ -147,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
 
     print(f"\nfinished {args.steps} steps in {elapsed:.1f} s; test accuracy {acc:.3f}")
     print(f"final: {summary}")
+    print(advice)
     measured = [(s, loss, b) for s, loss, b, _ in checkpoints if b is not None]
     if len(measured) >= 2:
         (s0, l0, b0), (s1, l1, b1) = measured[0], measured[-1]
