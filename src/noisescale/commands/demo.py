@@ -7,6 +7,11 @@ paper's prediction (McCandlish et al. 2018, Sec. 3.1): as the loss falls, |G|^2 
 than tr(Sigma), so B_simple grows, often by an order of magnitude over a run.
 
 Writes DIR/run.jsonl (the run log) and DIR/noise_scale.png (the figure).
+
+With --adaptive, a BatchSizeController grows the batch with the measured noise scale (in whole
+micro-batches, from --batch-size up to --max-batch-size) and rescales the learning rate by the
+paper's saturating rule eps(B) = eps_max/(1 + B_noise/B) (Eq. 2.6); every line shows the batch
+and the learning rate in use (docs/adaptive-batch.md).
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ..controller import BatchSizeController
     from ..tracker import GradientNoiseScale
 
 HELP = "train a small model on an embedded real dataset and show its noise scale (CPU, < 3 min)"
@@ -26,7 +32,12 @@ HELP = "train a small model on an embedded real dataset and show its noise scale
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
-    p.add_argument("--batch-size", type=int, default=512, help="examples per optimizer step (default: 512)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples per optimizer step (default: 512; with --adaptive the first batch, default 128)",
+    )
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step (default: 4)")
     p.add_argument("--lr", type=float, default=0.02, help="SGD learning rate, momentum 0.9 (default: 0.02)")
     p.add_argument("--beta", type=float, default=0.995, help="EMA decay per step (default: 0.995)")
@@ -35,6 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-every", type=int, default=200, help="print a line every N steps (default: 200)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    p.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="grow the batch with the measured noise scale (BatchSizeController) and print it as it grows",
+    )
+    p.add_argument(
+        "--max-batch-size", type=int, default=2048, help="with --adaptive: the largest batch (default: 2048)"
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -46,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     from ..cli import CLIError
 
+    if args.batch_size is None:
+        args.batch_size = 128 if args.adaptive else 512
     if args.steps < 10:
         raise CLIError(f"--steps must be at least 10, got {args.steps}")
     if args.threads < 1:
@@ -57,6 +78,13 @@ def _check(args: argparse.Namespace) -> None:
         )
     if args.batch_size < args.micro_batches:
         raise CLIError(f"--batch-size ({args.batch_size}) must be at least --micro-batches ({args.micro_batches})")
+    if args.adaptive and args.batch_size % args.micro_batches:
+        raise CLIError(
+            f"with --adaptive, --batch-size ({args.batch_size}) must be a multiple of --micro-batches "
+            f"({args.micro_batches}): the batch grows in whole micro-batches of batch-size/micro-batches examples"
+        )
+    if args.adaptive and args.max_batch_size < args.batch_size:
+        raise CLIError(f"--max-batch-size ({args.max_batch_size}) must be at least --batch-size ({args.batch_size})")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise CLIError(f"--lr must be a positive number, got {args.lr}")
     if args.print_every < 1:
@@ -71,6 +99,24 @@ def _fmt(gns: GradientNoiseScale) -> str:
         return "B_simple not resolved yet (|G|^2 not above its noise: B_simple >> batch size)"
     iv = gns.interval(0.95)
     return f"B_simple {b:7.1f} [95%: {iv[0]:6.1f}, {iv[1]:7.1f}] {gns.unit}" if iv else f"B_simple {b:7.1f}"
+
+
+def _controller(gns: GradientNoiseScale, opt: Any, args: argparse.Namespace) -> BatchSizeController:
+    """The controller with its defaults (signal B_simple, factor 1, lr_rule "auto": the saturating
+    rule of Eq. 2.6 for SGD); the micro-batch size is the first batch over --micro-batches."""
+    from ..controller import BatchSizeController
+
+    micro = args.batch_size // args.micro_batches
+    top = args.max_batch_size // micro * micro
+    return BatchSizeController(gns, opt, batch_size=args.batch_size, micro_batch_size=micro, max_batch_size=top)
+
+
+def _change_line(ctl: BatchSizeController) -> str:
+    c = ctl.changes[-1]
+    return (
+        f"step {int(c['step']):5d}  batch {int(c['from'])} -> {int(c['batch_size'])} "
+        f"(B_simple {c['estimate']:.0f}), lr x{c['lr_scale']:.2f} of the first batch's"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,30 +162,41 @@ def _run(args: argparse.Namespace) -> int:
     say(
         f"noisescale demo: MLP on scikit-learn digits ({len(y)} training images), SGD lr={args.lr}, "
         f"batch {args.batch_size} = {args.micro_batches} micro-batches, {args.steps} steps"
+        + (f"; --adaptive: the batch grows with B_simple up to {args.max_batch_size}" if args.adaptive else "")
     )
     t0 = time.perf_counter()
     checkpoints: list[tuple[int, float, float | None, tuple[float, float] | None]] = []
     running_loss = float("nan")
+    batch, parts = args.batch_size, args.micro_batches  # the controller changes both with --adaptive
     with GradientNoiseScale(model, "microbatch", beta=args.beta, log=log_path) as gns:
+        ctl = _controller(gns, opt, args) if args.adaptive else None
         for step in range(1, args.steps + 1):
-            idx = torch.randint(len(y), (args.batch_size,), generator=gen)  # with replacement: i.i.d. draws
+            idx = torch.randint(len(y), (batch,), generator=gen)  # with replacement: i.i.d. draws
             total = 0.0
-            for xb, yb in zip(X[idx].tensor_split(args.micro_batches), y[idx].tensor_split(args.micro_batches)):
+            for xb, yb in zip(X[idx].tensor_split(parts), y[idx].tensor_split(parts)):
                 loss = F.cross_entropy(model(xb), yb)
-                (loss / args.micro_batches).backward()
+                (loss / parts).backward()
                 total += loss.item() * len(yb)
-            step_loss = total / args.batch_size
+            step_loss = total / batch
             running_loss = step_loss if math.isnan(running_loss) else 0.98 * running_loss + 0.02 * step_loss
             gns.step(loss=step_loss)  # once per optimizer step, after its backward passes
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if ctl is not None:
+                step_batch, lr_used = batch, ctl.lrs()[0]  # the scale is applied inside opt.step() only
+                if ctl.step():  # after opt.step() and gns.step(): decides the next step's batch
+                    say(_change_line(ctl))
+                batch, parts = ctl.batch_size, ctl.accumulation
             if progress is not None:
                 progress.update(1)
             if step % args.print_every == 0 or step == args.steps:
-                say(f"step {step:5d}  loss {running_loss:.4f}  {_fmt(gns)}")
+                extra = f"  batch {step_batch:5d}  lr {lr_used:.4f}" if ctl is not None else ""
+                say(f"step {step:5d}  loss {running_loss:.4f}{extra}  {_fmt(gns)}")
                 checkpoints.append((step, running_loss, gns.b_simple, gns.interval(0.95)))
         summary = gns.summary().split("\n")[0]  # its advice line is printed below, with the dataset size
         advice = gns.advice(dataset_size=len(y)).line()
+        if ctl is not None:
+            ctl.close()
     if progress is not None:
         progress.close()
     with torch.no_grad():
@@ -156,6 +213,12 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"as the loss fell from {l0:.3f} (step {s0}) to {l1:.3f} (step {s1}), B_simple {verdict} "
             f"from {b0:.1f} to {b1:.1f} examples (x{b1 / b0:.1f}); the paper predicts growth (Sec. 3.1)"
+        )
+    if ctl is not None:
+        print(
+            f"the controller changed the batch {len(ctl.changes)} times: {args.batch_size} -> {ctl.batch_size} "
+            f"examples (largest allowed {ctl.max_accumulation * ctl.quantum}), learning rate x{ctl.lr_scale:.2f} "
+            f"of the first batch's ({ctl.lr_rule_name} rule); {ctl.examples:.0f} examples in {ctl.steps} steps"
         )
     print(f"run log: {log_path}")
     if not args.no_plot:
