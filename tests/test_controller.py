@@ -427,3 +427,37 @@ def test_every_rank_decides_the_same(tmp_path):
     assert res[0]["batch"][0] == 2 * 1 * 8  # global batch = world x accumulation x micro-batch
     # the ranks saw different data: agreement is not a coincidence of identical inputs
     assert res[0]["first_loss"] != res[1]["first_loss"]
+
+
+# -- the example and the benchmark run -------------------------------------------------
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_overhead_benchmark_dry_run(capsys, one_thread):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "controller_overhead", os.path.join(ROOT, "benchmarks", "controller_overhead.py")
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "controller.step():" in out and "bit-identical (lr 0.05 x lr_scale 2 vs lr 0.1): PASS" in out
+
+
+def test_adaptive_example_runs(tmp_path):
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "adaptive.py"), "--steps", "40"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "controller: BatchSizeController(" in out.stdout and (tmp_path / "adaptive.jsonl").exists()
