@@ -449,3 +449,23 @@ def test_cli_reads_the_sweep_runner_output(tmp_path, capsys):
     (o,) = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert o["b_noise"] == pytest.approx(B_MODEL, rel=0.02) and o["b_crit"] == pytest.approx(B_MODEL, rel=0.02)
     assert [p[2] for p in o["best_lr"]] == ["refined"] * 4 and o["lr_bootstrap"] == "residuals"
+
+
+def test_cli_memory_caps_are_stated(tmp_path, capsys, monkeypatch):
+    """The B_noise fit keeps at most MAX_RUNS_PER_CELL runs per cell and MAX_LR_CELLS cells (the
+    file stays streamed in bounded memory); what is left out is said, never silently dropped."""
+    import noisescale.commands.fit as fit_cmd
+    from noisescale.cli import main
+
+    p = _write_csv(tmp_path / "s.csv")
+    monkeypatch.setattr(fit_cmd, "MAX_RUNS_PER_CELL", 2)
+    assert main(["fit", str(p), "--json", "--n-boot", "50"]) == 0
+    cap = capsys.readouterr()
+    n_cells = len(BATCHES) * 5
+    assert f"target 0.5: {n_cells} runs beyond the first 2 of their (batch size, lr) cell" in cap.err
+    assert all(o["b_noise"] is not None for o in map(json.loads, cap.out.splitlines()))
+    monkeypatch.setattr(fit_cmd, "MAX_LR_CELLS", 5)
+    assert main(["fit", str(p), "--json", "--n-boot", "50"]) == 0
+    cap = capsys.readouterr()
+    assert "more than 5 (target, batch size, lr) cells: no B_noise fit" in cap.err
+    assert all("b_noise" not in o for o in map(json.loads, cap.out.splitlines()))

@@ -179,7 +179,7 @@ class _Cells:
 
     def __init__(self) -> None:
         self.runs: dict[tuple[Any, float, float], list[tuple[str | None, float, bool, int]]] = {}
-        self.dropped_runs = 0
+        self.dropped_runs: dict[Any, int] = {}  # per target: runs beyond MAX_RUNS_PER_CELL
         self.overflow = False
 
 
@@ -292,7 +292,7 @@ def _scan_sweep_csv(path: Path) -> tuple[list[Any], dict[tuple[Any, float], _Bes
                             seed = (row[i_seed].strip() or None) if i_seed is not None else None
                             runs.append((seed, steps, reached, reader.line_num))
                         else:
-                            cells.dropped_runs += 1
+                            cells.dropped_runs[target] = cells.dropped_runs.get(target, 0) + 1
     except UnicodeDecodeError as e:
         where = f" after line {reader.line_num}" if reader is not None and reader.line_num else ""
         raise CLIError(f"{path} is not a text (CSV) file: not UTF-8 ({e.reason}){where}") from None
@@ -505,15 +505,15 @@ def run(args: argparse.Namespace) -> int:
     if cells.overflow:
         notes.append(f"more than {MAX_LR_CELLS} (target, batch size, lr) cells: no B_noise fit")
     else:
-        if cells.dropped_runs:
-            notes.append(
-                f"{cells.dropped_runs} runs beyond the first {MAX_RUNS_PER_CELL} of their (batch size, lr) cell "
-                "were left out of the B_noise fit"
-            )
         for target in frontiers:
             recs = _lr_records(args.sweep, cells, target)
             if recs is None:
                 continue
+            if cells.dropped_runs.get(target):
+                notes.append(
+                    f"target {target}: {cells.dropped_runs[target]} runs beyond the first {MAX_RUNS_PER_CELL} of "
+                    "their (batch size, lr) cell were left out of the B_noise fit"
+                )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
