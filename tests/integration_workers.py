@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,6 +78,63 @@ class _Null:
 
 def params_of(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+# -- launching workers: the torchrun environment, set by hand -------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(tmp_path: Path, scenario: str, cfg: dict, world: int = 2, timeout: float = 240) -> list[dict]:
+    port = _free_port()
+    procs = []
+    out = tmp_path / scenario
+    for rank in range(world):
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            NODE_RANK="0",
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(Path(__file__)), scenario, json.dumps(cfg), str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for rank in range(world):
+        path = Path(f"{out}.{rank}.pt")
+        assert path.exists(), f"rank {rank} left no result:\n{logs[rank][-3000:]}"
+        res = torch.load(path, weights_only=False)
+        assert "error" not in res, res.get("error")
+        results.append(res)
+    return results
 
 
 # -- Lightning ----------------------------------------------------------------------------
@@ -241,7 +301,76 @@ def hf_trainer(model: Any, out_dir: str, ds: Any, callbacks: list | None = None,
     )
 
 
-SCENARIOS = {"lightning_ddp": lightning_ddp}
+# -- Accelerate ------------------------------------------------------------------------------
+
+
+def accelerate_loop(
+    accelerator: Any,
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float = 0.1,
+    clip: float | None = None,
+    helper_opts: dict[str, Any] | None = None,
+    ns_acc: Any = None,
+) -> Any:
+    """The documented ``accelerator.accumulate`` loop over ``batches`` (micro-batches, in order), with an
+    ``AcceleratedNoiseScale`` when ``helper_opts`` is given (or ``ns_acc``, already built)."""
+    from noisescale.integrations.accelerate import AcceleratedNoiseScale
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model, opt = accelerator.prepare(model, opt)
+    if helper_opts is not None:
+        ns_acc = AcceleratedNoiseScale(accelerator, model, opt, **helper_opts)
+    for x, y in batches:
+        with accelerator.accumulate(model):
+            accelerator.backward(F.cross_entropy(model(x), y))
+            if clip is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), clip)
+            if ns_acc is not None:
+                ns_acc.step()
+            opt.step()
+            opt.zero_grad()
+    return ns_acc
+
+
+def accelerate_ddp(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Accelerate on 2 gloo processes: the helper against the plain DDP loop with a tracker, and inertness."""
+    from accelerate import Accelerator
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from noisescale import GradientNoiseScale
+
+    k, m, steps = cfg["k"], cfg["m"], cfg["steps"]
+    X, y = problem(world * k * m * steps, seed=cfg["seed"])
+    mine = list(range(rank, len(y), world))  # this rank's examples
+    batches = [(X[mine[i : i + m]], y[mine[i : i + m]]) for i in range(0, len(mine), m)]
+    out: dict[str, Any] = {}
+    accelerator = Accelerator(gradient_accumulation_steps=k, cpu=True)
+    assert accelerator.num_processes == world
+    for with_helper in (False, True):
+        net = mlp(cfg["seed"])
+        ns_acc = accelerate_loop(
+            accelerator, net, batches, clip=cfg["clip"], helper_opts={"method": "ddp"} if with_helper else None
+        )
+        out["params_helper" if with_helper else "params"] = params_of(net)
+        if ns_acc is not None:
+            out["b_simple"] = ns_acc.gns.b_simple
+            out["method"] = ns_acc.gns.method
+            out["history"] = [r.get("g2_step") for r in ns_acc.gns.history]
+            ns_acc.close()
+    net = mlp(cfg["seed"])
+    ddp = DDP(net)
+    gns = GradientNoiseScale(ddp, method="ddp")
+    plain_loop(net, batches, k, clip=cfg["clip"], gns=gns, ddp=ddp)
+    out["plain_b_simple"] = gns.b_simple
+    out["plain_history"] = [r.get("g2_step") for r in gns.history]
+    out["plain_params"] = params_of(net)
+    gns.close()
+    return out
+
+
+SCENARIOS = {"lightning_ddp": lightning_ddp, "accelerate_ddp": accelerate_ddp}
 
 
 def main() -> None:

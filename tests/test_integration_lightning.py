@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
-import os
-import socket
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +11,7 @@ import torch
 pytest.importorskip("lightning")
 
 import integration_workers as W
+from integration_workers import rel, run_workers
 from noisescale import GradientNoiseScale
 from noisescale.integrations.lightning import NoiseScaleCallback
 
@@ -48,10 +43,6 @@ def _plain(X, y, steps=STEPS, clip=CLIP, k=K, **opts):
     batches = [(X[i : i + M], y[i : i + M]) for i in range(0, k * M * steps, M)]
     W.plain_loop(net, batches, k, clip=clip, gns=gns)
     return net, gns
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
 
 
 # (callback's method, the loop's, micro-batches per step, training_step calls self(x)): "auto" on one
@@ -150,56 +141,6 @@ def test_size_fn_in_tokens_is_used():
 
 
 # -- DDP: two gloo processes created by the test, Lightning's DDP strategy inside them --------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_workers(tmp_path: Path, scenario: str, cfg: dict, world: int = 2, timeout: float = 240) -> list[dict]:
-    port = _free_port()
-    procs = []
-    out = tmp_path / scenario
-    for rank in range(world):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            NODE_RANK="0",
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(Path(W.__file__)), scenario, json.dumps(cfg), str(out)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    results = []
-    for rank in range(world):
-        path = Path(f"{out}.{rank}.pt")
-        assert path.exists(), f"rank {rank} left no result:\n{logs[rank][-3000:]}"
-        res = torch.load(path, weights_only=False)
-        assert "error" not in res, res.get("error")
-        results.append(res)
-    return results
 
 
 def test_ddp_two_processes_equals_plain_ddp_loop(tmp_path):
