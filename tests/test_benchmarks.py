@@ -18,5 +18,22 @@ def test_gpu_benchmark_dry_run(capsys):
     assert out.count("PASS") == 6 and "FAIL" not in out
 
 
+def test_hessian_cost_benchmark_quick(capsys):
+    """benchmarks/hessian_cost.py --quick: both rows, positive times, the amortised columns consistent."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "hessian_cost.py")
+    spec = importlib.util.spec_from_file_location("hessian_cost", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "ms" not in r]
+    assert len(rows) == 2
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        step, draw, ratio = float(cells[2]), float(cells[3]), float(cells[4])
+        assert step > 0 and draw > 0 and abs(ratio - draw / step) < 0.02 * ratio + 0.01
+        assert float(cells[5].rstrip("%")) == pytest.approx(10 * ratio, rel=0.02, abs=0.1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
