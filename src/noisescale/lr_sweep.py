@@ -672,7 +672,8 @@ def fit_lr_sweep(
             f"the best learning rate grows about linearly with B over the whole sweep (B = {bmin:g}..{bmax:g}): "
             f"B_noise is above the largest batch"
             + (f" (B_noise > {bound:.3g} at {level:.0%})" if bound else "")
-            + f"; only eps_max/B_noise = {math.exp(a - c):.3g} per example is measured; sweep larger batches"
+            + f"; only the slope eps_max/B_noise = {math.exp(a - c):.3g} (lr per unit of batch size) is measured; "
+            "sweep larger batches"
         )
         fit.b_noise_bound = ("lower", bound) if bound else None
         fit.eps_max = None
