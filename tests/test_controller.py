@@ -461,3 +461,25 @@ def test_adaptive_example_runs(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "controller: BatchSizeController(" in out.stdout and (tmp_path / "adaptive.jsonl").exists()
+
+
+def test_a_loop_that_ignores_the_accumulation_is_told(one_thread):
+    """The learning-rate scale assumes the batch grew: a loop that keeps its own batch gets a warning."""
+    X, y = W.data()
+    torch.manual_seed(0)
+    model = W.Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    gns = ns.GradientNoiseScale(model, method="microbatch")
+    ctl = ns.BatchSizeController(gns, opt, **CTL)
+    gen = torch.Generator().manual_seed(1)
+    with pytest.warns(UserWarning, match=r"saw steps of 16 examples but the controller's batch is (24|32)"):
+        for _ in range(100):
+            for _ in range(2):  # always 2 micro-batches of 8, whatever ctl.accumulation says
+                idx = torch.randint(0, len(y), (8,), generator=gen)
+                (F.cross_entropy(model(X[idx]), y[idx]) / 2).backward()
+            gns.step()
+            opt.step()
+            opt.zero_grad()
+            ctl.step()
+    assert ctl.changes and ctl._warned_batch
+    gns.close()

@@ -29,7 +29,9 @@ counts, and the decision is a deterministic function of them and of the controll
 
 from __future__ import annotations
 
+import itertools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -309,6 +311,7 @@ class BatchSizeController:
         self.reason: str | None = "waiting for the first reading of the tracker"
         self._measured_at_change = 0
         self._pending: Observation | None = None
+        self._warned_batch = False
         self._saved: list[dict[str, Any]] = []
         self._handles: list[Any] = []
         if optimizer is not None:
@@ -324,7 +327,34 @@ class BatchSizeController:
     def _on_update(self, update: Any) -> None:
         if getattr(update, "final", False):
             return
+        self._check_batches(getattr(update, "records", None) or [])
         self._pending = self._observe(update)
+
+    def _check_batches(self, records: list[dict[str, Any]]) -> None:
+        """Warn once when the steps the tracker saw were not of the controller's batch: the loop does
+        not run ``ctl.accumulation`` micro-batches of ``micro_batch_size``, and the learning-rate scale
+        would then be applied to a batch that did not grow. Counted in examples only (tokens per
+        example may vary); every step since the last reading is the current batch (decisions come
+        right after readings)."""
+        if self.unit != "examples" or self._warned_batch:
+            return
+        seen = [
+            b["examples"] - a["examples"]
+            for a, b in itertools.pairwise(records)
+            if b.get("step") == a.get("step", -2) + 1
+            and a.get("examples") is not None
+            and b.get("examples") is not None
+        ]
+        wrong = [x for x in seen if abs(x - self.batch_size) > 1e-6 * self.batch_size]
+        if seen and len(wrong) * 2 > len(seen):
+            self._warned_batch = True
+            warnings.warn(
+                f"noisescale: the tracker saw steps of {wrong[-1]:g} examples but the controller's batch is "
+                f"{self.batch_size} (= {self.world_size} x {self.accumulation} x {self.micro_batch_size}): run "
+                "ctl.accumulation micro-batches of micro_batch_size examples per rank in each step, or the "
+                "learning-rate scale is applied to a batch that did not change",
+                stacklevel=4,
+            )
 
     def _observe(self, update: Any) -> Observation:
         measured = int(update.metrics.get("gns/measured", 0)) if getattr(update, "metrics", None) else 0
@@ -358,7 +388,10 @@ class BatchSizeController:
             else:
                 est = out
         if est is None:
-            why = getattr(getattr(update, "total", None), "reason", None)
+            if self.signal == "b_noise":
+                why = getattr(self.gns, "b_noise_reason", None)
+            else:
+                why = getattr(getattr(update, "total", None), "reason", None)
             return Observation(step, measured, None, None, None, f"the signal is undefined ({why or 'None'})")
         for name, v in (("estimate", est), ("low", low), ("high", high)):
             if v is not None and (not isinstance(v, (int, float)) or math.isnan(v)):
