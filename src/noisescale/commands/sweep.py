@@ -447,8 +447,12 @@ def _dask_executor(address: str | None) -> Iterator[Any]:
     except (OSError, TimeoutError) as e:
         raise CLIError(f"--dask-scheduler {address}: could not connect ({e}); is the scheduler running?") from None
     with client:
-        info = client.scheduler_info()
-        print(f"on the Dask cluster at {info.get('address', address)} ({len(info.get('workers', {}))} workers now)")
+        # nthreads() lists every worker (scheduler_info() lists only the first few in some versions)
+        n = len(client.nthreads())
+        print(
+            f"on the Dask cluster at {client.scheduler_info().get('address', address)} ({n} workers now"
+            + ("; the runs wait until workers join)" if n == 0 else ")")
+        )
         yield client.get_executor(pure=False)  # every run trains, even one with the same arguments
 
 
