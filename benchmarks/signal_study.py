@@ -116,7 +116,15 @@ class Config:
         return float(ns.eps_central(batch, self.eps_star, self.b_star, self.alpha))
 
     def key(self) -> str:
+        """Hash of the whole configuration: the checkpoint rows measured under it."""
         return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def sweep_key(self) -> str:
+        """Hash of what fixes the sweep's runs (its CSV is reused while only the study around it changes)."""
+        d = dataclasses.asdict(self)
+        keep = ("task", "optimizer", "eps_star", "b_star", "alpha", "model")
+        fixed = {k: v for k, v in d.items() if k in keep or k.startswith("sweep_")}
+        return hashlib.sha1(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def configs(quick: bool) -> dict[str, Config]:
@@ -136,15 +144,15 @@ def configs(quick: bool) -> dict[str, Config]:
         }  # fmt: skip
     return {
         "digits": Config(
-            "digits", "sgd", 16, 1.0, 256.0, 1.0, (25, 50, 100, 200, 400, 800), 200, 128, 4, 60,
-            (1, 2, 4, 8, 16, 32, 64), 4096, (0, 1, 2, 3), 0.05,
+            "digits", "sgd", 16, 1.0, 256.0, 1.0, (25, 50, 100, 150, 200, 300, 400, 800), 200, 128, 4, 60,
+            (1, 2, 4, 8, 16, 32, 64), 4096, tuple(range(8)), 0.05,
             sweep_batch_sizes=(8, 16, 32, 64, 128, 256, 512, 1024, 2048), sweep_targets=(0.2, 0.1, 0.05),
             sweep_lr_factors=(0.25, 0.5, 1.0, 2.0), sweep_max_steps=4000,
         ),
         "char": Config(
             "char", "adamw", 8, 0.02, 64.0, 0.5, (25, 50, 100, 200, 400, 700), 48, 64, 4, 24,
-            (1, 2, 4, 8, 16, 32, 64), 2048, (0, 1, 2), 0.01, model={"d": 64, "layers": 2, "block": 64},
-            sweep_batch_sizes=(4, 8, 16, 32, 64, 128), sweep_targets=(2.5, 2.3), sweep_lr_factors=(0.5, 1.0, 2.0),
+            (1, 2, 4, 8, 16, 32), 1024, (0, 1, 2), 0.01, model={"d": 64, "layers": 2, "block": 64},
+            sweep_batch_sizes=(4, 8, 16, 32, 64, 128), sweep_targets=(2.5, 2.3), sweep_lr_factors=(1.0, 2.0),
             sweep_max_steps=2000,
         ),
     }  # fmt: skip
@@ -178,7 +186,7 @@ class Task:
             self.text = _text()
             self.seq = cfg.model["block"]
             # a fixed evaluation set (training distribution): every branch and run is scored on it
-            self.eval_batch = self.sample(torch.Generator().manual_seed(12345), 64)
+            self.eval_batch = self.sample(torch.Generator().manual_seed(12345), 32)
 
     def make_model(self, seed: int = 0) -> torch.nn.Module:
         if self.cfg.task == "digits":
@@ -287,13 +295,11 @@ def spearman_exact_p(x: Sequence[float], y: Sequence[float]) -> float | None:
     rho = spearman(x, y)
     if rho is None or len(x) > 9:
         return None
-    hits = total = 0
-    ys = list(y)
-    for perm in itertools.permutations(range(len(ys))):
-        r = spearman(x, [ys[i] for i in perm])
-        total += 1
-        hits += r is not None and abs(r) >= abs(rho) - 1e-12
-    return hits / total
+    rx, ry = _ranks(x), _ranks(y)
+    rx = (rx - rx.mean()) / rx.std()
+    perms = ry[np.array(list(itertools.permutations(range(len(ry)))))]  # [n!, n]: every order of y's ranks
+    rhos = ((perms - ry.mean()) / ry.std() * rx).mean(1)
+    return float(np.mean(np.abs(rhos) >= abs(rho) - 1e-12))
 
 
 def step_average(steps: Sequence[float], values: Sequence[float]) -> float:
@@ -505,7 +511,7 @@ def sweep_b_crit(cfg: Config, out: Path) -> dict[str, Any]:
         alpha=cfg.alpha,
         lr_factors=cfg.sweep_lr_factors,
         max_steps=cfg.sweep_max_steps,
-        results=out / f"sweep-{cfg.task}-{cfg.key()}.csv",
+        results=out / f"sweep-{cfg.task}-{cfg.sweep_key()}.csv",
         progress=False,
     )
     fits: dict[str, Any] = {}
@@ -633,7 +639,9 @@ def table_md(rows: list[dict[str, Any]], analysis: dict[str, Any], runtime: dict
     return "\n".join(lines) + "\n"
 
 
-def figure(rows: list[dict[str, Any]], path: Path) -> None:
+def figure(rows: list[dict[str, Any]], path: Path, sweeps: dict[str, Any] | None = None) -> None:
+    """Signals and the branched critical batch against base-run steps, one panel per task; the
+    sweep's ``b_crit`` per target as dotted lines (the run-level comparison of Table 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -666,6 +674,11 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
                 x, v, yerr=[v - lo, hi - v], color=colors[s], marker="s" if s == "b_branch" else "o",
                 lw=lw, ms=ms, capsize=2, label=LABELS[s],
             )  # fmt: skip
+        for i, (t, fit) in enumerate((sweeps or {}).get(task, {}).items()):
+            if fit.get("b_crit") is not None:
+                ax.axhline(fit["b_crit"], color="0.4", ls=(0, (1, 1 + i)), lw=1)
+                ax.annotate(f"sweep b_crit, loss {t}", (rs[0]["step"], fit["b_crit"]), fontsize=7, color="0.3",
+                            xytext=(0, 2), textcoords="offset points")  # fmt: skip
         unit = "sequences" if task == "char" else "examples"
         ax.set(xscale="log", yscale="log", xlabel="base-run step", ylabel=f"batch size [{unit}]")
         losses = ", ".join(f"{r['loss']:.2f}" for r in rs)
@@ -801,9 +814,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         md = table_md(rows, analysis, runtime)
         (args.out / "table.md").write_text(md)
         try:
-            figure(rows, args.out / "signal-study.png")
+            figure(rows, args.out / "signal-study.png", sweeps)
             if args.figure is not None:
-                figure(rows, args.figure)
+                figure(rows, args.figure, sweeps)
         except ImportError as e:
             log(f"(no figure: {e})")
         log(md)
