@@ -304,8 +304,10 @@ def ddp_inert(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         model = Net(cfg.get("hidden", 16), seed=cfg["seed"])
         ddp = DDP(model, **cfg.get("ddp", {}))
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        gns = ns.GradientNoiseScale(ddp) if with_tracker else None
+        every = cfg.get("hessian_every")
+        gns = ns.GradientNoiseScale(ddp, hessian_every=every) if with_tracker else None
         grads = []
+        local = []  # with hessian_every: this rank's own draws, for the parent to average
         k = cfg.get("k", 1)
         for t in range(cfg["steps"]):
             for j in range(k):
@@ -313,7 +315,17 @@ def ddp_inert(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
                 with ddp.no_sync() if j < k - 1 else _null():
                     (F.cross_entropy(ddp(x), y) / k).backward()
             if gns is not None:
-                gns.step()
+
+                def closure(t: int = t, it: list[int] = [0], net: nn.Module = ddp) -> torch.Tensor:  # noqa: B006 (a per-step counter)
+                    x, y = batch(cfg["seed"], t, rank, 100 + it[0] % 3, 8)
+                    it[0] += 1
+                    return F.cross_entropy(net(x), y)  # through the DDP wrapper, as users write it
+
+                if every is not None and t % every == 0:
+                    from noisescale.hessian import hessian_draw
+
+                    local.append(hessian_draw(ddp, list(ddp.parameters()), closure).as_array())
+                gns.step(closure=closure if every is not None else None)
             grads.append([p.grad.clone() for p in ddp.parameters()])
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -321,12 +333,27 @@ def ddp_inert(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
             "grads": grads,
             "params": [p.detach().clone() for p in ddp.parameters()],
             "b_simple": gns.b_simple if gns else None,
+            "b_noise": gns.b_noise if gns else None,
+            "draws": [
+                (r["gHg_draw"], r["trace_h_sigma_draw"], r["g2_draw"])
+                for r in (gns.history if gns else [])
+                if "gHg_draw" in r
+            ],
+            "local": local,
         }
         if gns is not None:
             gns.close()
     same = all(torch.equal(a, b) for ga, gb in zip(runs[False]["grads"], runs[True]["grads"]) for a, b in zip(ga, gb))
     same_p = all(torch.equal(a, b) for a, b in zip(runs[False]["params"], runs[True]["params"]))
-    return {"grads_equal": same, "params_equal": same_p, "b_simple": runs[True]["b_simple"]}
+    t = runs[True]
+    return {
+        "grads_equal": same,
+        "params_equal": same_p,
+        "b_simple": t["b_simple"],
+        "b_noise": t["b_noise"],
+        "draws": t["draws"],
+        "local": t["local"],
+    }
 
 
 def _fsdp_model(kind: str, cfg: dict[str, Any], world: int) -> nn.Module:

@@ -402,12 +402,22 @@ def test_inert_ddp_and_fsdp2(tmp_path):
         ("ddp_inert", dict(seed=4, steps=3, k=2, ddp=dict(gradient_as_bucket_view=True))),
         ("fsdp_inert", dict(seed=5, steps=3, kind="fsdp2")),
         ("fsdp_inert", dict(seed=6, steps=3, kind="fsdp1")),
+        ("ddp_inert", dict(seed=7, steps=5, k=2, hessian_every=2)),
     ]
     results = spawn(tmp_path, "many", {"items": items})
     for i, (name, cfg) in enumerate(items):
         for r, res in enumerate(_items(results, i)):
             assert res["grads_equal"], f"{name} {cfg}: rank {r} gradients differ with the tracker attached"
             assert res["params_equal"], f"{name} {cfg}: rank {r} parameters differ with the tracker attached"
+    # B_noise under DDP (hessian_every=2, the closure through the DDP wrapper): each rank draws its own
+    # micro-batches; every rank folds the mean of the ranks' draws, so all agree
+    ranks = _items(results, len(items) - 1)
+    assert len(ranks[0]["draws"]) == 3 and ranks[0]["draws"] == ranks[1]["draws"]
+    assert ranks[0]["b_noise"] == ranks[1]["b_noise"] or ranks[0]["b_noise"] is ranks[1]["b_noise"] is None
+    for j, folded in enumerate(ranks[0]["draws"]):
+        mean = (ranks[0]["local"][j] + ranks[1]["local"][j]) / 2
+        assert folded == pytest.approx(tuple(mean), rel=1e-9)
+        assert abs(ranks[0]["local"][j][0] - ranks[1]["local"][j][0]) > 0  # the ranks' draws differ
 
 
 def test_bad_inputs_consistent_on_all_ranks(tmp_path):
