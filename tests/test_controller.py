@@ -179,6 +179,17 @@ def test_lr_applied_inside_the_optimizer_step_only():
     assert opt.param_groups[0]["lr"] == 0.1  # the schedule's value, back after the step
     assert ctl.lrs() == [0.2] and ctl.metrics()["controller/lr"] == 0.2
 
+    # an optimizer step that raises (after the pre-hook) does not leave the scale to compound
+    def fail(*_):
+        raise RuntimeError("a user's hook fails")
+
+    handle = opt.register_step_pre_hook(fail)  # runs after the controller's pre-hook
+    with pytest.raises(RuntimeError, match="a user's hook fails"):
+        opt.step()
+    handle.remove()
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((3,), -0.4)) and opt.param_groups[0]["lr"] == 0.1
+
 
 def test_composes_with_a_chainable_scheduler_in_either_order():
     """param_groups hold the scheduler's learning rate; each step uses it times lr_scale."""

@@ -479,6 +479,8 @@ class BatchSizeController:
     # -- applying the scale inside optimizer.step() ------------------------------------
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._saved:  # the last optimizer.step() raised before its post-hook: undo, never compound
+            self._post_step(optimizer, args, kwargs)
         if self.lr_scale == 1.0 and not (self.adjust_adam and self.batch_size != self.base_batch_size):
             return
         kappa = self.batch_size / self.base_batch_size
