@@ -72,12 +72,14 @@ def threads_train(batch_size: int, lr: float, seed: int):
 
 
 CALLS: list[tuple[int, float, int]] = []
+STARTED = threading.Event()
 RELEASE = threading.Event()
 
 
 def blocking_train(batch_size: int, lr: float, seed: int):
     """Records the call, then trains only once RELEASE is set (a long run, stopped by Ctrl-C)."""
     CALLS.append((batch_size, lr, seed))
+    STARTED.set()
     RELEASE.wait(timeout=30)
     yield 1.0
 
@@ -273,20 +275,28 @@ def test_ctrl_c_while_waiting_cancels_the_runs_not_yet_started(tmp_path):
     """KeyboardInterrupt in this (the main) thread while the sweep waits on a running run: the sweep
     stops within its 1 s wait, the 11 queued runs are cancelled and never run."""
     CALLS.clear()
+    STARTED.clear()
     RELEASE.clear()
+    sent: list[float] = []
+
+    def ctrl_c() -> None:  # as Ctrl-C would: KeyboardInterrupt in the main thread, once the first run runs
+        if STARTED.wait(timeout=30):
+            time.sleep(0.1)
+            sent.append(time.monotonic())
+            _thread.interrupt_main()
+
     pool = ThreadPoolExecutor(max_workers=1)
-    timer = threading.Timer(0.3, _thread.interrupt_main)  # as Ctrl-C would: KeyboardInterrupt in the main thread
-    t0 = time.monotonic()
+    interrupter = threading.Thread(target=ctrl_c)
     try:
-        timer.start()
+        interrupter.start()
         with pytest.raises(KeyboardInterrupt) as info:
             ns.sweep(blocking_train, **GRID, results=tmp_path / "s.csv", executor=pool, progress=False)
-        stopped_after = time.monotonic() - t0
+        stopped_after = time.monotonic() - sent[0]
     finally:
-        timer.cancel()
         RELEASE.set()  # the run that had started ends (a thread cannot be killed)
+        interrupter.join()
         pool.shutdown(wait=True)
-    assert stopped_after < 5
+    assert stopped_after < 3  # within the sweep's 1 s wait, not at the end of the run
     assert CALLS == [(4, 0.05, 0)]
     if sys.version_info >= (3, 11):
         note = info.value.__notes__[-1]
