@@ -153,3 +153,66 @@ def test_ddp_two_processes_equals_plain_ddp_loop(tmp_path):
         assert r["plain_b_simple"] is not None and rel(r["b_simple"], r["plain_b_simple"]) < 1e-6
         assert all(rel(a, b) < 1e-6 for a, b in zip(r["history"], r["plain_history"]))
     assert per_rank[0]["b_simple"] == per_rank[1]["b_simple"]
+
+
+# -- the batch-size controller through accumulate_grad_batches ------------------------------------
+
+
+class _LRSpy:
+    """Records the learning rate each optimizer step really uses (its pre-hook runs after the controller's)."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def attach(self, optimizer) -> None:
+        optimizer.register_step_pre_hook(lambda opt, a, k: self.lrs.append(opt.param_groups[0]["lr"]))
+
+
+def test_controller_changes_accumulation_on_whole_steps():
+    from lightning.pytorch.callbacks import Callback
+
+    spy = _LRSpy()
+
+    class Spy(Callback):
+        def on_train_start(self, trainer, pl_module):
+            spy.attach(trainer.optimizers[0])
+
+    steps = 24
+    X, y = W.problem(M * 8 * steps, seed=1)
+    cb = NoiseScaleCallback(
+        method="microbatch",
+        log_every_n_steps=0,
+        controller=dict(max_batch_size=8 * M, patience=2, every=1, lr_rule="linear"),
+    )
+    module = W.lightning_module()
+    trainer = W.lightning_trainer([cb, Spy()], max_steps=steps, accumulate_grad_batches=2, gradient_clip_val=CLIP)
+    trainer.fit(module, W.loader(X, y, M))
+    parts = [int(r["parts"]) for r in cb.gns.history]
+    assert len(parts) == steps == len(spy.lrs)
+    assert cb.controller.changes and trainer.accumulate_grad_batches > 2 and max(parts) > 2  # the batch grew
+    # each step used the learning rate of the batch it really had (linear rule: lr x batch / first batch)
+    for a, lr in zip(parts, spy.lrs):
+        assert lr == pytest.approx(0.1 * a / 2, rel=1e-12)
+    # every step had a whole accumulation of fresh micro-batches: a loop that replays the accumulations
+    # and learning rates seen ends at the same parameters and the same estimate
+    net = W.mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    ref = GradientNoiseScale(net, method="microbatch")
+    i = 0
+    for a, lr in zip(parts, spy.lrs):
+        for _ in range(a):
+            (torch.nn.functional.cross_entropy(net(X[i : i + M]), y[i : i + M]) / a).backward()
+            i += M
+        torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
+        ref.step()
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        opt.zero_grad()
+    for p, q in zip(module.net.parameters(), net.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+    assert rel(cb.gns.b_simple, ref.b_simple) < 1e-6
+    # the accumulation only changes at a multiple of itself within the epoch (Lightning zeroes and steps there)
+    done = 0
+    for a in parts:
+        assert done % a == 0
+        done += a

@@ -98,6 +98,9 @@ class NoiseScaleCallback(Callback):
         self._losses: list[torch.Tensor] = []
         self._pending_accumulation: int | None = None
         self._forwards: list[int] | None = None  # forward calls of the LightningModule on the first step
+        self._controller_state: dict[str, Any] | None = None  # restored, applied at train start
+        self._scales: dict[int, float] = {}  # accumulation -> the learning-rate scale the controller gave it
+        self._stepped = False  # the current batch ended an optimizer step
         self._forward_hook: Any = None
 
     # -- lifetime ----------------------------------------------------------------------
@@ -141,11 +144,34 @@ class NoiseScaleCallback(Callback):
             self._forward_hook = pl_module.register_forward_pre_hook(count)
         self.gns = GradientNoiseScale(model, **opts)
         self._sizes, self._losses, self._batch_size = [], [], None
-        if self.controller_options is not None:
-            self.controller = self._make_controller(trainer, optimizer)
+        self.controller = None
         restored, self._restored = self._restored, None
         if restored is not None:
-            self._load(restored)
+            self.gns.load_state_dict(restored["tracker"])
+            self._controller_state = restored.get("controller")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the training loader is set up now (not yet at fit start): the controller's micro-batch is its batch
+        if self.controller_options is None or self.gns is None:
+            if self._controller_state is not None:
+                warnings.warn(
+                    "noisescale: the checkpoint has a batch-size controller's state but this callback has no "
+                    "controller=; it is ignored",
+                    stacklevel=2,
+                )
+                self._controller_state = None
+            return
+        if self.controller is not None:
+            self.controller.close()
+        self.controller = self._make_controller(trainer, trainer.optimizers[0])
+        self._scales = {int(self.controller.accumulation): 1.0}
+        state, self._controller_state = self._controller_state, None
+        if state is not None:
+            self.controller.load_state_dict(state["controller"])
+            self._scales = {int(a): float(v) for a, v in state["scales"]}
+            # the trainer starts again from its constructor's accumulate_grad_batches
+            self._pending_accumulation = int(self.controller.accumulation)
+        self._hold_scale(trainer)
 
     def _check_forward_called(self, gns: GradientNoiseScale) -> None:
         assert self._forwards is not None
@@ -166,6 +192,8 @@ class NoiseScaleCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release_counter()
+        if self.controller is not None:
+            self.controller.close()  # its learning-rate hooks removed
         if self.gns is not None:
             self.gns.close()  # hooks removed; the estimates stay readable
 
@@ -203,6 +231,7 @@ class NoiseScaleCallback(Callback):
         gns = self.gns
         if gns is None:
             return
+        self._stepped = True
         sizes, self._sizes = self._sizes, []
         losses, self._losses = self._losses, []
         # Lightning divides each micro-batch's loss by accumulate_grad_batches: the sum is the step's mean
@@ -225,8 +254,11 @@ class NoiseScaleCallback(Callback):
         # After the optimizer step of this batch (if it had one): the controller decides the next one.
         if self.controller is None or self.gns is None:
             return
-        if self._stepped(trainer, batch_idx):
-            self.controller.step()
+        if not self._stepped:
+            return  # inside an accumulation: nothing may change before the step ends
+        self._stepped = False
+        if self.controller.step():
+            self._scales[int(self.controller.accumulation)] = float(self.controller.lr_scale)
             self._pending_accumulation = int(self.controller.accumulation)
         self._apply_accumulation(trainer)
 
@@ -241,8 +273,7 @@ class NoiseScaleCallback(Callback):
 
         opts = dict(self.controller_options or {})
         if "micro_batch_size" not in opts:
-            loader = trainer.fit_loop._data_source.dataloader() if hasattr(trainer.fit_loop, "_data_source") else None
-            mb = getattr(loader, "batch_size", None)
+            mb = getattr(trainer.train_dataloader, "batch_size", None)
             if not isinstance(mb, int):
                 raise ValueError(
                     "controller=: could not read the training loader's batch_size; pass controller="
@@ -259,13 +290,9 @@ class NoiseScaleCallback(Callback):
             )
         return ctl
 
-    def _stepped(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        """Whether the batch just finished ended an optimizer step."""
-        loop = trainer.fit_loop.epoch_loop
-        return not loop._should_accumulate()
-
     def _apply_accumulation(self, trainer: pl.Trainer) -> None:
-        """Sets ``accumulate_grad_batches`` when the change starts a whole step.
+        """At a step boundary (a batch that ended a step, or an epoch's start): sets ``accumulate_grad_batches``
+        when the change starts a whole step.
 
         Lightning zeroes the gradients when ``batch_idx % accumulate_grad_batches == 0`` and steps when
         ``(batch_idx + 1) % accumulate_grad_batches == 0`` (batch_idx counted within the epoch). A new
@@ -274,21 +301,26 @@ class NoiseScaleCallback(Callback):
         no step mixes two accumulations or starts from an uncleared gradient.
         """
         a = self._pending_accumulation
-        if a is None or a == trainer.accumulate_grad_batches:
-            self._pending_accumulation = None
+        if a is None:
             return
         ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # batches done in this epoch
-        if ready % a == 0:
+        if a == trainer.accumulate_grad_batches or ready % a == 0:
             trainer.accumulate_grad_batches = a
             self._pending_accumulation = None
+        self._hold_scale(trainer)
+
+    def _hold_scale(self, trainer: pl.Trainer) -> None:
+        """The controller rescales the learning rate inside optimizer.step() by its ``lr_scale``, which it
+        sets for the batch it decided; while that batch waits for a whole-step boundary, the steps still
+        run with the old one, and use the old batch's scale."""
+        ctl = self.controller
+        scale = self._scales.get(int(trainer.accumulate_grad_batches))
+        if scale is None:  # an accumulation the controller never chose (set by hand): the controller's own
+            scale = float(ctl.lr_scale)
+        ctl.lr_scale = scale
 
     def _controller_metrics(self) -> dict[str, float]:
-        ctl = self.controller
-        return {
-            self.prefix + "batch_size": float(ctl.batch_size),
-            self.prefix + "accumulation": float(ctl.accumulation),
-            self.prefix + "lr_scale": float(ctl.lr_scale),
-        }
+        return dict(self.controller.metrics(self.prefix + "controller/"))
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -296,9 +328,16 @@ class NoiseScaleCallback(Callback):
         """The tracker's (and controller's) state: numbers only, saved in the trainer's checkpoint."""
         if self.gns is None:
             return dict(self._restored) if self._restored is not None else {}
+        if self.controller is None and self._controller_state is not None:
+            return {"format": STATE_FORMAT, "tracker": self.gns.state_dict(), "controller": self._controller_state}
         out: dict[str, Any] = {"format": STATE_FORMAT, "tracker": self.gns.state_dict()}
         if self.controller is not None:
-            out["controller"] = self.controller.state_dict()
+            # the controller's accumulation, and the learning-rate scale of every accumulation it chose
+            # (the one in use may lag the decision: see _apply_accumulation)
+            out["controller"] = {
+                "controller": self.controller.state_dict(),
+                "scales": [[a, v] for a, v in sorted(self._scales.items())],
+            }
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -313,19 +352,5 @@ class NoiseScaleCallback(Callback):
         if self.gns is None:
             self._restored = dict(state_dict)
         else:  # strategies that restore after setup (restore_checkpoint_after_setup) call this after fit start
-            self._load(state_dict)
-
-    def _load(self, sd: dict[str, Any]) -> None:
-        assert self.gns is not None
-        self.gns.load_state_dict(sd["tracker"])
-        if "controller" in sd:
-            if self.controller is None:
-                warnings.warn(
-                    "noisescale: the checkpoint has a batch-size controller's state but this callback has no "
-                    "controller=; it is ignored",
-                    stacklevel=2,
-                )
-            else:
-                self.controller.load_state_dict(sd["controller"])
-                # the trainer starts again from its constructor's accumulate_grad_batches
-                self._pending_accumulation = int(self.controller.accumulation)
+            self.gns.load_state_dict(state_dict["tracker"])
+            self._controller_state = state_dict.get("controller")
