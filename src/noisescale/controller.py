@@ -312,6 +312,7 @@ class BatchSizeController:
         self._measured_at_change = 0
         self._pending: Observation | None = None
         self._warned_batch = False
+        self._mismatches = 0  # readings in a row whose steps were mostly not of the controller's batch
         self._saved: list[dict[str, Any]] = []
         self._handles: list[Any] = []
         if optimizer is not None:
@@ -331,11 +332,11 @@ class BatchSizeController:
         self._pending = self._observe(update)
 
     def _check_batches(self, records: list[dict[str, Any]]) -> None:
-        """Warn once when the steps the tracker saw were not of the controller's batch: the loop does
-        not run ``ctl.accumulation`` micro-batches of ``micro_batch_size``, and the learning-rate scale
-        would then be applied to a batch that did not grow. Counted in examples only (tokens per
-        example may vary); every step since the last reading is the current batch (decisions come
-        right after readings)."""
+        """Warn once when the steps the tracker saw were not of the controller's batch (mostly, in two
+        readings in a row): the loop does not run ``ctl.accumulation`` micro-batches of
+        ``micro_batch_size``, and the learning-rate scale would then be applied to a batch that did not
+        grow. Counted in examples only (tokens per example may vary); every step since the last
+        reading is of the current batch (decisions come right after readings)."""
         if self.unit != "examples" or self._warned_batch:
             return
         seen = [
@@ -346,7 +347,11 @@ class BatchSizeController:
             and b.get("examples") is not None
         ]
         wrong = [x for x in seen if abs(x - self.batch_size) > 1e-6 * self.batch_size]
-        if seen and len(wrong) * 2 > len(seen):
+        if not seen:
+            return
+        # two readings in a row: a framework may finish a step or two at the old batch after a change
+        self._mismatches = self._mismatches + 1 if len(wrong) * 2 > len(seen) else 0
+        if self._mismatches >= 2:
             self._warned_batch = True
             warnings.warn(
                 f"noisescale: the tracker saw steps of {wrong[-1]:g} examples but the controller's batch is "
