@@ -122,3 +122,47 @@ def test_ddp_two_processes_equals_plain_ddp_loop(tmp_path):
         assert r["plain_b_simple"] is not None and rel(r["b_simple"], r["plain_b_simple"]) < 1e-6
         assert all(rel(a, b) < 1e-6 for a, b in zip(r["history"], r["plain_history"]))
     assert per_rank[0]["b_simple"] == per_rank[1]["b_simple"]
+
+
+def test_controller_sets_gradient_accumulation_steps():
+    """The helper's controller changes the accelerator's accumulation between steps; the run equals a plain
+    loop driven by its own BatchSizeController on the same micro-batch stream (same decisions, same rates)."""
+    from noisescale.controller import BatchSizeController
+
+    X, y = W.problem(M * 8 * 24, seed=1)
+    stream = [(X[i : i + M], y[i : i + M]) for i in range(0, len(y), M)]
+    ctl_opts = dict(micro_batch_size=M, max_batch_size=8 * M, patience=2, every=1, lr_rule="linear")
+    acc = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    net = W.mlp()
+    ns_acc = W.accelerate_loop(
+        acc, net, stream, clip=CLIP, helper_opts={"method": "microbatch", "controller": ctl_opts}
+    )
+    parts = [int(r["parts"]) for r in ns_acc.gns.history]
+    assert (
+        ns_acc.controller.changes
+        and max(parts) > 2
+        and acc.gradient_accumulation_steps == ns_acc.controller.accumulation
+    )
+
+    ref_net = W.mlp()
+    opt = torch.optim.SGD(ref_net.parameters(), lr=0.1)
+    ref = GradientNoiseScale(ref_net, method="microbatch")
+    ctl = BatchSizeController(ref, opt, batch_size=2 * M, world_size=1, **ctl_opts)
+    i, ref_parts = 0, []
+    while i + ctl.accumulation <= len(stream):
+        a = ctl.accumulation
+        for x, t in stream[i : i + a]:
+            (torch.nn.functional.cross_entropy(ref_net(x), t) / a).backward()
+        i += a
+        ref_parts.append(a)
+        torch.nn.utils.clip_grad_norm_(ref_net.parameters(), CLIP)
+        ref.step()
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+    assert parts == ref_parts
+    assert [c["batch_size"] for c in ns_acc.controller.changes] == [c["batch_size"] for c in ctl.changes]
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        assert torch.equal(p, q)
+    assert rel(ns_acc.gns.b_simple, ref.b_simple) < 1e-6
+    ns_acc.close()
