@@ -57,3 +57,15 @@ def test_plot_run_panels_and_errors(tmp_path):
     with pytest.raises(ValueError, match="x must be"):
         plot.plot_b_simple(_log(), x="time")
     plt.close("all")
+
+
+def test_b_noise_drawn_when_the_log_has_it():
+    log = _log()
+    assert "B_{noise}" not in " ".join(line.get_label() for line in plot.plot_b_simple(log)[1].get_lines())
+    for i, r in enumerate(log.records):
+        r.update(b_noise=None if i < 2 else 30.0 + i, b_noise_low=None if i < 4 else 20.0, b_noise_high=None)
+    _fig, ax = plot.plot_b_simple(log)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    drawn = lines["$B_{noise}$ (Hessian)"].get_ydata()
+    assert list(drawn[2:]) == [30.0 + i for i in range(2, 20)]
+    plt.close("all")

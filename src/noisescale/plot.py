@@ -154,6 +154,16 @@ def plot_b_simple(
     if out:
         ax.scatter(*zip(*out), s=12, color="C3", alpha=0.7, marker="x", label="held out (transient)")
     ax.plot(xs, b, color="C0", label="$B_{simple}$")
+    # B_noise (hessian_every=): drawn on the same axis, with its interval, where the log has it
+    bn = _col(log, "b_noise") if any("b_noise" in r for r in log.records) else []
+    if any(math.isfinite(v) and v > 0 for v in bn):
+        bn_lo, bn_hi = _col(log, "b_noise_low"), _col(log, "b_noise_high")
+        bn_hi = [
+            v if math.isfinite(v) else (finite_top * 100 if math.isfinite(lo_) else math.nan)
+            for v, lo_ in zip(bn_hi, bn_lo)
+        ]
+        ax.fill_between(xs, bn_lo, bn_hi, alpha=0.15, color="C2", linewidth=0)
+        ax.plot(xs, bn, color="C2", label="$B_{noise}$ (Hessian)")
     used = batch_used(log)
     if any(math.isfinite(v) and v > 0 for v in used):
         ax.plot(xs, used, color="k", linewidth=1, drawstyle="steps-post", label="batch used")
