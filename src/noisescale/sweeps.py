@@ -5,8 +5,9 @@
   are centred on ``eps_central(B) = eps* / (1 + B*/B)^alpha`` (``alpha = 1`` for SGD and
   momentum, ``0.5..1`` for Adam), every run records the steps and examples it took to reach
   each target, and :mod:`noisescale.critical` fits the fastest run per batch size
-  (``SweepResult.fit()``). Runs can go to worker processes, each finished run is appended to a
-  results file, and a resumed sweep skips the runs already in it.
+  (``SweepResult.fit()``). Runs can go to worker processes or to any ``concurrent.futures``
+  executor (a Dask cluster, SLURM through submitit), each finished run is appended to a results
+  file, and a resumed sweep skips the runs already in it.
 - :func:`local_critical_batch` is the branched method of Merrill et al. 2025 ("Critical Batch
   Size Revisited", Sec. 3): from a checkpoint trained at batch ``B`` and learning rate ``eta``,
   train branches at ``k B`` with learning rate ``f(k) eta`` (``f(k) = k`` for SGD, ``sqrt(k)``
@@ -805,8 +806,9 @@ def sweep(
     Args:
         train_fn: ``train_fn(batch_size, lr, seed)`` returning an iterable of observations (see
             :func:`run_one`): write your training loop as a generator that ``yield`` s the
-            loss. With ``workers > 0`` or an ``executor`` it must be picklable (a module-level
-            function, or a ``functools.partial`` of one); this is checked before any run starts.
+            loss. With ``workers > 0`` or a ``ProcessPoolExecutor`` it must be a module-level
+            function (or a ``functools.partial`` of one); executors that send it with
+            cloudpickle (Dask, Ray, submitit) also take closures. Checked before any run starts.
         batch_sizes: batch sizes to sweep (in examples, or tokens/frames consistently).
         learning_rates: the same list for every batch size, a mapping batch size -> list, a
             callable ``B -> list``, or ``None`` to centre a grid on the paper's rule
