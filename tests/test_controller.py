@@ -494,3 +494,38 @@ def test_a_loop_that_ignores_the_accumulation_is_told(one_thread):
             ctl.step()
     assert ctl.changes and ctl._warned_batch
     gns.close()
+
+
+def test_b_noise_signal_from_the_tracker(one_thread):
+    """signal="b_noise": the controller reads the tracker's B_noise and its interval at each reading."""
+    X, y = W.data()
+    torch.manual_seed(0)
+    model = W.Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    gns = ns.GradientNoiseScale(model, method="microbatch", hessian_every=2)
+    ctl = ns.BatchSizeController(gns, opt, **{**CTL, "patience": 4}, signal="b_noise", lr_rule="saturating")
+    gen, hgen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+
+    def closure():
+        i = torch.randint(0, len(y), (16,), generator=hgen)
+        return F.cross_entropy(model(X[i]), y[i])
+
+    readings = []
+    for _ in range(60):
+        for _ in range(ctl.accumulation):
+            idx = torch.randint(0, len(y), (8,), generator=gen)
+            (F.cross_entropy(model(X[idx]), y[idx]) / ctl.accumulation).backward()
+        gns.step(closure=closure)
+        if gns.steps % CTL["every"] == 0:
+            readings.append((gns.b_noise, gns.b_noise_interval(0.95)))
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+        if gns.steps % CTL["every"] == 0 and ctl.last is not None and ctl.last.estimate is not None:
+            b, iv = readings[-1]
+            assert (ctl.last.estimate, ctl.last.low, ctl.last.high) == (b, *iv)
+    assert any(b is not None for b, _ in readings), "B_noise must be measured for this test to mean anything"
+    assert ctl.changes, "the batch must change on B_noise for this test to mean anything"
+    for c in ctl.changes:
+        assert c["lr_scale"] == saturating_scale(c["batch_size"], 16, c["estimate"])  # Eq. 2.6 at the B_noise read
+    gns.close()
