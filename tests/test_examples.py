@@ -45,3 +45,26 @@ def test_gpt_warmup_example_runs(tmp_path, shakespeare_path):
     )
     assert out.returncode == 0, out.stderr
     assert "final B_simple" in out.stdout and (tmp_path / "gpt" / "run.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "script,extra,expect",
+    [
+        ("lightning_example.py", ["--steps", "12", "--controller"], "after 12 steps: B_simple"),
+        ("accelerate_example.py", ["--steps", "12", "--controller"], "after 12 steps: B_simple"),
+        ("hf_trainer.py", ["--steps", "4"], "gradient_accumulation_steps="),
+    ],
+)
+def test_trainer_examples_run(tmp_path, script, extra, expect):
+    pytest.importorskip(
+        {"lightning_example.py": "lightning", "hf_trainer.py": "transformers"}.get(script, "accelerate")
+    )
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *extra],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert expect in out.stdout, out.stdout[-3000:]
