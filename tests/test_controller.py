@@ -529,3 +529,27 @@ def test_b_noise_signal_from_the_tracker(one_thread):
     for c in ctl.changes:
         assert c["lr_scale"] == saturating_scale(c["batch_size"], 16, c["estimate"])  # Eq. 2.6 at the B_noise read
     gns.close()
+
+
+def test_examples_schedule_and_lr_scale_compose():
+    """Each step uses schedule(examples seen before it) x lr_scale; the controller advances the schedule."""
+    gns = ScriptedTracker()
+    p, opt = _param_opt(lr=1.0)
+    fn = lambda x: min(1.0, (x + 16) / 160)  # a warm-up over 160 examples
+    sched = ns.ExamplesSchedule(opt, fn)
+    ctl = ns.BatchSizeController(
+        gns, opt, batch_size=16, micro_batch_size=16, max_batch_size=64, lr_rule="linear", patience=0, schedule=sched
+    )
+    seen = 0.0
+    for t in range(12):
+        before = p.detach().clone()
+        p.grad = torch.ones(3)
+        opt.step()
+        used = float(before[0] - p.detach()[0])
+        assert used == pytest.approx(fn(seen) * ctl.lr_scale, rel=1e-6), t  # float32 parameters
+        seen += ctl.batch_size
+        if t in (2, 5):
+            gns.push(1000.0, 900.0, 1100.0)
+        ctl.step()
+        assert ctl.examples == sched.examples == seen
+    assert [c["batch_size"] for c in ctl.changes] == [32.0, 64.0] and ctl.lr_scale == 4.0
