@@ -216,3 +216,34 @@ def test_controller_changes_accumulation_on_whole_steps():
     for a in parts:
         assert done % a == 0
         done += a
+
+
+def test_controller_resumes_from_checkpoint(tmp_path):
+    # epochs of 48 micro-batches; the controller grows the batch during the first; resuming at the epoch
+    # boundary restores its accumulation (and learning-rate scale) and continues as the uninterrupted run
+    X, y = W.problem(M * 48, seed=2)
+    ctl = dict(max_batch_size=8 * M, patience=2, every=1, lr_rule="linear")
+
+    def fit(epochs, ckpt=None, save=None):
+        cb = NoiseScaleCallback(method="microbatch", log_every_n_steps=0, controller=ctl)
+        module = W.lightning_module()
+        trainer = W.lightning_trainer([cb], max_epochs=epochs, accumulate_grad_batches=2, gradient_clip_val=CLIP)
+        trainer.fit(module, W.loader(X, y, M), ckpt_path=ckpt)
+        if save:
+            trainer.save_checkpoint(save)
+        return cb, module, trainer
+
+    full, full_module, full_trainer = fit(2)
+    first, _, _ = fit(1, save=tmp_path / "e1.ckpt")
+    assert first.controller.changes  # the batch grew in the first epoch
+    torch.load(tmp_path / "e1.ckpt", weights_only=True)  # numbers only
+    second, module, trainer = fit(2, ckpt=tmp_path / "e1.ckpt")
+    assert trainer.accumulate_grad_batches == full_trainer.accumulate_grad_batches > 2
+    assert second.controller.changes == full.controller.changes
+    # (the history in memory holds the steps run since the resume)
+    resumed = [r["parts"] for r in second.gns.history]
+    assert resumed == [r["parts"] for r in full.gns.history][-len(resumed) :]
+    assert second.gns.steps == full.gns.steps
+    for p, q in zip(module.parameters(), full_module.parameters()):
+        assert torch.equal(p, q)
+    assert rel(second.gns.b_simple, full.gns.b_simple) < 1e-9
