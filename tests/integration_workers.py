@@ -313,13 +313,18 @@ def accelerate_loop(
     clip: float | None = None,
     helper_opts: dict[str, Any] | None = None,
     ns_acc: Any = None,
+    prepared: Any = None,
 ) -> Any:
     """The documented ``accelerator.accumulate`` loop over ``batches`` (micro-batches, in order), with an
-    ``AcceleratedNoiseScale`` when ``helper_opts`` is given (or ``ns_acc``, already built)."""
+    ``AcceleratedNoiseScale`` when ``helper_opts`` is given (or ``ns_acc``, already built). ``prepared``:
+    the optimizer when ``model`` is already prepared (a resumed run)."""
     from noisescale.integrations.accelerate import AcceleratedNoiseScale
 
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    model, opt = accelerator.prepare(model, opt)
+    if prepared is None:
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        model, opt = accelerator.prepare(model, opt)
+    else:
+        opt = prepared
     if helper_opts is not None:
         ns_acc = AcceleratedNoiseScale(accelerator, model, opt, **helper_opts)
     for x, y in batches:

@@ -166,3 +166,31 @@ def test_controller_sets_gradient_accumulation_steps():
         assert torch.equal(p, q)
     assert rel(ns_acc.gns.b_simple, ref.b_simple) < 1e-6
     ns_acc.close()
+
+
+def test_controller_resumes_with_load_state(tmp_path):
+    X, y = W.problem(M * 8 * 24, seed=1)
+    stream = [(X[i : i + M], y[i : i + M]) for i in range(0, len(y), M)]
+    opts = {"method": "microbatch", "controller": dict(micro_batch_size=M, max_batch_size=8 * M, patience=2, every=1)}
+    full = W.accelerate_loop(Accelerator(gradient_accumulation_steps=2, cpu=True), W.mlp(), stream, helper_opts=opts)
+
+    acc1 = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    first = W.accelerate_loop(acc1, W.mlp(), stream[:60], helper_opts=opts)
+    done = sum(int(r["parts"]) for r in first.gns.history)  # micro-batches of the completed steps
+    assert first.controller.changes and done <= 60
+    acc1.save_state(str(tmp_path / "ckpt"))
+    first.close()
+
+    acc2 = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    net = W.mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net, opt = acc2.prepare(net, opt)
+    second = AcceleratedNoiseScale(acc2, net, opt, **opts)
+    acc2.load_state(str(tmp_path / "ckpt"))  # the model, optimizer and the helper (tracker + controller)
+    assert acc2.gradient_accumulation_steps == first.controller.accumulation > 2
+    W.accelerate_loop(acc2, net, stream[done:], ns_acc=second, prepared=opt)
+    assert second.gns.steps == full.gns.steps
+    assert second.controller.changes == full.controller.changes
+    assert rel(second.gns.b_simple, full.gns.b_simple) < 1e-9
+    full.close()
+    second.close()
