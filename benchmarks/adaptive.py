@@ -404,8 +404,22 @@ def _gmean(xs: Sequence[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
-def seed_means(task: Task, arm: str, runs: Sequence[Any]) -> list[Point]:
-    """Per (starting batch, lr) and target: the geometric mean of steps and examples over the seeds."""
+def _batch_at(trace: Path, step: int) -> float:
+    """The batch of the step at which a target was reached, from an adaptive run's trace."""
+    if not trace.exists():
+        return math.nan
+    with open(trace, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if int(float(row["step"])) == step:
+                return float(row["batch"])
+    return math.nan
+
+
+def seed_means(task: Task, arm: str, runs: Sequence[Any], traces: Path | None = None) -> list[Point]:
+    """Per (starting batch, lr) and target: the geometric mean of steps and examples over the seeds.
+
+    ``final_batch``: the batch in use when the target was reached (geometric mean over the seeds;
+    read from the runs' traces in ``traces`` for the adaptive arms)."""
     groups: dict[tuple[int, float], list[Any]] = {}
     for r in runs:
         groups.setdefault((r.spec.batch_size, r.spec.lr), []).append(r)
@@ -424,17 +438,36 @@ def seed_means(task: Task, arm: str, runs: Sequence[Any]) -> list[Point]:
                 s = float(min(r.budget_steps for r in rs if r.steps.get(t) is None) if len(ok) < len(rs) else 0)
                 e = float(min(r.budget_examples for r in rs if r.steps.get(t) is None) if len(ok) < len(rs) else 0)
                 s, e = max(s, 1.0), max(e, 1.0)
-            fb = [r.metrics.get("batch", math.nan) for r in rs]
+            if traces is None:
+                fb = [float(b)]
+            else:
+                f = lr / lr_at(task, 1.0, b)
+                fb = [_batch_at(traces / f"{arm}-f{f:g}-s{r.spec.seed}.csv", int(r.steps[t])) for r in ok]
             out.append(
                 Point(arm, int(b), lr / lr_at(task, 1.0, b), t, s, e, reached, ss, es, _gmean(fb) if fb else math.nan)
             )
     return out
 
 
-def best(points: Sequence[Point], target: float) -> Point | None:
-    """The point with the fewest steps among those that reached ``target`` (None if none did)."""
+def best(points: Sequence[Point], target: float, fit: Any = None) -> Point | None:
+    """The best point among those that reached ``target`` (None if none did).
+
+    Without ``fit``: the fewest steps (the fastest run, as the frontier takes it at a fixed batch).
+    With ``fit`` (the adaptive arms, whose examples differ from one learning rate to the next): the
+    lowest :func:`ratio`, the steps relative to the fixed-batch frontier at the same examples."""
     ok = [p for p in points if p.target == target and p.reached]
-    return min(ok, key=lambda p: (p.steps, p.examples)) if ok else None
+    if not ok:
+        return None
+    if fit is None:
+        return min(ok, key=lambda p: (p.steps, p.examples))
+    return min(ok, key=lambda p: (ratio(fit, p.steps, p.examples), p.steps))
+
+
+def ratio(fit: Any, steps: float, examples: float) -> float:
+    """``S / S_frontier(E)``: below 1, fewer steps than the fixed-batch frontier at the same examples
+    (below the frontier); 0 when ``E <= E_min``, where no fixed batch reaches the target at all."""
+    sf = frontier_steps(fit, examples)
+    return steps / sf if math.isfinite(sf) else 0.0
 
 
 def frontier_steps(fit: Any, examples: float) -> float:
@@ -542,7 +575,7 @@ def run_task(task: Task, out: Path, arms: Sequence[str], *, workers: int, thread
             for rname, sched in task.ramps.items():
                 name = f"{kind}-{rname}"
                 runs = _run_arm(task, out, name, kind, [task.b0], ramp=sched, workers=workers, threads=threads)
-                points[name] = seed_means(task, name, runs)
+                points[name] = seed_means(task, name, runs, out / "traces")
     if "controller" in arms:
         try:
             import noisescale.controller  # noqa: F401
@@ -550,7 +583,7 @@ def run_task(task: Task, out: Path, arms: Sequence[str], *, workers: int, thread
             print(f"  {task.name} controller: skipped ({e})")
         else:
             runs = _run_arm(task, out, "controller", "controller", [task.b0], workers=workers, threads=threads)
-            points["controller"] = seed_means(task, "controller", runs)
+            points["controller"] = seed_means(task, "controller", runs, out / "traces")
     return {
         "task": task,
         "points": points,
@@ -567,6 +600,7 @@ def run_task(task: Task, out: Path, arms: Sequence[str], *, workers: int, thread
 def _arm_rows(res: dict[str, Any], target: float) -> list[tuple[str, Point]]:
     """(label, best point) per arm for one target, in the study's order."""
     task: Task = res["task"]
+    fit = res["fits"][target]
     pts: dict[str, list[Point]] = res["points"]
     rows: list[tuple[str, Point]] = []
     fixed = [p for p in pts["fixed"] if p.target == target]
@@ -579,44 +613,76 @@ def _arm_rows(res: dict[str, Any], target: float) -> list[tuple[str, Point]]:
         rows.append((f"fixed at b_crit (B = {fb.batch})", fb))
     for name in sorted(pts):
         if name.startswith(("ramp-", "seesaw-")):
-            p = best(pts[name], target)
+            p = best(pts[name], target, fit)
             if p is not None:
                 rows.append((name, p))
-    c = best(pts.get("controller", []), target)
+    c = best(pts.get("controller", []), target, fit)
     if c is not None:
         rows.append(("controller", c))
     return rows
 
 
+def _seed_ratios(fit: Any, p: Point) -> list[float]:
+    return [ratio(fit, s, e) for s, e in zip(p.seed_steps, p.seed_examples)]
+
+
 def verdicts(res: dict[str, Any], target: float) -> dict[str, Any]:
-    """The acceptance checks for one target: below the frontier, fewer steps than every fixed batch
-    using no more examples, and against the best open-loop ramp."""
+    """The acceptance checks for one target: the controller below the fixed-batch frontier, in fewer
+    steps than every fixed batch (fastest learning rate) that uses no more examples, and against the
+    best open-loop ramp and the best Seesaw (each the arm and learning rate with the lowest ratio)."""
     fit = res["fits"][target]
     pts: dict[str, list[Point]] = res["points"]
-    c = best(pts.get("controller", []), target)
+    c = best(pts.get("controller", []), target, fit)
     if c is None:
         return {"controller": None}
-    fixed_best = {}
+    fixed_best: dict[int, Point] = {}
     for p in pts["fixed"]:
         if p.target == target and p.reached and (p.batch not in fixed_best or p.steps < fixed_best[p.batch].steps):
             fixed_best[p.batch] = p
     cheaper = [p for p in fixed_best.values() if p.examples <= c.examples]
-    ramps = [p for name, ps in pts.items() if name.startswith("ramp-") for p in [best(ps, target)] if p is not None]
-    r = min(ramps, key=lambda p: p.steps) if ramps else None
-    s_front = frontier_steps(fit, c.examples)
-    return {
+    out: dict[str, Any] = {
         "controller": {"steps": c.steps, "examples": c.examples, "factor": c.factor},
-        "frontier_steps_at_E": s_front if math.isfinite(s_front) else None,
-        "ratio_to_frontier": c.steps / s_front if math.isfinite(s_front) else 0.0,
-        "below_fitted_frontier": c.steps < s_front,
+        "ratio_to_frontier": ratio(fit, c.steps, c.examples),
+        "ratio_seeds": _seed_ratios(fit, c),
+        "below_fitted_frontier": ratio(fit, c.steps, c.examples) < 1.0,
         "fixed_with_no_more_examples": [{"batch": p.batch, "steps": p.steps, "examples": p.examples} for p in cheaper],
         "fewer_steps_than_every_cheaper_fixed": all(c.steps < p.steps for p in cheaper),
-        "best_ramp": None
-        if r is None
-        else {"arm": r.arm, "steps": r.steps, "examples": r.examples, "factor": r.factor},
-        "steps_vs_best_ramp": None if r is None else c.steps / r.steps,
-        "examples_vs_best_ramp": None if r is None else c.examples / r.examples,
+        # the empirical frontier: fixed batches with both fewer steps and fewer examples, and the reverse
+        "dominated_by_fixed": sorted(
+            p.batch for p in fixed_best.values() if p.steps < c.steps and p.examples < c.examples
+        ),
+        "dominates_fixed": sorted(
+            p.batch for p in fixed_best.values() if c.steps < p.steps and c.examples < p.examples
+        ),
     }
+    for kind in ("ramp", "seesaw"):
+        cands = [q for name, ps in pts.items() if name.startswith(kind + "-") for q in [best(ps, target, fit)] if q]
+        r = min(cands, key=lambda q: (ratio(fit, q.steps, q.examples), q.steps)) if cands else None
+        out[f"best_{kind}"] = (
+            None
+            if r is None
+            else {
+                "arm": r.arm,
+                "factor": r.factor,
+                "steps": r.steps,
+                "examples": r.examples,
+                "ratio_to_frontier": ratio(fit, r.steps, r.examples),
+                "ratio_seeds": _seed_ratios(fit, r),
+                # both fewer steps and fewer examples than the controller (seed means)
+                "dominates_controller": r.steps < c.steps and r.examples < c.examples,
+                "dominated_by_controller": c.steps < r.steps and c.examples < r.examples,
+            }
+        )
+    return out
+
+
+def _ratio_txt(r: float, seeds: Sequence[float]) -> str:
+    """A ratio and its seed range; 0 (E <= E_min: beyond every fixed batch) is written out."""
+
+    def one(x: float) -> str:
+        return f"{x:.2f}" if x > 0 else "E<E_min"
+
+    return f"{one(r)}, seeds {one(min(seeds))} to {one(max(seeds))}" if seeds else one(r)
 
 
 def _fmt_point(p: Point) -> str:
@@ -642,15 +708,15 @@ def report(results: Sequence[dict[str, Any]], command: str, elapsed: float) -> t
                 f"### target {t:g}: fixed-batch fit b_crit = {fit.b_crit:.0f} [{lo:.0f}, {hi:.0f}], "
                 f"S_min = {fit.s_min:.1f}, E_min = {fit.e_min:.0f}",
                 "",
-                "| arm | lr factor | steps S (seed range) | examples E | S / frontier S at E | final batch |",
+                "| arm | lr factor | steps S (seed range) | examples E | S / frontier S at E | batch at target |",
                 "|---|---|---|---|---|---|",
             ]
             rows = []
             for label, p in _arm_rows(res, t):
                 sf = frontier_steps(fit, p.examples)
-                ratio = f"{p.steps / sf:.2f}" if math.isfinite(sf) else "E < E_min"
+                rtxt = f"{p.steps / sf:.2f}" if math.isfinite(sf) else "E < E_min"
                 lines.append(
-                    f"| {label} | {p.factor:g} | {_fmt_point(p)} | {p.examples:.0f} | {ratio} | {p.final_batch:.0f} |"
+                    f"| {label} | {p.factor:g} | {_fmt_point(p)} | {p.examples:.0f} | {rtxt} | {p.final_batch:.0f} |"
                 )
                 rows.append(
                     {
@@ -666,19 +732,32 @@ def report(results: Sequence[dict[str, Any]], command: str, elapsed: float) -> t
                 )
             v = verdicts(res, t)
             if v.get("controller") is not None:
-                rr = v["best_ramp"]
                 lines += [
                     "",
                     f"- controller below the fitted frontier: **{'yes' if v['below_fitted_frontier'] else 'no'}** "
-                    f"(S/S_frontier(E) = {v['ratio_to_frontier']:.3f}); fewer steps than every fixed batch using no "
-                    f"more examples ({len(v['fixed_with_no_more_examples'])} of them): "
-                    f"**{'yes' if v['fewer_steps_than_every_cheaper_fixed'] else 'no'}**",
+                    f"(S/S_frontier(E) = {_ratio_txt(v['ratio_to_frontier'], v['ratio_seeds'])}); "
+                    f"fewer steps than every fixed batch using no more examples "
+                    f"({', '.join(str(q['batch']) for q in v['fixed_with_no_more_examples']) or 'none'}): "
+                    f"**{'yes' if v['fewer_steps_than_every_cheaper_fixed'] else 'no'}**; "
+                    f"fixed batches with fewer steps and fewer examples: {v['dominated_by_fixed'] or 'none'}; "
+                    f"with more of both: {v['dominates_fixed'] or 'none'}",
                 ]
-                if rr is not None:
-                    lines.append(
-                        f"- against the best ramp ({rr['arm']}, lr factor {rr['factor']:g}): "
-                        f"steps x{v['steps_vs_best_ramp']:.2f}, examples x{v['examples_vs_best_ramp']:.2f}"
-                    )
+                for kind in ("ramp", "seesaw"):
+                    rr = v[f"best_{kind}"]
+                    if rr is not None:
+                        dom = (
+                            "dominates the controller"
+                            if rr["dominates_controller"]
+                            else "is dominated by the controller"
+                            if rr["dominated_by_controller"]
+                            else "neither dominates"
+                        )
+                        lines.append(
+                            f"- best {kind}: {rr['arm']} (lr factor {rr['factor']:g}), S/S_frontier(E) = "
+                            f"{_ratio_txt(rr['ratio_to_frontier'], rr['ratio_seeds'])}; controller's steps "
+                            f"x{v['controller']['steps'] / rr['steps']:.2f}, examples "
+                            f"x{v['controller']['examples'] / rr['examples']:.2f} of it; {dom}"
+                        )
             lines.append("")
             tj["targets"][f"{t:g}"] = {"fit": fit.to_dict(), "arms": rows, "verdicts": v}
         if res["fit_messages"]:
