@@ -776,7 +776,11 @@ def plot(res: dict[str, Any], path: Path, out: Path) -> None:
     fits = res["fits"]
     fig = Figure(figsize=(12, 4.6))
     axes = fig.subplots(1, len(fits) + 1)
+    from matplotlib.ticker import NullFormatter
+
     markers = {"fixed": "o", "ramp": "s", "seesaw": "D", "controller": "*"}
+    colors = {"fixed": "C2", "ramp-a": "C3", "ramp-b": "C1", "seesaw-a": "C4", "seesaw-b": "C6", "controller": "C0"}
+    last = list(fits)[-1]
     for ax, (t, fit) in zip(axes, fits.items()):
         fixed = [p for p in res["points"]["fixed"] if p.target == t]
         fb: dict[int, Point] = {}
@@ -794,7 +798,7 @@ def plot(res: dict[str, Any], path: Path, out: Path) -> None:
         for b, p in sorted(fb.items()):
             ax.plot(p.examples, p.steps, "o", color="0.3", ms=5)
             ax.annotate(str(b), (p.examples, p.steps), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for i, (label, p) in enumerate(_arm_rows(res, t)):
+        for label, p in _arm_rows(res, t):
             kind = "controller" if label == "controller" else label.split("-")[0] if "-" in label else "fixed"
             if kind == "fixed" and not label.startswith("fixed at"):
                 continue
@@ -805,23 +809,27 @@ def plot(res: dict[str, Any], path: Path, out: Path) -> None:
                 yerr=[[max(p.steps - lo, 0.0)], [max(hi - p.steps, 0.0)]],
                 fmt=markers.get(kind, "o"),
                 ms=12 if kind == "controller" else 7,
-                color=f"C{i % 10}",
+                color=colors.get(label, colors["fixed"]),
                 mec="k",
                 label=label,
             )
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"examples to target E [{task.unit}]")
         ax.set_ylabel("optimizer steps to target S")
         ax.set_title(f"{task.name}: loss {t:g}", fontsize=10)
         ax.legend(fontsize=7, loc="upper right")
     ax = axes[-1]
-    for i, name in enumerate(("controller", *sorted(n for n in res["points"] if n.startswith(("ramp-", "seesaw-"))))):
-        files = sorted((out / "traces").glob(f"{name}-f*-s0.csv"))
-        bp = best(res["points"].get(name, []), list(fits)[-1])
-        if bp is not None:
-            files = [f for f in files if f.name == f"{name}-f{bp.factor:g}-s0.csv"] or files
-        for f in files[:1]:
+    # the arms' best runs for the last target (seed 0), until they reached it
+    for label, bp in _arm_rows(res, last):
+        if not label.startswith(("controller", "ramp-", "seesaw-")):
+            continue
+        name = label
+        files = [out / "traces" / f"{name}-f{bp.factor:g}-s0.csv"]
+        for f in files:
+            if not f.exists():
+                continue
             with open(f) as fh:
                 rows = list(csv.DictReader(fh))
             ex = [float(r["examples"]) for r in rows]
@@ -829,15 +837,15 @@ def plot(res: dict[str, Any], path: Path, out: Path) -> None:
                 ex,
                 [float(r["batch"]) for r in rows],
                 where="post",
-                color=f"C{i % 10}",
-                lw=2.2 if i == 0 else 1,
+                color=colors.get(name, "k"),
+                lw=2.2 if name == "controller" else 1.2,
                 label=name,
             )
             if name == "controller" and "b_simple" in rows[0]:
                 ax.plot(
                     ex,
                     [float(r["b_simple"]) for r in rows],
-                    color=f"C{i % 10}",
+                    color=colors["controller"],
                     lw=0.8,
                     ls=":",
                     label="controller's $B_{simple}$",
@@ -846,7 +854,7 @@ def plot(res: dict[str, Any], path: Path, out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel(f"examples seen [{task.unit}]")
     ax.set_ylabel("batch size")
-    ax.set_title("batch along the run (seed 0)", fontsize=10)
+    ax.set_title(f"batch along the best runs to {last:g} (seed 0)", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     from noisescale.plot import save_figure
