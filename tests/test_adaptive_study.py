@@ -162,3 +162,18 @@ def test_demo_adaptive_grows_the_batch_and_rescales_the_lr(tmp_path, capsys):
     for b, lr in lines:
         assert float(lr) == pytest.approx(0.02 * scale_of[int(b)], abs=2e-4)
     assert f"the controller changed the batch {len(changes)} times: 128 -> {batches[-1]}" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "130"], "must be a multiple of --micro-batches (4)"),
+        (["--max-batch-size", "64"], "--max-batch-size (64) must be at least --batch-size (128)"),
+    ],
+)
+def test_demo_adaptive_bad_arguments(argv, message, capsys):
+    from noisescale.cli import main
+
+    assert main(["demo", "--adaptive", *argv, "--no-progress", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -31,7 +31,7 @@ HELP = "train a small model on an embedded real dataset and show its noise scale
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2000; with --adaptive 1000)")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -67,6 +67,8 @@ def _check(args: argparse.Namespace) -> None:
 
     if args.batch_size is None:
         args.batch_size = 128 if args.adaptive else 512
+    if args.steps is None:  # the adaptive run's batches grow to 16x: half the steps is still 5x the examples
+        args.steps = 1000 if args.adaptive else 2000
     if args.steps < 10:
         raise CLIError(f"--steps must be at least 10, got {args.steps}")
     if args.threads < 1:
