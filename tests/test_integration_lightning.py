@@ -51,10 +51,21 @@ CASES = [("auto", "microbatch", K, False), ("auto", "per_example", 1, True)]
 
 
 @pytest.mark.parametrize("method,ref_method,k,call_forward", CASES)
-def test_equals_plain_loop_with_clipping_and_accumulation_and_is_inert(method, ref_method, k, call_forward):
+def test_equals_plain_loop_with_clipping_and_accumulation_and_is_inert(method, ref_method, k, call_forward, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
     X, y = _data()
-    cb = NoiseScaleCallback(method=method, log_every_n_steps=0)
-    with_cb, _ = _fit(cb, X, y, k=k, call_forward=call_forward, gradient_clip_val=CLIP)
+    cb = NoiseScaleCallback(method=method)  # logs at the trainer's log_every_n_steps
+    with_cb, _ = _fit(
+        cb,
+        X,
+        y,
+        k=k,
+        call_forward=call_forward,
+        gradient_clip_val=CLIP,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=3,
+    )
     without, _ = _fit(None, X, y, k=k, call_forward=call_forward, gradient_clip_val=CLIP)
     net, ref = _plain(X, y, k=k, method=ref_method)
     # inert: the trained parameters are bit-identical with and without the callback, and equal the loop's
@@ -65,6 +76,22 @@ def test_equals_plain_loop_with_clipping_and_accumulation_and_is_inert(method, r
     assert ref.b_simple is not None and rel(cb.gns.b_simple, ref.b_simple) < 1e-6
     for r1, r2 in zip(cb.gns.history, ref.history):
         assert rel(r1["g2_step"], r2["g2_step"]) < 1e-6 and rel(r1["trace_sigma_step"], r2["trace_sigma_step"]) < 1e-6
+    _check_csv_log(tmp_path, cb)
+
+
+def _check_csv_log(tmp_path, cb):
+    """gns/* reached the trainer's CSV logger at steps 3, 6, 9 of 10 (the trainer's cadence), each the
+    tracker's value after that step."""
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get("gns/b_simple")]
+    assert [int(float(r["gns/steps"])) for r in logged] == [3, 6, 9]
+    hist = list(cb.gns.history)
+    for r in logged:
+        want = hist[int(float(r["gns/steps"])) - 1]["b_simple"]
+        got = float(r["gns/b_simple"])
+        assert (want is None and got != got) or rel(got, want) < 1e-6
+    assert {"gns/g2", "gns/trace_sigma", "gns/b_simple_low", "gns/examples"} <= set(rows[0])
 
 
 def test_clipping_is_active_so_the_equality_tests_it():
@@ -73,26 +100,6 @@ def test_clipping_is_active_so_the_equality_tests_it():
     clipped, _ = _plain(X, y, clip=CLIP, method="microbatch")
     free, _ = _plain(X, y, clip=None, method="microbatch")
     assert not all(torch.equal(a, b) for a, b in zip(clipped.parameters(), free.parameters()))
-
-
-def test_logs_through_the_trainer_loggers(tmp_path):
-    from lightning.pytorch.loggers import CSVLogger
-
-    X, y = _data()
-    cb = NoiseScaleCallback(method="microbatch")
-    _fit(cb, X, y, gradient_clip_val=CLIP, logger=CSVLogger(tmp_path), log_every_n_steps=3)
-    with open(next(tmp_path.rglob("metrics.csv"))) as f:
-        rows = list(csv.DictReader(f))
-    logged = [r for r in rows if r.get("gns/b_simple")]
-    # steps 3, 6, 9 of 10: the trainer's cadence; each value is the tracker's after that step
-    assert [int(float(r["gns/steps"])) for r in logged] == [3, 6, 9]
-    hist = list(cb.gns.history)
-    for r in logged:
-        s = int(float(r["gns/steps"]))
-        want = hist[s - 1]["b_simple"]
-        got = float(r["gns/b_simple"])
-        assert (want is None and got != got) or rel(got, want) < 1e-6
-    assert {"gns/g2", "gns/trace_sigma", "gns/b_simple_low", "gns/examples"} <= set(rows[0])
 
 
 def test_resume_from_checkpoint_continues_exactly(tmp_path):

@@ -131,22 +131,27 @@ def test_logs_through_trainer_log(cb_run):
         assert (want is None and math.isnan(r["gns/b_simple"])) or rel(r["gns/b_simple"], want) < 1e-9
 
 
-def test_resume_from_checkpoint_continues_exactly(tmp_path):
-    ds = W.TokenData(256)
+def test_resume_from_checkpoint_continues_exactly(cb_run, tmp_path):
+    *_, full = cb_run  # 8 steps uninterrupted (saving changes nothing in the training)
 
-    def run(out, max_steps, resume=None):
-        model = W.tiny_gpt2()
-        trainer = W.hf_trainer(model, str(tmp_path / out), ds, max_steps=max_steps, save_strategy="steps", save_steps=4)
+    def run(max_steps, resume=None):
+        trainer = W.hf_trainer(
+            W.tiny_gpt2(),
+            str(tmp_path / "part"),
+            W.TokenData(256),
+            max_steps=max_steps,
+            save_strategy="steps",
+            save_steps=4,
+        )
         cb = NoiseScaleCallback(trainer, method="microbatch")
         trainer.train(resume_from_checkpoint=resume)
         return cb
 
-    full = run("full", 8)
-    run("part", 4)
+    run(4)
     ckpt = tmp_path / "part" / "checkpoint-4"
     saved = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["noisescale"]
     assert saved["tracker"]["counters"]["steps"] == 4
-    resumed = run("part", 8, resume=str(ckpt))
+    resumed = run(8, resume=str(ckpt))
     assert resumed.gns.steps == full.gns.steps == 8
     assert rel(resumed.gns.b_simple, full.gns.b_simple) < 1e-9
 
