@@ -375,7 +375,63 @@ def accelerate_ddp(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-SCENARIOS = {"lightning_ddp": lightning_ddp, "accelerate_ddp": accelerate_ddp}
+def hf_ddp(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The HF Trainer under a 2-process launch (gloo): with and without the callback, and a replay of this
+    rank's exact inputs in a plain DDP loop with a tracker."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from noisescale import GradientNoiseScale
+    from noisescale.integrations.transformers import NoiseScaleCallback
+
+    out: dict[str, Any] = {}
+    k = 3
+    for with_cb in (False, True):
+        model = tiny_gpt2()
+        calls: list[dict[str, Any]] = []
+
+        def hook(module: Any, args: Any, kwargs: Any, calls: list = calls) -> None:
+            if torch.is_grad_enabled():
+                calls.append({n: (v.clone() if isinstance(v, torch.Tensor) else v) for n, v in kwargs.items()})
+
+        h = model.register_forward_pre_hook(hook, with_kwargs=True)
+        init = [p.detach().clone() for p in model.parameters()]
+        trainer = hf_trainer(model, tempfile.mkdtemp(), TokenData(256), max_steps=cfg["steps"])
+        cb = NoiseScaleCallback(trainer, method="ddp") if with_cb else None
+        trainer.train()
+        h.remove()
+        out["params_cb" if with_cb else "params"] = params_of(model)
+        if cb is not None:
+            assert cb.gns is not None
+            out["b_simple"], out["method"] = cb.gns.b_simple, cb.gns.method
+    assert dist.is_initialized() and dist.get_world_size() == world
+    model = tiny_gpt2()
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), init):
+            p.copy_(q)
+    ddp = DDP(model)
+    gns = GradientNoiseScale(ddp, method="ddp", reduction="sum")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for s in range(len(calls) // k):
+        for j, kw in enumerate(calls[s * k : (s + 1) * k]):
+            with ddp.no_sync() if j < k - 1 else _Null():
+                loss = ddp(**kw).loss
+                # the trainer's scaling: items counted over all ranks, so the loss is multiplied back by the world
+                loss = loss * world if kw.get("num_items_in_batch") is not None else loss / k
+                loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gns.step()
+        opt.step()
+        model.zero_grad()
+    out["plain_b_simple"] = gns.b_simple
+    out["plain_params"] = params_of(model)
+    gns.close()
+    return out
+
+
+SCENARIOS = {"lightning_ddp": lightning_ddp, "accelerate_ddp": accelerate_ddp, "hf_ddp": hf_ddp}
 
 
 def main() -> None:

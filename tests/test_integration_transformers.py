@@ -164,3 +164,15 @@ def test_advice_and_errors(cb_run):
         NoiseScaleCallback(object())
     with pytest.raises(ValueError, match="not a state saved by this callback"):
         cb.load_state_dict({"format": "x"})
+
+
+def test_ddp_two_processes_equals_plain_ddp_replay(tmp_path):
+    from integration_workers import run_workers
+
+    per_rank = run_workers(tmp_path, "hf_ddp", {"steps": 4})
+    for r in per_rank:
+        assert r["method"] == "ddp"  # the callback attached to the trainer's DDP wrapper
+        assert all(torch.equal(a, b) for a, b in zip(r["params"], r["params_cb"]))  # inert under DDP
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(r["params"], r["plain_params"]))
+        assert r["plain_b_simple"] is not None and rel(r["b_simple"], r["plain_b_simple"]) < 1e-6
+    assert per_rank[0]["b_simple"] == per_rank[1]["b_simple"]
