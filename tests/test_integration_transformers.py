@@ -12,6 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer needs it
 
 import integration_workers as W
 from noisescale import GradientNoiseScale, estimate
