@@ -111,13 +111,16 @@ class Config:
     sweep_targets: tuple[float, ...] = ()
     sweep_lr_factors: tuple[float, ...] = ()
     sweep_max_steps: int = 0
+    sweep_max_examples: float | None = None  # budget per run in examples (caps the slow large-batch runs)
+    sweep_extra: tuple[tuple[int, float], ...] = ()  # (batch size, lr factor) runs beyond the grid
 
     def lr(self, batch: float) -> float:
         return float(ns.eps_central(batch, self.eps_star, self.b_star, self.alpha))
 
     def key(self) -> str:
-        """Hash of the whole configuration: the checkpoint rows measured under it."""
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Hash of what fixes the checkpoint rows (everything but the sweep's settings)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("sweep_")}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def sweep_key(self) -> str:
         """Hash of what fixes the sweep's runs (its CSV is reused while only the study around it changes)."""
@@ -153,7 +156,9 @@ def configs(quick: bool) -> dict[str, Config]:
             "char", "adamw", 8, 0.02, 64.0, 0.5, (25, 50, 100, 200, 400, 700), 48, 64, 4, 24,
             (1, 2, 4, 8, 16, 32), 1024, (0, 1, 2), 0.01, model={"d": 64, "layers": 2, "block": 64},
             sweep_batch_sizes=(4, 8, 16, 32, 64, 128), sweep_targets=(2.5, 2.3), sweep_lr_factors=(1.0, 2.0),
-            sweep_max_steps=2000,
+            sweep_max_steps=2000, sweep_max_examples=24576,
+            # the fastest of factors 1 and 2 was at the grid's edge: one more factor beyond that edge
+            sweep_extra=((4, 4.0), (8, 4.0), (16, 4.0), (32, 0.5), (64, 0.5), (128, 0.5)),
         ),
     }  # fmt: skip
 
@@ -501,16 +506,16 @@ def sweep_b_crit(cfg: Config, out: Path) -> dict[str, Any]:
     from noisescale.commands.sweep import digits_train
 
     train = partial(digits_train, targets=cfg.sweep_targets) if cfg.task == "digits" else partial(char_train, cfg=cfg)
+    lrs = ns.lr_grid(cfg.sweep_batch_sizes, cfg.eps_star, cfg.b_star, alpha=cfg.alpha, factors=cfg.sweep_lr_factors)
+    for b, f in cfg.sweep_extra:
+        lrs[b].append(cfg.lr(b) * f)
     res = ns.sweep(
         train,
         list(cfg.sweep_batch_sizes),
-        None,
+        {b: sorted(v) for b, v in lrs.items()},
         list(cfg.sweep_targets),
-        eps_star=cfg.eps_star,
-        b_star=cfg.b_star,
-        alpha=cfg.alpha,
-        lr_factors=cfg.sweep_lr_factors,
         max_steps=cfg.sweep_max_steps,
+        max_examples=cfg.sweep_max_examples,
         results=out / f"sweep-{cfg.task}-{cfg.sweep_key()}.csv",
         progress=False,
     )
@@ -540,6 +545,20 @@ def sweep_b_crit(cfg: Config, out: Path) -> dict[str, Any]:
 # Analysis and presentation.
 
 
+def branch_rank_value(b: dict[str, Any]) -> tuple[float | None, bool]:
+    """The branched value used for ranks and run averages, and whether it is censored.
+
+    When even the largest ``k`` passed (``at_limit``) the local critical batch is only known to be
+    ``>= b_star``; it then stands at ``sqrt(2) b_star`` (Merrill's geometric mean with a next
+    doubling), above every value a smaller ``b_star`` can give, so its rank is right.
+    """
+    if b.get("value") is not None:
+        return float(b["value"]), False
+    if b.get("at_limit"):
+        return math.sqrt(2.0) * float(b["b_star"]), True
+    return None, False
+
+
 def analyse(rows: list[dict[str, Any]], sweeps: dict[str, Any]) -> dict[str, Any]:
     """Rank correlations with the branched critical batch and Table 1 ratios, per task."""
     out: dict[str, Any] = {}
@@ -548,12 +567,13 @@ def analyse(rows: list[dict[str, Any]], sweeps: dict[str, Any]) -> dict[str, Any
         corr = {}
         for s in SIGNALS:
             pts = [
-                (r["step"], r[s]["value"], r["b_branch"]["value"])
+                (r["step"], r[s]["value"], branch_rank_value(r["b_branch"])[0])
                 for r in rs
-                if r[s]["value"] is not None and r["b_branch"]["value"] is not None
+                if r[s]["value"] is not None and branch_rank_value(r["b_branch"])[0] is not None
             ]
             rho = spearman([p[1] for p in pts], [p[2] for p in pts]) if len(pts) >= 3 else None
             corr[s] = {
+                "censored": sum(branch_rank_value(r["b_branch"])[1] for r in rs if r[s]["value"] is not None),
                 "n": len(pts),
                 "rho": rho,
                 "p_exact": spearman_exact_p([p[1] for p in pts], [p[2] for p in pts]) if rho is not None else None,
@@ -570,8 +590,13 @@ def analyse(rows: list[dict[str, Any]], sweeps: dict[str, Any]) -> dict[str, Any
                     break
             reached = upto[-1]["loss"] <= float(t)
             ratios[t] = {"b_crit": fit, "reached": reached, "checkpoints": [r["step"] for r in upto], "signals": {}}
+            censored = any(branch_rank_value(r["b_branch"])[1] for r in upto)
+            ratios[t]["branch_censored"] = censored  # the branched average is then a lower bound
             for s in (*SIGNALS, "b_branch"):
-                vals = [(r["step"], r[s]["value"]) for r in upto if r[s]["value"] is not None]
+                if s == "b_branch":
+                    vals = [(r["step"], v) for r in upto if (v := branch_rank_value(r[s])[0]) is not None]
+                else:
+                    vals = [(r["step"], r[s]["value"]) for r in upto if r[s]["value"] is not None]
                 if s in UNITLESS or len(vals) < len(upto) or fit.get("b_crit") is None:
                     why = "a ratio of batch sizes" if s in UNITLESS else "undefined at some checkpoint or no b_crit"
                     ratios[t]["signals"][s] = {"average": None, "ratio": None, "reason": why}
@@ -617,7 +642,8 @@ def table_md(rows: list[dict[str, Any]], analysis: dict[str, Any], runtime: dict
         for s, c in a["correlations"].items():
             rho = f"{c['rho']:+.2f}" if c["rho"] is not None else "—"
             p = f"{c['p_exact']:.3f}" if c["p_exact"] is not None else "—"
-            lines.append(f"| {LABELS[s]} | {rho} | {p} | {c['n']} |")
+            cens = f" ({c['censored']} branched at the limit: ranked as ≥ b*)" if c.get("censored") else ""
+            lines.append(f"| {LABELS[s]} | {rho} | {p} | {c['n']}{cens} |")
         if a["table1"]:
             lines += ["", "| sweep target | b_crit [95%] | signal | run average | signal / b_crit [b_crit's 95%] |"]
             lines.append("|---|---|---|---|---|")
@@ -629,7 +655,8 @@ def table_md(rows: list[dict[str, Any]], analysis: dict[str, Any], runtime: dict
                     if v["ratio"] is None:
                         continue
                     rr = _fmt({"value": v["ratio"], "low": v["ratio_low"], "high": v["ratio_high"]}, 2)
-                    lines.append(f"| {t}{note} | {bc} | {LABELS[s]} | {v['average']:.3g} | {rr} |")
+                    ge = "≥ " if s == "b_branch" and tr.get("branch_censored") else ""
+                    lines.append(f"| {t}{note} | {bc} | {LABELS[s]} | {ge}{v['average']:.3g} | {ge}{rr} |")
         lines.append("")
     lines.append(
         "runtime: "
@@ -674,6 +701,9 @@ def figure(rows: list[dict[str, Any]], path: Path, sweeps: dict[str, Any] | None
                 x, v, yerr=[v - lo, hi - v], color=colors[s], marker="s" if s == "b_branch" else "o",
                 lw=lw, ms=ms, capsize=2, label=LABELS[s],
             )  # fmt: skip
+        lim = [(r["step"], r["b_branch"]["b_star"]) for r in rs if r["b_branch"].get("at_limit")]
+        if lim:  # every k passed: a lower bound, drawn as an upward triangle at b*
+            ax.plot(*zip(*lim), "k^", ms=9, label="branched: every k passed (≥ b*)")
         for i, (t, fit) in enumerate((sweeps or {}).get(task, {}).items()):
             if fit.get("b_crit") is not None:
                 ax.axhline(fit["b_crit"], color="0.4", ls=(0, (1, 1 + i)), lw=1)
@@ -681,6 +711,19 @@ def figure(rows: list[dict[str, Any]], path: Path, sweeps: dict[str, Any] | None
                             xytext=(0, 2), textcoords="offset points")  # fmt: skip
         unit = "sequences" if task == "char" else "examples"
         ax.set(xscale="log", yscale="log", xlabel="base-run step", ylabel=f"batch size [{unit}]")
+        steps = [r["step"] for r in rs]
+        ax.set_xticks(steps, [str(x) for x in steps], minor=False)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        # a value far above everything else (the preconditioned B_simple early in AdamW) would squash
+        # the panel: the axis stops at 5x the largest other value and the clipped points are named
+        ref = [r[s]["value"] for r in rs for s in colors if s != "b_simple_pre" and r[s]["value"] is not None]
+        if ref:
+            top = 5 * max(ref)
+            off = [(r["step"], r["b_simple_pre"]["value"]) for r in rs if (r["b_simple_pre"]["value"] or 0) > top]
+            ax.set_ylim(top=top)
+            for x, v in off:
+                ax.annotate(f"{v:.2g} ↑", (x, top), xytext=(0, -12), textcoords="offset points", fontsize=7,
+                            color=colors["b_simple_pre"], ha="center")  # fmt: skip
         losses = ", ".join(f"{r['loss']:.2f}" for r in rs)
         ax.set_title(f"{task}: signals vs branched critical batch\n(loss at checkpoints: {losses})", fontsize=9)
         ax.grid(alpha=0.3, which="both")
