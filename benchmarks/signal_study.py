@@ -469,6 +469,7 @@ def branched(task: Task, ck: Checkpoint) -> dict[str, Any]:
         "at_limit": r.at_limit,
         "reason": None if r.b_star_geo is not None else f"every k passed: b_star >= {r.b_star} (a lower bound)",
         "losses": r.losses,
+        "seed_losses": [[per_seed[(b, s)] for s in cfg.seeds] for b in r.batch_sizes],  # [k][seed]
         "passed": r.passed,
         "batch_sizes": r.batch_sizes,
         "lrs": r.lrs,

@@ -77,6 +77,13 @@ def test_quick_study_output(study, tmp_path, shakespeare_path, monkeypatch):
         # branch losses: one per k, and the branched value is Merrill's geometric mean of b* and the next batch
         b = r["b_branch"]
         assert len(b["losses"]) == len(quick[r["task"]].ks)
+        for mean, seeds in zip(b["losses"], b["seed_losses"]):  # the mean over seeds, or inf if one diverged
+            seeds = [_num(v) for v in seeds]
+            assert len(seeds) == len(quick[r["task"]].seeds)
+            if all(map(math.isfinite, seeds)):
+                assert math.isclose(_num(mean), sum(seeds) / len(seeds))
+            else:
+                assert _num(mean) == math.inf
         if b["value"] is not None:
             i = b["batch_sizes"].index(b["b_star"])
             assert math.isclose(b["value"], math.sqrt(b["b_star"] * b["batch_sizes"][i + 1]))
