@@ -7,12 +7,18 @@ import os
 import pytest
 
 
-def test_gpu_benchmark_dry_run(capsys):
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu.py")
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
+def _benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_benchmark_dry_run(capsys):
+    mod = _benchmark("gpu")
     assert mod.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("PASS") == 6 and "FAIL" not in out
@@ -20,11 +26,7 @@ def test_gpu_benchmark_dry_run(capsys):
 
 def test_hessian_cost_benchmark_quick(capsys):
     """benchmarks/hessian_cost.py --quick: both rows, positive times, the amortised columns consistent."""
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "hessian_cost.py")
-    spec = importlib.util.spec_from_file_location("hessian_cost", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark("hessian_cost")
     assert mod.main(["--quick"]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "ms" not in r]
     assert len(rows) == 2
