@@ -125,11 +125,11 @@ TASKS: dict[str, Task] = {
         optimizer="adamw",
         batch_sizes=(16, 32, 64, 128, 256, 512),
         lr_factors=(0.5, 1.0, 2.0),
-        eps_star=0.06,
+        eps_star=0.12,
         b_star=1024.0,
         alpha=0.5,
         targets=(2.5, 2.3),
-        max_steps=1500,
+        max_steps=1200,
         max_examples=60_000,
         b0=16,
         b_max=512,
@@ -170,7 +170,10 @@ QUICK: dict[str, Task] = {
     ),
 }
 
-ARMS = ("fixed", "fixed-bcrit", "ramp", "seesaw", "controller")
+ARMS = ("fixed", "fixed-bcrit", "ramp", "seesaw", "controller", "controller-x4")
+# controller-x4: the controller with factor=4 -- a tuned variant, not the acceptance arm: B_simple
+# lies at 0.2-0.4 x b_crit on these tasks (docs/critical-batch.md), and factor ~ b_crit/B_simple
+# aims the batch at b_crit instead of at B_simple
 
 
 def lr_at(task: Task, factor: float, batch: float) -> float:
@@ -275,6 +278,7 @@ def train(
     task: Task,
     arm: str,
     ramp: tuple[float, ...] = (),
+    factor: float = 1.0,
     trace: str | None = None,
 ) -> Iterator[dict[str, float]]:
     """Train one arm from batch ``batch_size`` and learning rate ``lr``; yield the target loss as it goes.
@@ -299,7 +303,9 @@ def train(
         # the defaults throughout: method "auto" (exact per-example norms on these models),
         # signal B_simple, factor 1, lr_rule "auto" (saturating Eq. 2.6 for SGD, sqrt for AdamW)
         gns = GradientNoiseScale(p.model)
-        ctl = BatchSizeController(gns, p.opt, batch_size=B, micro_batch_size=task.micro, max_batch_size=task.b_max)
+        ctl = BatchSizeController(
+            gns, p.opt, batch_size=B, micro_batch_size=task.micro, max_batch_size=task.b_max, factor=factor
+        )
     elif arm not in ("fixed", "ramp", "seesaw"):
         raise ValueError(f"unknown arm {arm!r}; expected one of fixed, ramp, seesaw, controller")
     rows: list[dict[str, float]] = []
@@ -490,6 +496,7 @@ def _run_arm(
     batch_sizes: Sequence[int],
     *,
     ramp: tuple[float, ...] = (),
+    factor: float = 1.0,
     workers: int,
     threads: int,
 ) -> list[Any]:
@@ -499,7 +506,7 @@ def _run_arm(
     if arm == "fixed":
         fn = partial(train, task=task, arm=arm)
     else:
-        fn = _Traced(out, name, task=task, arm=arm, ramp=ramp)
+        fn = _Traced(out, name, task=task, arm=arm, ramp=ramp, factor=factor)
     lrs = {int(b): [lr_at(task, f, b) for f in task.lr_factors] for b in batch_sizes}
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -576,14 +583,18 @@ def run_task(task: Task, out: Path, arms: Sequence[str], *, workers: int, thread
                 name = f"{kind}-{rname}"
                 runs = _run_arm(task, out, name, kind, [task.b0], ramp=sched, workers=workers, threads=threads)
                 points[name] = seed_means(task, name, runs, out / "traces")
-    if "controller" in arms:
+    if "controller" in arms or "controller-x4" in arms:
         try:
             import noisescale.controller  # noqa: F401
         except ImportError as e:
             print(f"  {task.name} controller: skipped ({e})")
         else:
-            runs = _run_arm(task, out, "controller", "controller", [task.b0], workers=workers, threads=threads)
-            points["controller"] = seed_means(task, "controller", runs, out / "traces")
+            for name, factor in (("controller", 1.0), ("controller-x4", 4.0)):
+                if name in arms:
+                    runs = _run_arm(
+                        task, out, name, "controller", [task.b0], factor=factor, workers=workers, threads=threads
+                    )
+                    points[name] = seed_means(task, name, runs, out / "traces")
     return {
         "task": task,
         "points": points,
@@ -616,9 +627,10 @@ def _arm_rows(res: dict[str, Any], target: float) -> list[tuple[str, Point]]:
             p = best(pts[name], target, fit)
             if p is not None:
                 rows.append((name, p))
-    c = best(pts.get("controller", []), target, fit)
-    if c is not None:
-        rows.append(("controller", c))
+    for name in ("controller", "controller-x4"):
+        c = best(pts.get(name, []), target, fit)
+        if c is not None:
+            rows.append((name, c))
     return rows
 
 
@@ -626,13 +638,13 @@ def _seed_ratios(fit: Any, p: Point) -> list[float]:
     return [ratio(fit, s, e) for s, e in zip(p.seed_steps, p.seed_examples)]
 
 
-def verdicts(res: dict[str, Any], target: float) -> dict[str, Any]:
+def verdicts(res: dict[str, Any], target: float, name: str = "controller") -> dict[str, Any]:
     """The acceptance checks for one target: the controller below the fixed-batch frontier, in fewer
     steps than every fixed batch (fastest learning rate) that uses no more examples, and against the
     best open-loop ramp and the best Seesaw (each the arm and learning rate with the lowest ratio)."""
     fit = res["fits"][target]
     pts: dict[str, list[Point]] = res["points"]
-    c = best(pts.get("controller", []), target, fit)
+    c = best(pts.get(name, []), target, fit)
     if c is None:
         return {"controller": None}
     fixed_best: dict[int, Point] = {}
@@ -730,36 +742,39 @@ def report(results: Sequence[dict[str, Any]], command: str, elapsed: float) -> t
                         "final_batch": p.final_batch,
                     }
                 )
-            v = verdicts(res, t)
-            if v.get("controller") is not None:
-                lines += [
-                    "",
-                    f"- controller below the fitted frontier: **{'yes' if v['below_fitted_frontier'] else 'no'}** "
-                    f"(S/S_frontier(E) = {_ratio_txt(v['ratio_to_frontier'], v['ratio_seeds'])}); "
-                    f"fewer steps than every fixed batch using no more examples "
-                    f"({', '.join(str(q['batch']) for q in v['fixed_with_no_more_examples']) or 'none'}): "
-                    f"**{'yes' if v['fewer_steps_than_every_cheaper_fixed'] else 'no'}**; "
-                    f"fixed batches with fewer steps and fewer examples: {v['dominated_by_fixed'] or 'none'}; "
-                    f"with more of both: {v['dominates_fixed'] or 'none'}",
-                ]
-                for kind in ("ramp", "seesaw"):
-                    rr = v[f"best_{kind}"]
-                    if rr is not None:
-                        dom = (
-                            "dominates the controller"
-                            if rr["dominates_controller"]
-                            else "is dominated by the controller"
-                            if rr["dominated_by_controller"]
-                            else "neither dominates"
-                        )
-                        lines.append(
-                            f"- best {kind}: {rr['arm']} (lr factor {rr['factor']:g}), S/S_frontier(E) = "
-                            f"{_ratio_txt(rr['ratio_to_frontier'], rr['ratio_seeds'])}; controller's steps "
-                            f"x{v['controller']['steps'] / rr['steps']:.2f}, examples "
-                            f"x{v['controller']['examples'] / rr['examples']:.2f} of it; {dom}"
-                        )
+            all_v = {}
+            for cname in ("controller", "controller-x4"):
+                v = verdicts(res, t, cname)
+                all_v[cname] = v
+                if v.get("controller") is not None:
+                    lines += [
+                        "",
+                        f"- {cname} below the fitted frontier: **{'yes' if v['below_fitted_frontier'] else 'no'}** "
+                        f"(S/S_frontier(E) = {_ratio_txt(v['ratio_to_frontier'], v['ratio_seeds'])}); "
+                        f"fewer steps than every fixed batch using no more examples "
+                        f"({', '.join(str(q['batch']) for q in v['fixed_with_no_more_examples']) or 'none'}): "
+                        f"**{'yes' if v['fewer_steps_than_every_cheaper_fixed'] else 'no'}**; "
+                        f"fixed batches with fewer steps and fewer examples: {v['dominated_by_fixed'] or 'none'}; "
+                        f"with more of both: {v['dominates_fixed'] or 'none'}",
+                    ]
+                    for kind in ("ramp", "seesaw"):
+                        rr = v[f"best_{kind}"]
+                        if rr is not None:
+                            dom = (
+                                f"dominates {cname}"
+                                if rr["dominates_controller"]
+                                else f"is dominated by {cname}"
+                                if rr["dominated_by_controller"]
+                                else "neither dominates"
+                            )
+                            lines.append(
+                                f"- best {kind}: {rr['arm']} (lr factor {rr['factor']:g}), S/S_frontier(E) = "
+                                f"{_ratio_txt(rr['ratio_to_frontier'], rr['ratio_seeds'])}; {cname}'s steps "
+                                f"x{v['controller']['steps'] / rr['steps']:.2f}, examples "
+                                f"x{v['controller']['examples'] / rr['examples']:.2f} of it; {dom}"
+                            )
             lines.append("")
-            tj["targets"][f"{t:g}"] = {"fit": fit.to_dict(), "arms": rows, "verdicts": v}
+            tj["targets"][f"{t:g}"] = {"fit": fit.to_dict(), "arms": rows, "verdicts": all_v}
         if res["fit_messages"]:
             lines += ["Fit messages:", *[f"- {m}" for m in res["fit_messages"]], ""]
         js["tasks"][task.name] = tj
@@ -779,7 +794,15 @@ def plot(res: dict[str, Any], path: Path, out: Path) -> None:
     from matplotlib.ticker import NullFormatter
 
     markers = {"fixed": "o", "ramp": "s", "seesaw": "D", "controller": "*"}
-    colors = {"fixed": "C2", "ramp-a": "C3", "ramp-b": "C1", "seesaw-a": "C4", "seesaw-b": "C6", "controller": "C0"}
+    colors = {
+        "fixed": "C2",
+        "ramp-a": "C3",
+        "ramp-b": "C1",
+        "seesaw-a": "C4",
+        "seesaw-b": "C6",
+        "controller": "C0",
+        "controller-x4": "C9",
+    }
     last = list(fits)[-1]
     for ax, (t, fit) in zip(axes, fits.items()):
         fixed = [p for p in res["points"]["fixed"] if p.target == t]
@@ -799,7 +822,7 @@ def plot(res: dict[str, Any], path: Path, out: Path) -> None:
             ax.plot(p.examples, p.steps, "o", color="0.3", ms=5)
             ax.annotate(str(b), (p.examples, p.steps), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for label, p in _arm_rows(res, t):
-            kind = "controller" if label == "controller" else label.split("-")[0] if "-" in label else "fixed"
+            kind = "controller" if label.startswith("controller") else label.split("-")[0] if "-" in label else "fixed"
             if kind == "fixed" and not label.startswith("fixed at"):
                 continue
             lo, hi = p.spread
