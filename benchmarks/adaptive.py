@@ -13,12 +13,15 @@ fixed-batch (E, S) frontier that the library measures from the fixed-batch sweep
 - ``ramp-*``: an open-loop doubling ramp at fixed example counts (OLMo-core's batch-size
   schedule, Merrill et al. 2025), the learning rate following the sweep's own rule
   ``eps_central(B)`` (App. A.2: sqrt for AdamW in the small-batch regime -- OLMo-core's
-  ``lr x sqrt(2)`` per doubling -- and linear for SGD, whose optimal step is linear in B there);
+  ``lr x sqrt(2)`` per doubling -- and the saturating ``B/(B + B*)`` for SGD, the paper's Eq. 2.6
+  form, linear in B for small batches);
 - ``seesaw-*``: Seesaw (Meterez et al. 2025) on a step-decay schedule that would halve the
   learning rate at the same example counts: each halving becomes ``lr x 1/sqrt(2)`` and
   ``batch x 2``;
 - ``controller``: ``noisescale.controller.BatchSizeController`` with its defaults
-  (``signal="b_simple"``, ``factor=1``, ``lr_rule="auto"``), starting at the ramps' first batch.
+  (``signal="b_simple"``, ``factor=1``, ``lr_rule="auto"``), starting at the ramps' first batch;
+- ``controller-x4``: the same with ``factor=4``, a tuned variant reported beside it (not the
+  acceptance arm).
 
 Every arm's learning rate at its starting batch ``B0`` is ``f x eps_central(B0)`` for ``f`` in
 the task's grid (the fixed sweep uses the same grid at every batch). Steps and examples to a
@@ -30,18 +33,19 @@ of the parameters, so no smoothing is needed, and an evaluation happens at least
 batches drawn (with replacement), the same for every arm (common random numbers).
 
 Per (arm, learning rate) the steps and examples are the geometric mean over the seeds (a seed
-that does not reach a target makes the point censored at its budget); the best learning rate
-of an arm is the one with the fewest steps. The fixed sweep's seed means are fitted by
+that does not reach a target makes the point censored at its budget). The best learning rate of a
+fixed batch is the fastest (as in the frontier); that of an adaptive arm the one with the lowest
+``S / S_frontier(E)``, its steps against the fitted fixed-batch frontier at the same examples. The fixed sweep's seed means are fitted by
 ``noisescale.critical.fit_sweep`` and written to ``frontier.csv`` (``noisescale fit
 DIR/TASK/frontier.csv`` reproduces the fit).
 
-Writes, under ``--out`` (default ``adaptive-study``): ``TASK/<arm>.csv`` (one results file per
+Writes, under ``--out`` (default ``runs/adaptive``, ignored by git): ``TASK/<arm>.csv`` (one results file per
 arm in the format of ``noisescale.sweep``: appended run by run, fsynced, so a crash loses at most
 the run in progress, and the same command resumes), ``TASK/traces/`` (batch, learning rate,
 loss and B_simple along each adaptive run), ``TASK/frontier.csv``, ``report.md``,
 ``report.json`` and ``adaptive-TASK.png`` (copied to ``docs/img/`` with ``--docs``).
 
-    python benchmarks/adaptive.py --docs            # the full study (see docs/adaptive-batch.md)
+    python benchmarks/adaptive.py --workers 2 --docs   # the full study (see docs/adaptive-batch.md)
     python benchmarks/adaptive.py --quick           # a CI dry run: seconds, every code path
 """
 
@@ -893,7 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a CI dry run: tiny budgets, one seed, one learning rate")
     ap.add_argument("--tasks", default="digits,char", help="comma-separated: digits, char (default: both)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
-    ap.add_argument("--out", type=Path, default=Path("adaptive-study"), help="output folder (default: adaptive-study)")
+    ap.add_argument("--out", type=Path, default=Path("runs/adaptive"), help="output folder (default: runs/adaptive)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
     ap.add_argument("--workers", type=int, default=0, help="worker processes per arm (default: 0, in this process)")
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates of the frontier fit")

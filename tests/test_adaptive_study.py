@@ -57,7 +57,7 @@ def test_quick_writes_every_arm_in_the_sweep_format(quick):
 
     for name in ("digits", "char"):
         task = study.QUICK[name]
-        for arm in ("fixed", "fixed-bcrit", "ramp-a", "seesaw-a", "controller"):
+        for arm in ("fixed", "fixed-bcrit", "ramp-a", "seesaw-a", "controller", "controller-x4"):
             rows = _rows(out / name / f"{arm}.csv")
             assert rows, (name, arm)
             assert list(rows[0]) == list(RESULT_FIELDS)
@@ -136,7 +136,8 @@ def test_quick_resumes_without_rerunning(quick, capsys):
     assert study.main(["--quick", "--out", str(out), "--tasks", "digits", "--no-plot"]) == 0
     printed = capsys.readouterr().out
     counts = re.findall(r": (\d+) runs \((\d+) from", printed)
-    assert len(counts) == 5 and all(n == m != "0" for n, m in counts), printed
+    # every arm of the task (fixed, fixed-bcrit, ramp-a, seesaw-a, controller, controller-x4) resumed whole
+    assert len(counts) == 6 and all(n == m != "0" for n, m in counts), printed
     assert {p: p.read_bytes() for p in (out / "digits").glob("*.csv")} == before
 
 
