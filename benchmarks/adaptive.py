@@ -200,8 +200,9 @@ def _digits() -> tuple[Any, Any]:
 
 
 @lru_cache(maxsize=2)
-def _text(seq: int, n_eval: int) -> tuple[Any, Any, Any]:
-    """Training ids (the first 90% of tinyshakespeare) and a fixed held-out set of windows."""
+def _text(seq: int, n_eval: int) -> tuple[Any, Any, Any, int]:
+    """Training ids (the first 90% of tinyshakespeare), a fixed held-out set of windows (inputs,
+    next-character targets) and the vocabulary size."""
     import torch
 
     if not DATA.exists():
@@ -215,7 +216,7 @@ def _text(seq: int, n_eval: int) -> tuple[Any, Any, Any]:
     g = torch.Generator().manual_seed(1234)
     start = torch.randint(0, len(held) - seq - 1, (n_eval,), generator=g)
     w = held[start[:, None] + torch.arange(seq + 1)]
-    return train, w[:, :-1].contiguous(), w[:, 1:].contiguous()
+    return train, w[:, :-1].contiguous(), w[:, 1:].contiguous(), len(vocab)
 
 
 class _Problem:
@@ -235,12 +236,16 @@ class _Problem:
             self.opt: Any = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
             self.loss_fn = lambda out, tgt: F.cross_entropy(out, tgt)
         else:
-            sys.path.insert(0, str(HERE.parent / "tests"))
+            tests = str(HERE.parent / "tests")
+            if tests not in sys.path:
+                sys.path.insert(0, tests)
             from models import CharTransformer  # the tests' reference char transformer
 
             m = task.model
-            self.train_ids, self.vx, self.vy = _text(m["seq"], m["n_eval"])
-            self.model = CharTransformer(65, d=m["d"], heads=m["heads"], layers=m["layers"], block=m["seq"], seed=seed)
+            self.train_ids, self.vx, self.vy, vocab = _text(m["seq"], m["n_eval"])
+            self.model = CharTransformer(
+                vocab, d=m["d"], heads=m["heads"], layers=m["layers"], block=m["seq"], seed=seed
+            )
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
             self.loss_fn = CharTransformer.loss
             self.offsets = torch.arange(m["seq"] + 1)
