@@ -33,8 +33,10 @@ def test_hessian_cost_benchmark_quick(capsys):
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         step, draw, ratio = float(cells[2]), float(cells[3]), float(cells[4])
-        assert step > 0 and draw > 0 and abs(ratio - draw / step) < 0.02 * ratio + 0.01
-        assert float(cells[5].rstrip("%")) == pytest.approx(10 * ratio, rel=0.02, abs=0.1)
+        # the times are printed to 0.1 ms, the ratio from the unrounded times
+        lo, hi = max(draw - 0.05, 0.0) / (step + 0.05), (draw + 0.05) / max(step - 0.05, 1e-9)
+        assert step > 0 and draw > 0 and lo - 0.01 <= ratio <= hi + 0.01
+        assert float(cells[5].rstrip("%")) == pytest.approx(10 * ratio, abs=0.11)  # (both rounded)
 
 
 if __name__ == "__main__":  # pragma: no cover
