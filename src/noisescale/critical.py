@@ -156,13 +156,8 @@ def group_by_target(records: Iterable[RunRecord]) -> dict[Any, list[RunRecord]]:
     return out
 
 
-def frontier(records: Iterable[RunRecord]) -> list[FrontierPoint]:
-    """The fastest run at each batch size (App. A.3), for records of one target, sorted by batch size.
-
-    Runs that did not reach the target are censored observations ``S > budget`` and enter as
-    described in :class:`FrontierPoint`; a batch size at which no run reached the target is
-    kept as a censored point. Raises ``ValueError`` if the records mix targets.
-    """
+def one_target(records: Iterable[RunRecord]) -> list[RunRecord]:
+    """``records`` as a list, checked to be non-empty and of one target (``ValueError`` otherwise)."""
     recs = list(records)
     if not recs:
         raise ValueError("no runs given")
@@ -172,6 +167,17 @@ def frontier(records: Iterable[RunRecord]) -> list[FrontierPoint]:
             f"records mix {len(targets)} targets {sorted(map(str, targets))}; "
             "split them with group_by_target() and fit each"
         )
+    return recs
+
+
+def frontier(records: Iterable[RunRecord]) -> list[FrontierPoint]:
+    """The fastest run at each batch size (App. A.3), for records of one target, sorted by batch size.
+
+    Runs that did not reach the target are censored observations ``S > budget`` and enter as
+    described in :class:`FrontierPoint`; a batch size at which no run reached the target is
+    kept as a censored point. Raises ``ValueError`` if the records mix targets.
+    """
+    recs = one_target(records)
     by_b: dict[float, list[RunRecord]] = {}
     for r in recs:
         by_b.setdefault(float(r.batch_size), []).append(r)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .critical import RunRecord, _target_key, group_by_target
+from .critical import RunRecord, _target_key, group_by_target, one_target
 from .estimators import t_quantile
 
 __all__ = ["BestLR", "LRSweepFit", "best_lr", "fit_eps_opt", "fit_lr_sweep", "fit_lr_sweeps", "REFINE"]
@@ -233,14 +233,7 @@ def best_lr(records: Iterable[RunRecord], *, refine: str = "model") -> list[Best
     """
     if refine not in REFINE:
         raise ValueError(f"refine must be one of {', '.join(REFINE)}, got {refine!r}")
-    recs = list(records)
-    if not recs:
-        raise ValueError("no runs given")
-    targets = {_target_key(r.target) for r in recs}
-    if len(targets) > 1:
-        raise ValueError(
-            f"records mix {len(targets)} targets {sorted(map(str, targets))}; split them with group_by_target()"
-        )
+    recs = one_target(records)
     return [_best_point(c, *_refine(c.log_lr, c.means(), refine)) for c in _cells(recs)]
 
 
