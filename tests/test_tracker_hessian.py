@@ -207,15 +207,12 @@ def _train_char(data, steps, track=False, hessian_every=None):
     return model, gns
 
 
-def test_char_transformer_with_per_example_norms_and_hessian_draws():
+def test_char_transformer_with_per_example_norms_and_hessian_draws(shakespeare_path):
     """Attention through the MATH kernel (the fused one has no double backward), per-example layers
     stepping aside: training bit-identical, B_simple unchanged by the draws, B_noise measured."""
-    import os
-
     from models import char_data
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
-    data, _ = char_data(path)
+    data, _ = char_data(shakespeare_path)
     data = data[:20000]
     plain, _ = _train_char(data, 6)
     _, without = _train_char(data, 6, track=True)

@@ -396,8 +396,12 @@ class GradientNoiseScale:
         if world > 1:
             import torch.distributed as dist
 
-            dev = self.params[0].device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-            v = torch.tensor([draw.gHg, draw.trace_h_sigma, draw.g2], dtype=torch.float64, device=dev)
+            # on the device the probe reduces its own statistics on
+            v = torch.tensor(
+                [draw.gHg, draw.trace_h_sigma, draw.g2],
+                dtype=torch.float64,
+                device=getattr(self.probe, "device", self.params[0].device),
+            )
             dist.all_reduce(v, op=dist.ReduceOp.SUM, group=group)  # one small collective per draw
             gHg, ts, g2 = (v / world).tolist()
             draw = HessianDraw(gHg, ts, g2, draw.sizes, draw.seconds)
