@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"(b_small {args.batch_size}, b_big {args.batch_size * args.accum * world})",
                 flush=True,
             )
+    # every rank: the steps since the last multiple of reduce_every (default 10) are reduced now
+    gns.synchronize()
     elapsed = time.perf_counter() - t0
     result = {
         "state": gns.state_dict(),

@@ -178,6 +178,7 @@ def entry(rank: int, world: int, init_file: str, out_dir: str, scenario: str, cf
 
 
 def _tracker_summary(gns: ns.GradientNoiseScale) -> dict[str, Any]:
+    gns.synchronize()  # every rank: the steps since the last multiple of reduce_every are reduced too
     return {
         "b_simple": gns.b_simple,
         "state": gns.state_dict(),
@@ -270,6 +271,7 @@ def ddp_brute(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         F.cross_entropy(ddp(x), y).backward()
         gns.step()
         ddp.zero_grad(set_to_none=True)
+    gns.synchronize()
     out = {
         "b_simple": gns.b_simple,
         "interval": gns.interval(0.95),
@@ -329,6 +331,8 @@ def ddp_inert(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
             grads.append([p.grad.clone() for p in ddp.parameters()])
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if gns is not None:
+            gns.synchronize()
         runs[with_tracker] = {
             "grads": grads,
             "params": [p.detach().clone() for p in ddp.parameters()],
@@ -483,6 +487,7 @@ def clip_survival(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
                 _clip(model, kind, cfg["clip"])
             opt.step()
             opt.zero_grad(set_to_none=True)
+        gns.synchronize()
         out[clip_first] = {
             "history": list(gns.history),
             "params": [_local(p.detach()).clone() for p in model.parameters()],
@@ -516,6 +521,7 @@ def ddp_bad(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         except ValueError as e:
             errors.append(str(e))
         ddp.zero_grad(set_to_none=True)
+    gns.synchronize()
     out = {
         "errors": errors,
         "measured": gns.measured,
@@ -598,6 +604,90 @@ def many(rank: int, world: int, cfg: dict[str, Any]) -> list[Any]:
     return out
 
 
+def ddp_reduce_every(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The same seeded steps with reduce_every=1 and reduce_every=K: noisescale's collectives counted
+    (every call of torch.distributed.all_reduce from the probe), what is folded before and after each
+    reduction, state_dict between reductions, close() with steps queued, Join with uneven inputs."""
+    from torch.distributed.algorithms.join import Join
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import noisescale.probes.distributed as D
+    from noisescale.probes.distributed import joinable
+
+    calls = [0]
+    real = D.dist.all_reduce
+
+    def counting(*a: Any, **kw: Any) -> Any:
+        calls[0] += 1
+        return real(*a, **kw)
+
+    out: dict[str, Any] = {}
+    steps, K = cfg["steps"], cfg["K"]
+    for every in (1, K):
+        model = Net(16, seed=cfg["seed"])
+        ddp = DDP(model)
+        gns = ns.GradientNoiseScale(ddp, beta=1.0, reduce_every=every)
+        calls[0] = 0
+        D.dist.all_reduce = counting
+        seen = []  # after each step: (steps, measured + skipped, unreduced)
+        try:
+            for t in range(steps):
+                x, y = batch(cfg["seed"], t, rank, 0, 8)
+                F.cross_entropy(ddp(x), y).backward()
+                gns.step()
+                ddp.zero_grad(set_to_none=True)
+                seen.append((gns.steps, gns.measured + gns.skipped, gns.unreduced))
+            n_calls = calls[0]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                state = gns.state_dict()  # on one rank only: not a collective, never hangs
+            res = {
+                "calls": n_calls,
+                "seen": seen,
+                "state": state,
+                "state_warnings": [str(w.message) for w in caught],
+                "summary": gns.summary(),
+            }
+            gns.close()  # the queued steps are recorded as skipped, with the reason
+            res["closed_history"] = list(gns.history)
+            res["closed_skipped"] = gns.skipped
+        finally:
+            D.dist.all_reduce = real
+        out[every] = res
+    # the same steps reduced at the end by synchronize() (every rank): the same numbers as every=1
+    model = Net(16, seed=cfg["seed"])
+    ddp = DDP(model)
+    gns = ns.GradientNoiseScale(ddp, beta=1.0, reduce_every=K)
+    for t in range(steps):
+        x, y = batch(cfg["seed"], t, rank, 0, 8)
+        F.cross_entropy(ddp(x), y).backward()
+        gns.step()
+        ddp.zero_grad(set_to_none=True)
+    out["synchronized"] = _tracker_summary(gns)
+    gns.close()
+    # Join: rank 1 runs out after `short` steps and shadows the rest, across a reduction
+    model = Net(16, seed=cfg["seed"])
+    ddp = DDP(model)
+    gns = ns.GradientNoiseScale(ddp, beta=1.0, reduce_every=K)
+    n_steps = steps if rank == 0 else cfg["short"]
+    with Join([ddp, joinable(gns)]):
+        for t in range(n_steps):
+            x, y = batch(cfg["seed"], t, rank, 0, 8)
+            F.cross_entropy(ddp(x), y).backward()
+            gns.step()
+            ddp.zero_grad(set_to_none=True)
+    out["join"] = {
+        "steps": gns.steps,
+        "unreduced": gns.unreduced,
+        "b_simple": gns.b_simple,
+        "measured": gns.measured,
+        "skipped": gns.skipped,
+        "history": list(gns.history),
+    }
+    gns.close()
+    return out
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -609,6 +699,7 @@ SCENARIOS = {
         fsdp_inert,
         ddp_bad,
         ddp_join,
+        ddp_reduce_every,
         clip_survival,
         many,
     )

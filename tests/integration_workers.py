@@ -221,6 +221,7 @@ def lightning_ddp(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     idx = list(DistributedSampler(range(len(y)), world, rank, shuffle=False))
     batches = [(X[idx[i : i + m]], y[idx[i : i + m]]) for i in range(0, len(idx), m)]
     plain_loop(net, batches, k, clip=cfg["clip"], gns=gns, ddp=ddp)
+    gns.synchronize()  # every rank: the steps since the last multiple of reduce_every
     out["plain_b_simple"] = gns.b_simple
     out["plain_history"] = [r.get("g2_step") for r in gns.history]
     out["plain_params"] = params_of(net)
@@ -360,6 +361,7 @@ def accelerate_ddp(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]
         )
         out["params_helper" if with_helper else "params"] = params_of(net)
         if ns_acc is not None:
+            ns_acc.gns.synchronize()  # every rank
             out["b_simple"] = ns_acc.gns.b_simple
             out["method"] = ns_acc.gns.method
             out["history"] = [r.get("g2_step") for r in ns_acc.gns.history]
@@ -368,6 +370,7 @@ def accelerate_ddp(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]
     ddp = DDP(net)
     gns = GradientNoiseScale(ddp, method="ddp")
     plain_loop(net, batches, k, clip=cfg["clip"], gns=gns, ddp=ddp)
+    gns.synchronize()  # every rank: the steps since the last multiple of reduce_every
     out["plain_b_simple"] = gns.b_simple
     out["plain_history"] = [r.get("g2_step") for r in gns.history]
     out["plain_params"] = params_of(net)
@@ -425,6 +428,7 @@ def hf_ddp(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         gns.step()
         opt.step()
         model.zero_grad()
+    gns.synchronize()
     out["plain_b_simple"] = gns.b_simple
     out["plain_params"] = params_of(model)
     gns.close()

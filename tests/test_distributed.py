@@ -446,9 +446,10 @@ def test_bad_inputs_consistent_on_all_ranks(tmp_path):
         assert res["microbatch_error"] is not None and "method='auto'" in res["microbatch_error"]
     assert bad[0]["b_simple"] == bad[1]["b_simple"]
     join = _items(results, 2)
-    # rank 1 ran out after 3 steps; rank 0 measured its last 2 steps alone (1 rank, 1 part: skipped)
+    # rank 1 ran out after 3 steps; rank 0 measured its last 2 steps alone (1 rank, 1 part: skipped);
+    # rank 1 counted the 2 steps it shadowed: the same counters and records on both ranks
     assert join[1]["measured"] == 3 and join[0]["measured"] == 3 and join[0]["skipped"] == 2
-    assert join[0]["history"][:3] == join[1]["history"][:3]
+    assert join[1]["skipped"] == 2 and join[0]["history"] == join[1]["history"]
 
 
 def test_ddp_grad_scaler_units(tmp_path):
@@ -516,3 +517,41 @@ def test_global_norm_shares_cover_every_element_once(world):
     assert len(owner) == sum(p.numel() for p in params)
     assert all(firsts.get(id(p)) == 1 for p in params if p.numel())
     assert max(sizes) - min(sizes) <= 1  # balanced to one element, even with one dominant tensor
+
+
+def test_reduce_every_one_collective_per_k_steps(tmp_path):
+    """reduce_every=K: one all-reduce per K steps (none between), the same numbers as reducing every step
+    once reduced, values folded only up to the last reduction, state_dict/close between reductions
+    counting the queued steps as skipped (with the reason), and Join across a reduction."""
+    steps, K = 25, 10
+    per_rank = spawn(tmp_path, "ddp_reduce_every", dict(seed=21, steps=steps, K=K, short=13))
+    for res in per_rank:
+        one, k = res[1], res[K]
+        assert one["calls"] == steps  # reduce_every=1: one all-reduce per step, as before
+        assert k["calls"] == steps // K  # steps 10 and 20 only: no collective on the other 23 steps
+        for t, (n, folded, queued) in enumerate(k["seen"], start=1):
+            assert n == t and folded == t // K * K and queued == t - t // K * K, (t, n, folded, queued)
+        assert all(folded == t and queued == 0 for t, (_, folded, queued) in enumerate(one["seen"], start=1))
+        # values folded through step 20 equal reduce_every=1's records of steps 1..20, bit for bit
+        assert k["closed_history"][:20] == one["closed_history"][:20]
+        # between reductions: 5 steps await the next one; state_dict saves them as skipped, says so
+        assert "5 steps awaiting the next reduction across ranks" in k["summary"]
+        assert k["state"]["counters"]["steps"] == steps and k["state"]["counters"]["skipped"] == 5
+        assert one["state"]["counters"]["skipped"] == 0 and one["state_warnings"] == []
+        assert len(k["state_warnings"]) == 1 and "reduce_every=10" in k["state_warnings"][0]
+        assert "gns.synchronize()" in k["state_warnings"][0]
+        # close() cannot reduce (not a collective): the 5 queued steps are recorded as skipped, with why
+        assert k["closed_skipped"] == 5 and len(k["closed_history"]) == steps
+        for r in k["closed_history"][20:]:
+            assert r["status"] == "skipped" and "not reduced across ranks before close()" in r["reason"]
+        # synchronize() on every rank: all 25 steps reduced, the same numbers as reduce_every=1
+        sync = res["synchronized"]
+        assert sync["history"] == one["closed_history"] and sync["measured"] == steps
+        assert sync["b_simple"] == pytest.approx(per_rank[0]["synchronized"]["b_simple"], rel=0, abs=0)
+    # Join: rank 1 stopped after 13 steps and shadowed 12 (a reduction at step 20 among them); the
+    # context's end reduced steps 21..25: both ranks hold the same 25 records and estimates
+    j0, j1 = per_rank[0]["join"], per_rank[1]["join"]
+    assert j0["steps"] == j1["steps"] == steps and j0["unreduced"] == j1["unreduced"] == 0
+    assert j0["history"] == j1["history"] and len(j0["history"]) == steps
+    assert j0["b_simple"] == j1["b_simple"] is not None
+    assert j0["measured"] == 13 and j0["skipped"] == 12  # one rank's one part per step: not measurable

@@ -108,12 +108,16 @@ class StepStats:
     - ``ranks``: how many ranks contributed (1 on one process); ``errors``: ranks that failed.
 
     ``reason`` says why the step cannot be measured when the probe knows it locally.
+    ``ready`` is False while ``vec`` still holds only this rank's numbers, waiting for a reduction
+    across ranks that the distributed probe issues every ``reduce_every`` steps (it then points
+    ``vec`` at the reduced row and sets ``ready``); the tracker folds only ready steps.
     """
 
     vec: torch.Tensor
     n_groups: int
     reason: str | None = None
     work: Any = None
+    ready: bool = True
 
     def __post_init__(self) -> None:
         if self.vec.shape != (HEAD + 2 * self.n_groups,):

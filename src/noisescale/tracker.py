@@ -268,7 +268,8 @@ class GradientNoiseScale:
         self._pending: list[_Entry] = []
         self._subscribers: list[Subscription] = []
         self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
-        self.steps = 0
+        self._steps = 0
+        self._folded_step = 0  # the last step folded into the averages (behind self.steps under DDP)
         self.device_reads = 0  # host transfers of queued statistics (one per flush and device)
         self._measured = 0  # read through the properties, which fold pending steps first
         self._skipped = 0
@@ -340,6 +341,7 @@ class GradientNoiseScale:
             )
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self._adopt_shadow_steps()
         passes = self.probe.pending_parts()  # backward passes (micro-batches) of this step
         try:
             stats = self.probe.collect(self._context(sizes))
@@ -504,14 +506,14 @@ class GradientNoiseScale:
             raise TypeError(f"sizes must be a sequence with one size per micro-batch, got the number {sizes!r}")
         s = self.scaler
         if s is None or not getattr(s, "is_enabled", lambda: False)():
-            return StepContext(sizes)
+            return StepContext(sizes, step=self.steps + 1)
         scale = s._get_scale_async() if hasattr(s, "_get_scale_async") else None
         if scale is None:
             scale = torch.tensor(float(s.get_scale()), dtype=torch.float64)
         inv2 = scale.detach().to(torch.float64).reciprocal().square()  # a new tensor: update() may mutate the scale
         # norms taken in backward (per micro-batch, and the step gradient's when the last backward
         # ended) saw scaled gradients; a norm read now, after unscale_, does not
-        return StepContext(sizes, inv2, 1.0 if self._grads_unscaled() else inv2)
+        return StepContext(sizes, inv2, 1.0 if self._grads_unscaled() else inv2, step=self.steps + 1)
 
     def _grads_unscaled(self) -> bool:
         """Whether ``scaler.unscale_`` already ran this step (then ``.grad`` is in true units)."""
@@ -546,7 +548,7 @@ class GradientNoiseScale:
         for sub in subs:
             records, sub.records = sub.records, []
             sub.last = now
-            sub.fn(Update(self.steps, self._examples, total, groups, metrics, records, final))
+            sub.fn(Update(self._folded_step, self._examples, total, groups, metrics, records, final))
 
     def _write_log(self, update: Update) -> None:
         assert self._log is not None
@@ -555,10 +557,56 @@ class GradientNoiseScale:
 
     # -- folding queued steps in ---------------------------------------------------------
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps recorded (``step()`` calls; under ``Join``, also the steps this rank shadowed
+        after running out of data, so that the count is the same on every rank)."""
+        self._adopt_shadow_steps()
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = value
+
+    def _adopt_shadow_steps(self) -> None:
+        """Count the steps this rank shadowed under ``Join`` after running out of data, as the ranks
+        still training counted them (distributed probes only)."""
+        take = getattr(self.probe, "take_shadow_steps", None)
+        if take is None:
+            return
+        for step, stats in take():
+            self._steps = step
+            self._pending.append(_Entry(step, stats, None))
+
+    def synchronize(self) -> int:
+        """Under DDP/FSDP: reduce the steps queued since the last reduction across ranks now, so that
+        every value includes them; returns how many. A collective: call it on **every** rank at the
+        same point (e.g. before the final ``summary()``, or before a checkpoint taken between
+        multiples of ``reduce_every``). Otherwise, and once closed, nothing to do (returns 0)."""
+        if self._closed:
+            return 0  # close() recorded the queued steps as skipped; nothing is queued any more
+        self._adopt_shadow_steps()
+        sync = getattr(self.probe, "synchronize", None)
+        return int(sync()) if sync is not None else 0
+
+    @property
+    def unreduced(self) -> int:
+        """Steps recorded on this rank whose statistics await the next reduction across ranks (DDP/FSDP
+        with ``reduce_every`` > 1; values do not include them yet). 0 on one process."""
+        self._adopt_shadow_steps()
+        return sum(1 for e in self._pending if not e.stats.ready)
+
     def _flush(self) -> None:
+        self._adopt_shadow_steps()
         if not self._pending:
             return
-        entries, self._pending = self._pending, []
+        # only steps whose reduction across ranks was issued (the same steps on every rank)
+        n = 0
+        while n < len(self._pending) and self._pending[n].stats.ready:
+            n += 1
+        if n == 0:
+            return
+        entries, self._pending = self._pending[:n], self._pending[n:]
         rows = self._read(entries)
         G = len(self.groups)
         grouped = self.groups.grouped
@@ -644,6 +692,7 @@ class GradientNoiseScale:
             )
             if self._hessian is not None:
                 self._fold_hessian(e, record)
+            self._folded_step = e.step
             if grouped:
                 for i, name in enumerate(self.groups.names):
                     gst = Estimate(self._ema.series(i + 1))
@@ -653,6 +702,25 @@ class GradientNoiseScale:
             self._history.append(record)
             for sub in self._subscribers:
                 sub.records.append(record)
+
+    def _drop_unreduced(self) -> None:
+        """At ``close()``: record the steps still awaiting a reduction across ranks as skipped, with the
+        reason (``close()`` is not a collective, so it cannot reduce them)."""
+        self._adopt_shadow_steps()
+        k = getattr(self.probe, "reduce_every", 1)
+        for e in self._pending:
+            reason = (
+                f"step {e.step}: not reduced across ranks before close() (one reduction every reduce_every={k} "
+                "steps); call gns.synchronize() on every rank before close() to include the last steps"
+            )
+            self._skipped += 1
+            self._last_reason = reason
+            self._folded_step = e.step
+            record = {"type": "step", "step": e.step, "examples": None, "status": "skipped", "reason": reason}
+            self._history.append(record)
+            for sub in self._subscribers:
+                sub.records.append(record)
+        self._pending = []
 
     def _fold_hessian(self, e: _Entry, record: dict[str, Any]) -> None:
         h = self._hessian
@@ -912,6 +980,8 @@ class GradientNoiseScale:
         extra = f", coverage {cov:.0%} of the parameters" if cov < 1.0 else ""
         extra += f", outliers={self.outliers}" if self.outliers else ""
         extra += f", method={self.method}"
+        if self.unreduced:
+            extra += f", {self.unreduced} steps awaiting the next reduction across ranks"
         if b is None:
             return f"B_simple undefined: {self.reason} ({extra.lstrip(', ')})"
         iv = self.interval(level)
@@ -952,8 +1022,25 @@ class GradientNoiseScale:
     # -- state -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Numbers and configuration only (no modules, hooks or tensors)."""
+        """Numbers and configuration only (no modules, hooks or tensors).
+
+        Under DDP/FSDP the steps since the last reduction across ranks (``unreduced``; none when the
+        step number is a multiple of ``reduce_every``) are saved as skipped: this rank alone cannot
+        know the other ranks' numbers, and this call is not a collective. The running tracker still
+        folds them at the next reduction; a run resumed from the state does not have them.
+        """
         self._flush()
+        unreduced = self.unreduced
+        if unreduced:
+            k = getattr(self.probe, "reduce_every", 1)
+            msg = (
+                f"noisescale: state_dict() at step {self.steps} saves the last {unreduced} steps as skipped: they "
+                f"await the next reduction across ranks (every {k} steps). Save at steps that are multiples of "
+                f"reduce_every={k}, or call gns.synchronize() on every rank before saving, to keep them"
+            )
+            if msg not in self._warned:
+                self._warned.add(msg)
+                warnings.warn(msg, stacklevel=2)
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -969,7 +1056,7 @@ class GradientNoiseScale:
             "counters": {
                 "steps": self.steps,
                 "measured": self._measured,
-                "skipped": self._skipped,
+                "skipped": self._skipped + unreduced,
                 "unmeasurable": self._unmeasurable,
                 "warmup": self._warmup_steps,
                 "examples": self._examples,
@@ -1045,6 +1132,10 @@ class GradientNoiseScale:
         self._warmup_steps = c["warmup"]
         self.steps, self._measured, self._skipped = c["steps"], c["measured"], c["skipped"]
         self._unmeasurable, self._examples = c["unmeasurable"], examples
+        self._folded_step = self.steps
+        resume = getattr(self.probe, "resume_at", None)
+        if resume is not None:
+            resume(self.steps)  # the distributed probe reduces at multiples of reduce_every from here
         if self._log is not None and self._log.resume_from is None:
             self._log.resume(self.steps)  # continue the existing log after the saved step
 
@@ -1059,6 +1150,7 @@ class GradientNoiseScale:
         if self._closed:
             return
         self._flush()
+        self._drop_unreduced()
         if self._subscribers:
             self._notify(list(self._subscribers), final=True)
         self.probe.close()

@@ -62,7 +62,9 @@ class NoiseScaleCallback(Callback):
             by global rank 0 only.
 
     After (or during) ``fit``, :attr:`gns` is the tracker: ``callback.gns.b_simple``,
-    ``callback.gns.summary()``.
+    ``callback.gns.summary()``. Under the DDP/FSDP strategies the ranks' statistics are reduced every
+    ``reduce_every`` steps (a tracker option, default 10), at every checkpoint and when training ends
+    (Lightning runs those hooks on every rank).
     """
 
     def __init__(
@@ -189,6 +191,10 @@ class NoiseScaleCallback(Callback):
         if self._forwards is not None:
             self._forward_hook.remove()
             self._forwards = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.gns is not None:
+            self.gns.synchronize()  # every rank runs this hook: the last steps are reduced too
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release_counter()
@@ -328,6 +334,9 @@ class NoiseScaleCallback(Callback):
         """The tracker's (and controller's) state: numbers only, saved in the trainer's checkpoint."""
         if self.gns is None:
             return dict(self._restored) if self._restored is not None else {}
+        # Lightning calls this on every rank (Trainer.save_checkpoint is collective): under DDP/FSDP the
+        # steps since the last reduction across ranks are reduced now, so that the checkpoint has them
+        self.gns.synchronize()
         if self.controller is None and self._controller_state is not None:
             return {"format": STATE_FORMAT, "tracker": self.gns.state_dict(), "controller": self._controller_state}
         out: dict[str, Any] = {"format": STATE_FORMAT, "tracker": self.gns.state_dict()}

@@ -130,6 +130,7 @@ class NoiseScaleCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.gns is None:
             return
+        self.gns.synchronize()  # every rank runs this: under DDP the last steps are reduced too
         state.stateful_callbacks[STATE_KEY] = json_safe(self.state_dict())  # for trainer.save_state()
         self._close()
 
@@ -155,10 +156,12 @@ class NoiseScaleCallback(TrainerCallback):
         if control.should_log:
             self.trainer.log(self.gns.metrics(self.prefix))
         if control.should_save:
+            self.gns.synchronize()  # every rank decides to save at the same step: reduce what is queued
             state.stateful_callbacks[STATE_KEY] = json_safe(self.state_dict())
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.gns is not None and control.should_save:
+            self.gns.synchronize()
             state.stateful_callbacks[STATE_KEY] = json_safe(self.state_dict())
 
     # -- advice --------------------------------------------------------------------------

@@ -42,15 +42,23 @@ class StepContext:
     ``sizes``: per-part sizes the user gave (``None``: infer). ``inv_scale2_small``: the factor
     (``1/S^2`` under a GradScaler) that brings squared norms taken during backward (scaled
     gradients) back to true units; ``inv_scale2_big``: the factor for norms read from ``.grad``
-    at ``step()`` (``1`` once ``unscale_`` ran). 0-d tensors or floats.
+    at ``step()`` (``1`` once ``unscale_`` ran). 0-d tensors or floats. ``step``: the tracker's
+    number of this step (1, 2, ...; the same on every rank), or ``None`` outside a tracker.
     """
 
-    __slots__ = ("sizes", "inv_scale2_small", "inv_scale2_big")
+    __slots__ = ("sizes", "inv_scale2_small", "inv_scale2_big", "step")
 
-    def __init__(self, sizes: Sequence[Any] | None, inv_scale2_small: Any = 1.0, inv_scale2_big: Any = 1.0) -> None:
+    def __init__(
+        self,
+        sizes: Sequence[Any] | None,
+        inv_scale2_small: Any = 1.0,
+        inv_scale2_big: Any = 1.0,
+        step: int | None = None,
+    ) -> None:
         self.sizes = sizes
         self.inv_scale2_small = inv_scale2_small
         self.inv_scale2_big = inv_scale2_big
+        self.step = step
 
 
 class Groups:

@@ -29,13 +29,19 @@ What is measured, per optimizer step:
   1/world of the elements; under FSDP each rank takes its gradient shards
   (``p.grad.to_local()``). The shares are summed by the all-reduce below.
 
-At ``step()`` every rank contributes its additive :class:`~noisescale.estimators.StepStats` (the
-head of pooling sums, then per group its parts' squared norms and its share of the global norm)
-to **one asynchronous all-reduce (SUM)** of that one flat vector on the data-parallel group. The
-tracker reads the result lazily (when its subscribers are due, a value is read, or every
-``max_pending`` steps), so the host does not wait for it in the step. Every rank then forms the
-same estimate from the same reduced numbers: all ranks report the same ``b_simple`` and skip the
-same steps.
+At ``step()`` every rank queues its additive :class:`~noisescale.estimators.StepStats` (the head
+of pooling sums, then per group its parts' squared norms and its share of the global norm). Every
+``reduce_every`` steps (default 10; at step numbers that are multiples of it, the same on every
+rank) the queued records of all ranks are summed by **one asynchronous all-reduce (SUM)** of a
+``[steps, entries]`` matrix on the data-parallel group: no collective of noisescale's runs on the
+other steps. The tracker folds a step only once its reduction has been issued, and reads the
+results lazily (when its subscribers are due, a value is read, or every ``max_pending`` steps), so
+the host does not wait in the step. Every rank then forms the same estimates from the same reduced
+numbers: all ranks report the same ``b_simple`` and skip the same steps; values lag by at most
+``reduce_every - 1`` steps. ``GradientNoiseScale.synchronize()`` (every rank) reduces the queue at
+once; a ``Join`` context reduces it when it ends, and the ranks that ran out of data count the steps
+they shadow. Steps still queued at ``state_dict()`` or ``close()`` are counted as skipped, with
+the reason (neither is a collective: rank 0 alone may call them).
 
 Pooling: parts are all (rank, micro-batch) pairs, the big batch is the step. DDP averages the
 ranks' gradients, so across ranks the convention is "mean": rank ``r``'s accumulated gradient
@@ -85,6 +91,11 @@ __all__ = [
 ]
 
 DISTRIBUTED_METHODS = ("ddp", "ddp_per_example", "fsdp")
+
+# Steps per reduction across ranks. Issuing a collective costs a fixed ~0.4 ms on gloo (its thread
+# competes with training for the cores); once per 10 steps that is nothing, values lag by at most 9
+# steps, and 10 divides the usual logging and checkpoint intervals (10, 50, 100, 1000 steps).
+REDUCE_EVERY = 10
 
 # Why FSDP cannot carry these exactly (it refuses rather than approximates).
 FSDP_UNSUPPORTED = {
@@ -222,7 +233,7 @@ class DistributedProbe(Joinable):
 
     name = "ddp"
     wrapper = "ddp"  # the wrapper the registered probe insists on
-    options: ClassVar[frozenset[str]] = frozenset({"process_group"})
+    options: ClassVar[frozenset[str]] = frozenset({"process_group", "reduce_every"})
     supports: ClassVar[frozenset[str]] = frozenset({"groups", "preconditioner"})
 
     @staticmethod
@@ -236,8 +247,9 @@ class DistributedProbe(Joinable):
         params: Sequence[torch.nn.Parameter],
         config: ProbeConfig,
         process_group: Any = None,
+        reduce_every: int = REDUCE_EVERY,
     ) -> DistributedProbe:
-        return cls(model, params, config, process_group=process_group, kind=cls.wrapper)
+        return cls(model, params, config, process_group=process_group, kind=cls.wrapper, reduce_every=reduce_every)
 
     def __init__(
         self,
@@ -248,6 +260,7 @@ class DistributedProbe(Joinable):
         local: Any = None,
         process_group: Any = None,
         kind: str | None = None,
+        reduce_every: int = REDUCE_EVERY,
     ) -> None:
         self.config = config = config or ProbeConfig()
         if config.reduction not in ("mean", "sum"):
@@ -276,6 +289,15 @@ class DistributedProbe(Joinable):
         self._pending_sizes: list[int | None] = []
         self._parts: list[tuple[torch.Tensor, list[int | None]]] = []
         self._handles: list[Any] = []
+        if not (isinstance(reduce_every, int) and not isinstance(reduce_every, bool) and reduce_every >= 1):
+            raise ValueError(
+                f"reduce_every must be a positive integer number of steps, got {reduce_every!r} (1: reduce "
+                "every step; larger: one all-reduce per that many steps, values up to that many steps behind)"
+            )
+        self.reduce_every = reduce_every
+        self._queue: list[StepStats] = []  # this rank's records since the last reduction
+        self._shadow: list[tuple[int, StepStats]] = []  # steps shadowed under Join, for the tracker
+        self._step = 0  # the number of the last step queued (the tracker's; shadowed ones counted)
         self._restore: list[tuple[Any, Any]] = []
         self._warned: set[str] = set()
         Joinable.__init__(self)
@@ -428,25 +450,66 @@ class DistributedProbe(Joinable):
         return self._local.metrics() if self._local is not None else {"coverage": 1.0}
 
     def collect(self, ctx: StepContext) -> StepStats:
-        """This rank's statistics, all-reduced (SUM) asynchronously with every rank's: the returned
-        record's numbers are the step's over all ranks once its ``work`` completes."""
+        """This rank's statistics, queued for the next reduction across ranks.
+
+        The returned record holds this rank's numbers and ``ready=False`` until the step whose
+        number is a multiple of ``reduce_every`` (the same steps on every rank), when the queued
+        records of all ranks are summed by one asynchronous all-reduce of a ``[steps, entries]``
+        matrix; each record then points at its reduced row (``ready=True``). Outside a tracker
+        (``ctx.step`` is None) the step is reduced at once.
+        """
         G = len(self.groups)
         error: Exception | None = None
         try:
             vec = self._local_stats(ctx).vec
-        except Exception as e:  # all-reduce first (peers are waiting in it), raise after
+        except Exception as e:  # queue the step anyway (peers count it), raise after
             vec = torch.zeros(HEAD + 2 * G, dtype=torch.float64, device=self.device)
             vec[ERRORS] = 1.0  # every rank then skips the step
             error = None if isinstance(e, _LocalSkip) else e
         if self.preconditioner is not None:
             self.preconditioner.stale = True
-        work = dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        st = StepStats(vec, G, ready=False)
+        self._queue.append(st)
+        self._step = ctx.step if ctx.step is not None else self._step + 1
+        if ctx.step is None or self._step % self.reduce_every == 0:
+            self.synchronize()
         if error is not None:
-            work.wait()
             # the tracker records the step from the reduced numbers, as the other ranks do
-            error.noisescale_stats = StepStats(vec, G)  # type: ignore[attr-defined]
+            error.noisescale_stats = st  # type: ignore[attr-defined]
             raise error
-        return StepStats(vec, G, work=work)
+        return st
+
+    def synchronize(self) -> int:
+        """Reduce the queued steps across ranks now (one asynchronous all-reduce); return how many.
+
+        A collective: every rank of the group must call it at the same point (the tracker's
+        :meth:`~noisescale.GradientNoiseScale.synchronize`). The probe calls it itself every
+        ``reduce_every`` steps and when a :class:`~torch.distributed.algorithms.Join` context ends.
+        """
+        queue, self._queue = self._queue, []
+        if not queue:
+            return 0
+        # one collective for the whole queue: a [steps, entries] float64 matrix, summed over ranks
+        buf = torch.stack([st.vec for st in queue])
+        work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        for i, st in enumerate(queue):
+            st.vec, st.work, st.ready = buf[i], work, True
+        return len(queue)
+
+    def unreduced(self) -> int:
+        """Steps queued on this rank since the last reduction across ranks."""
+        return len(self._queue)
+
+    def resume_at(self, step: int) -> None:
+        """The tracker resumed at ``step`` (``load_state_dict``): count the next steps from there."""
+        self._step = step
+
+    def take_shadow_steps(self) -> list[tuple[int, StepStats]]:
+        """Steps this rank shadowed after running out of data under ``Join`` (its part of them is
+        zero): ``(step number, record)`` pairs for the tracker, which counts them like the other
+        ranks do."""
+        out, self._shadow = self._shadow, []
+        return out
 
     def _local_stats(self, ctx: StepContext) -> StepStats:
         """This rank's additive statistics: its parts with weights ``a = alpha / n`` in the global step
@@ -507,12 +570,27 @@ class DistributedProbe(Joinable):
 
         class _Hook(JoinHook):
             def main_hook(self) -> None:
-                # Shadow the step's all-reduce for ranks still training. DDP's join hook (listed
-                # before this one) has just decided whether this iteration synchronizes.
+                # A rank out of data shadows each step of the ranks still training: it queues a zero
+                # record (it adds nothing) under the step's number and joins the reductions at the
+                # same steps. DDP's join hook (listed before this one) has just decided whether this
+                # iteration synchronizes, i.e. ends a step.
                 if probe.kind == "ddp" and not getattr(probe.model, "require_forward_param_sync", True):
                     return
-                vec = torch.zeros(HEAD + 2 * len(probe.groups), dtype=torch.float64, device=probe.device)
-                dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=probe.group)
+                st = StepStats(
+                    torch.zeros(HEAD + 2 * len(probe.groups), dtype=torch.float64, device=probe.device),
+                    len(probe.groups),
+                    ready=False,
+                )
+                probe._queue.append(st)
+                probe._step += 1
+                probe._shadow.append((probe._step, st))
+                if probe._step % probe.reduce_every == 0:
+                    probe.synchronize()
+
+            def post_hook(self, is_last_joiner: bool) -> None:
+                # every rank runs this when the Join context ends: reduce what is left, so that
+                # the steps since the last reduction are not lost at the end of uneven inputs
+                probe.synchronize()
 
         return _Hook()
 
@@ -539,6 +617,7 @@ class DistributedProbe(Joinable):
         self._parts = []
         self._pending_sizes = []
         self._current, self._current_index = [], []
+        self._queue = []  # never reduced (close() is not a collective): the tracker records them skipped
 
 
 class _LocalSkip(Exception):
@@ -570,7 +649,9 @@ def joinable(gns: Any) -> DistributedProbe:
         with Join([ddp_model, joinable(gns)]):   # DDP first, then the tracker
             for batch in loader: ...
 
-    Ranks that run out of data shadow the tracker's per-step all-reduce, so the others do not hang.
+    Ranks that run out of data shadow the tracker's reductions (and count the steps they shadow, so
+    that every rank ends with the same counters and estimates), so the others do not hang; the steps
+    queued since the last reduction are reduced when the context ends.
     """
     probe = gns.probe if hasattr(gns, "probe") else gns
     if not isinstance(probe, DistributedProbe):
@@ -615,7 +696,7 @@ class DDPPerExampleProbe(DistributedProbe):
     """``method="ddp_per_example"``: exact per-example norms on every rank, pooled by addition."""
 
     name = "ddp_per_example"
-    options: ClassVar[frozenset[str]] = frozenset({"process_group", "strict", "layers", "fused"})
+    options: ClassVar[frozenset[str]] = frozenset({"process_group", "reduce_every", "strict", "layers", "fused"})
 
     @staticmethod
     def auto_score(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> float:
@@ -628,6 +709,7 @@ class DDPPerExampleProbe(DistributedProbe):
         params: Sequence[torch.nn.Parameter],
         config: ProbeConfig,
         process_group: Any = None,
+        reduce_every: int = REDUCE_EVERY,
         **options: Any,
     ) -> DistributedProbe:
         from .per_example import PerExampleProbe
@@ -636,7 +718,9 @@ class DDPPerExampleProbe(DistributedProbe):
         # this rank's per-example statistics; the step's norm is this probe's share of the synchronized one
         local = PerExampleProbe.from_config(model, params, config, capture_total=False, **options)
         try:
-            return cls(model, params, config, local=local, process_group=process_group, kind="ddp")
+            return cls(
+                model, params, config, local=local, process_group=process_group, kind="ddp", reduce_every=reduce_every
+            )
         except Exception:
             local.close()
             raise
