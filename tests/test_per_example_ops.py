@@ -183,8 +183,8 @@ def embedding_apply(mod):
     return lambda ids, w, b, acc, wi, bi, wp, bp: EmbeddingFn.apply(ids, w, acc, wi, wp, pidx, False)
 
 
-# name: (vocabulary, ids shape, token range); scatter iff V <= T^2
-EMBEDDING = {"scatter": (10, (4, 6), 5), "gram": (50, (4, 5), 50), "one_token": (12, (7,), 12)}
+# name: (vocabulary, ids shape, token range); scatter iff V <= 2 T, else the compact table
+EMBEDDING = {"scatter": (10, (4, 6), 5), "compact": (50, (4, 5), 50), "one_token": (12, (7,), 12)}
 
 
 @pytest.mark.parametrize("shape", list(EMBEDDING))
@@ -277,7 +277,7 @@ def test_chunked(monkeypatch):
         for pre in ("none", "both"):
             for fused in (False, True):
                 check(mod, x, conv_apply(mod, fused), 0, 1, *_pres(mod, pre, gen), exact=not fused)
-    for shape in ("scatter", "gram"):
+    for shape in ("scatter", "compact"):
         V, ishape, hi = EMBEDDING[shape]
         mod = nn.Embedding(V, 4, padding_idx=2)
         ids = torch.randint(0, hi, ishape, generator=gen)

@@ -23,8 +23,8 @@ example ``i``; mechanics note §1):
   stride-1 convolution with many input channels materialises from shifted views of the padded
   input instead (one GEMM per kernel tap, no unfolded copy: :func:`_conv_shift_sq`).
 - Embedding: ``|sum_t onehot(id_t) g_t|^2`` by scattering rows into a per-example table when the
-  vocabulary is small relative to ``T^2``, else by the token-equality-masked Gram matrix;
-  ``padding_idx`` rows get no gradient, as in the stock backward.
+  vocabulary has at most ``2 T`` rows, else into a compact table with one row per distinct token of
+  each example (found by sorting); ``padding_idx`` rows get no gradient, as in the stock backward.
 - LayerNorm / GroupNorm / RMSNorm: ``|sum_t xhat_t * g_t|^2`` (weight), ``|sum_t g_t|^2`` (bias).
 - Hugging Face ``Conv1D`` (``LinearFn`` with ``transposed=True``): as Linear.
 
@@ -43,7 +43,7 @@ cannot carry it, so weighted terms are computed as
   squaring (chunked; ``fused=True`` sums the unweighted ones into the weight gradient and is then
   always taken, as the ghost norm is out anyway).
 - Embedding: each row ``g_t`` scaled by ``P[id_t]`` (``|sum_t onehot(id_t) (P[id_t] * g_t)|^2 =
-  |P * G_i|^2``), then the scatter or masked-Gram algorithm as above.
+  |P * G_i|^2``), then the scatter or compact-table algorithm as above.
 - Norm layers: the per-example gradient vector (per channel for GroupNorm) times ``P``, squared.
 
 The weights are read at each backward (nothing derived from them is cached: they may change in
@@ -94,6 +94,10 @@ CHUNK_ELEMS = 1 << 21
 # per-example norms cost only their squares instead of the ghost norm's T^2 (d + p) per example.
 FUSED_MIN_ROWS = 128
 
+
+# The ghost norm forms only the blocks on and below the diagonal of its two symmetric Gram matrices
+# from this many rows per example on (3/4 of the work; measured 13-17% faster on CPU at T = 64).
+GHOST_HALF_MIN = 32
 
 # Stride-1 convolutions with at least this many input channels per group get their per-example
 # gradients from shifted views of the padded input (one GEMM per kernel tap) instead of an unfolded
@@ -286,6 +290,29 @@ def _goodfellow(x, g, w_on, b_on, joint, wp, bp):
     return sw, sb, inv2
 
 
+def _ghost(a, g, joint):
+    """``sum_i sum_{t,t'} (a_t.a_t' [+ 1 if joint]) (g_t.g_t')`` for ``a: [b, T, d]``, ``g: [b, T, p]``.
+    Both Gram matrices are symmetric: from ``GHOST_HALF_MIN`` rows on, only the blocks on and below
+    the diagonal of a 2 x 2 split are formed (3/4 of the GEMM work), the block below counted twice."""
+    T = a.shape[1]
+    if T < GHOST_HALF_MIN:
+        aa = torch.bmm(a, a.transpose(1, 2))  # [b, T, T]
+        gg = torch.bmm(g, g.transpose(1, 2))
+        if joint:
+            aa.add_(1.0)
+        return torch.dot(aa.view(-1), gg.view(-1))
+    h = T // 2
+    aa0 = torch.bmm(a[:, :h], a[:, :h].transpose(1, 2))  # [b, h, h]: upper-left block
+    gg0 = torch.bmm(g[:, :h], g[:, :h].transpose(1, 2))
+    aa1 = torch.bmm(a[:, h:], a.transpose(1, 2))  # [b, T - h, T]: lower-left and lower-right blocks
+    gg1 = torch.bmm(g[:, h:], g.transpose(1, 2))
+    if joint:
+        aa0.add_(1.0)
+        aa1.add_(1.0)
+    gg1[:, :, :h].mul_(2.0)  # (exact) the lower-left block stands for the upper-right one too
+    return torch.dot(aa0.view(-1), gg0.view(-1)) + torch.dot(aa1.view(-1), gg1.view(-1))
+
+
 def _ghost_or_materialise(a, g, w_on, b_on, joint, wp, bp):
     """``(sum_i |wp * g_i^T a_i|_F^2 or None, sum_i |bp * sum_t g_{i,t}|^2 or None)`` for
     ``a: [B, T, d]``, ``g: [B, T, p]`` (float32/64; ``g`` rescaled by the caller, see :func:`_pow2`);
@@ -300,11 +327,7 @@ def _ghost_or_materialise(a, g, w_on, b_on, joint, wp, bp):
     sw = sb = None
     if w_on and wp is None and T * (d + p) <= d * p:
         for s, e in _chunks(B, 2 * T * T):
-            aa = torch.bmm(a[s:e], a[s:e].transpose(1, 2))  # [b, T, T]
-            gg = torch.bmm(g[s:e], g[s:e].transpose(1, 2))  # [b, T, T]
-            if joint:
-                aa.add_(1.0)
-            sw = _plus(sw, torch.dot(aa.view(-1), gg.view(-1)))
+            sw = _plus(sw, _ghost(a[s:e], g[s:e], joint))
         if joint:
             return sw, None
     elif w_on:
@@ -630,18 +653,24 @@ class EmbeddingFn(torch.autograd.Function):
                 total = g3.new_zeros(())
                 if T == 1:
                     total = _sqsum(g3)
-                elif V <= T * T:  # scatter rows into a per-example table [b, V, D]
+                elif V <= 2 * T:  # scatter rows into a per-example table [b, V, D]
                     for s_, e in _chunks(B, V * D):
                         n = e - s_
                         table = g3.new_zeros(n * V, D)
                         rows = (torch.arange(n, device=ids.device).unsqueeze(1) * V + i2[s_:e]).reshape(-1)
                         table.index_add_(0, rows, g3[s_:e].reshape(-1, D))
                         total = total + _sqsum(table)
-                else:  # token-equality-masked Gram matrix [b, T, T]
-                    for s_, e in _chunks(B, 2 * T * T):
-                        same = (i2[s_:e].unsqueeze(2) == i2[s_:e].unsqueeze(1)).to(dt)
-                        gg = torch.bmm(g3[s_:e], g3[s_:e].transpose(1, 2))
-                        total = total + (gg * same).sum()
+                else:  # rows summed per distinct (example, token): a compact table [<= b T, D]
+                    for s_, e in _chunks(B, T * D):
+                        n = e - s_
+                        keys = (torch.arange(n, device=ids.device).unsqueeze(1) * V + i2[s_:e]).reshape(-1)
+                        sk, perm = keys.sort()
+                        new = torch.ones_like(sk, dtype=torch.bool)
+                        torch.ne(sk[1:], sk[:-1], out=new[1:])
+                        rows = torch.empty_like(sk).index_copy_(0, perm, new.cumsum(0).sub_(1))
+                        table = g3.new_zeros(n * T, D)
+                        table.index_add_(0, rows, g3[s_:e].reshape(-1, D))
+                        total = total + _sqsum(table)
                 return (total,)
 
             (total,), inv2 = _fast_or_rescaled(g.reshape(B, -1, D), run)
