@@ -105,8 +105,8 @@ GHOST_HALF_MIN = 32
 SHIFT_MIN_CHANNELS = 16
 
 # Elementwise temporaries (products summed right away) on the CPU: chunks of examples this small
-# (256 KiB in float32) stay in the cache and reuse the allocator's memory instead of fresh pages.
-CPU_ELEMENTWISE_ELEMS = 1 << 16
+# (1 MiB in float32) stay in the cache and reuse the allocator's memory instead of fresh pages.
+CPU_ELEMENTWISE_ELEMS = 1 << 18
 
 
 def _elementwise_chunk(t: torch.Tensor) -> int:
@@ -692,6 +692,7 @@ class LayerNormFn(torch.autograd.Function):
     def forward(ctx, x, w, b, acc, normalized_shape, eps, w_idx, b_idx, w_pre, b_pre, w_chk=-1, b_chk=-1):
         out, mean, rstd = aten.native_layer_norm(x, list(normalized_shape), w, b, eps)
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # (no zero tensors for mean and rstd in backward)
         ctx.save_for_backward(x, w, b, mean, rstd)
         _keep(ctx, acc, w_idx, w_pre, b, b_idx, b_pre, w_chk, b_chk)
         ctx.shape = list(normalized_shape)
@@ -699,6 +700,8 @@ class LayerNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _gm, _gr):
+        if g is None:  # the output got no gradient
+            return (None,) * 12
         x, w, b, mean, rstd = ctx.saved_tensors
         mask = [
             ctx.needs_input_grad[0],
@@ -714,19 +717,26 @@ class LayerNormFn(torch.autograd.Function):
             gf = g.to(dt).reshape(B, -1, D)  # [B, positions, D]
             # the per-example gradients [B, D] are as finite as the stock gradient (a sum of
             # the same terms); their squares are summed in float64 (_wsq64)
-            if ctx.w_idx >= 0:
+            wi, bi, wp, bp = ctx.w_idx, ctx.b_idx, ctx.w_pre, ctx.b_pre
+            pw = pb = None
+            if wi >= 0:
                 # sum_t rstd_t (x_t - mean_t) g_t: (x - mean) * g in cache-sized chunks of examples
                 # (in place), summed over positions with the weights rstd_t as a batched GEMV
                 x3, m3, r3 = x.to(dt).reshape(B, -1, D), mean.to(dt).reshape(B, -1, 1), rstd.to(dt).reshape(B, 1, -1)
-                pw = torch.cat(
-                    [
-                        torch.bmm(r3[s:e], (x3[s:e] - m3[s:e]).mul_(gf[s:e]))
-                        for s, e in _chunks(B, x3[0].numel(), _elementwise_chunk(x))
-                    ]
-                ).view(B, D)
-                _add(ctx.acc, ctx.w_idx, _wsq64(pw, _reshaped(ctx.w_pre, D)))
-            if ctx.b_idx >= 0:
-                _add(ctx.acc, ctx.b_idx, _wsq64(gf.sum(1), _reshaped(ctx.b_pre, D)))
+                parts = [
+                    torch.bmm(r3[s:e], (x3[s:e] - m3[s:e]).mul_(gf[s:e]))
+                    for s, e in _chunks(B, x3[0].numel(), _elementwise_chunk(x))
+                ]
+                pw = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(B, D)
+            if bi >= 0:
+                pb = gf.sum(1)
+            if pw is not None and pb is not None and wi == bi and wp is None and bp is None:
+                _add(ctx.acc, wi, _wsq64(torch.cat((pw, pb), 1), None))  # one slot: one sum
+            else:
+                if pw is not None:
+                    _add(ctx.acc, wi, _wsq64(pw, _reshaped(wp, D)))
+                if pb is not None:
+                    _add(ctx.acc, bi, _wsq64(pb, _reshaped(bp, D)))
             _record(ctx.acc, ctx.w_chk, gw)
             _record(ctx.acc, ctx.b_chk, gb)
         return gx, gw, gb, None, None, None, None, None, None, None, None, None
