@@ -9,6 +9,8 @@ squared gradient norms (or, for gns-pytorch, its noise-scale estimate):
 - ``noisescale``: ``PerExampleProbe`` (default: bit-identical gradients);
 - ``noisescale fused``: ``PerExampleProbe(fused=True)`` (weight gradients of sequence Linear and
   conv layers summed from the per-example gradients; equal up to rounding);
+- ``noisescale layers=norm``: ``PerExampleProbe(layers="norm")``: normalisation layers only (Gray
+  et al. 2024, arXiv:2411.00999); its norms cover fewer parameters, so they are not compared;
 - ``noisescale groups=layers``: the default probe with one group per layer (``groups=`` of the
   tracker, ``Groups`` from ``resolve_groups(model, params, "layers")``); its groups must add up to
   the reference;
@@ -164,15 +166,18 @@ def sum_per_example(probe: PerExampleProbe, B: int) -> float:
     return float(v[HEAD : HEAD + G].sum() / v[SUM_A2]) * B
 
 
-def m_noisescale(fused: bool, groups: Any = None, optimizer: str | None = None):
-    """The per-example probe (``optimizer``: train with AdamW; ``"precondition"``: also weight by it)."""
+def m_noisescale(fused: bool, groups: Any = None, optimizer: str | None = None, layers: Any = None):
+    """The per-example probe (``optimizer``: train with AdamW; ``"precondition"``: also weight by it;
+    ``layers``: the probe's ``layers=``)."""
 
     def build(model, case):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4) if optimizer else None
         pre = Preconditioner(opt, params) if optimizer == "precondition" else None
         grp = resolve_groups(model, params, groups) if groups is not None else None
-        probe = PerExampleProbe(model, fused=fused, groups=grp, preconditioner=pre)
+        probe = PerExampleProbe(model, fused=fused, groups=grp, preconditioner=pre, layers=layers)
+        if layers is not None:  # a subset of the parameters: its norms are not comparable with the others
+            NOTES[f"noisescale layers={layers}"] = f"{probe.coverage.fraction:.1%} of parameters (layers={layers})"
         B = case["x"].shape[0]
 
         def step():
@@ -289,6 +294,7 @@ METHODS: list[tuple[str, Callable]] = [
     ("BackPACK BatchL2Grad", m_backpack),
     ("Opacus ghost (1 bwd)", m_opacus),
     ("gns-pytorch 0.1.5", m_gns_pytorch),
+    ("noisescale layers=norm", m_noisescale(False, layers="norm")),
     ("noisescale groups=layers", m_noisescale(False, groups="layers")),
     ("plain AdamW", m_plain_adamw),
     ("noisescale AdamW", m_noisescale(False, optimizer="adamw")),

@@ -6,7 +6,8 @@ qkv ``d -> 3d``, a projection ``d -> d`` and an MLP ``d -> 4d -> d``; an output 
 layer plus ``6 B T^2 d`` per attention layer. On top of that, exact per-example squared norms need,
 per sequence Linear layer:
 
-* ghost norm: ``B T^2 (d_in + d_out)`` (two Gram matrices per example), or
+* ghost norm: ``B T^2 (d_in + d_out)`` (two Gram matrices per example; 3/4 of it from
+  ``GHOST_HALF_MIN`` rows on, where only the blocks on and below the diagonal are formed), or
 * materialised per-example gradients: ``B T d_in d_out`` -- an extra GEMM when the stock weight
   gradient is kept (bit-identical, the default), about free when it is formed from them
   (``fused=True``: only the ``B d_in d_out`` squares remain).
@@ -20,7 +21,7 @@ elementwise costs are left out, so real ratios lie somewhat above these floors.
 
 from __future__ import annotations
 
-from noisescale.probes.per_example_ops import FUSED_MIN_ROWS
+from noisescale.probes.per_example_ops import FUSED_MIN_ROWS, GHOST_HALF_MIN
 
 
 def floor(d: int, T: int, *, B: int = 16, layers: int = 2, vocab: int = 65, fused: bool = False) -> float:
@@ -33,7 +34,7 @@ def floor(d: int, T: int, *, B: int = 16, layers: int = 2, vocab: int = 65, fuse
         if fused and (not ghost or T >= FUSED_MIN_ROWS):
             extra += B * a * b
         elif ghost:
-            extra += B * T * T * (a + b)
+            extra += B * T * T * (a + b) * (3 if T >= GHOST_HALF_MIN else 4) // 4
         else:
             extra += B * T * a * b
     return 1 + extra / plain
