@@ -126,3 +126,23 @@ def test_interval_coverage(beta, steps):
     rate = covered / reps
     assert 0.90 <= rate <= 0.99, rate
     assert math.isfinite(np.median(widths)) and np.median(widths) < true  # informative, not vacuous
+
+
+def test_fast_median_and_window_totals_match_numpy():
+    """The filter's sort-based median equals np.median (odd and even windows), and the drift check's
+    float totals stay equal to series 0 of the kept steps through appends, trims, restarts and loads."""
+    from noisescale.ema import RobustAverage, _median0
+
+    rng = np.random.default_rng(5)
+    for n in (3, 4, 31, 32):
+        arr = rng.lognormal(size=(n, 2))
+        assert np.array_equal(_median0(arr), np.median(arr, axis=0))
+    avg = RobustAverage(0.9, size=3, window=16)
+    for t in range(200):
+        g = rng.lognormal(size=3) * (100.0 if t == 120 else 1.0)  # a spike: held, then dropped
+        avg.fold(g, g * 7.0)
+        assert avg._totals == [(float(a[0]), float(b[0])) for a, b in avg.recent]
+        assert len(avg.recent) <= 16
+    again = RobustAverage(0.9, size=3, window=16)
+    again.load_state_dict(avg.state_dict())
+    assert again._totals == avg._totals

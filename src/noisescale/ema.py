@@ -292,6 +292,19 @@ class Estimate:
         return f"Estimate(b_simple={b:.4g})" if b is not None else f"Estimate(b_simple=None: {self.reason})"
 
 
+def _first(x: Any) -> float:
+    """Series 0 (the total) of a step's estimate: a number, or an array with one entry per series."""
+    return x if type(x) is float else float(np.asarray(x).reshape(-1)[0])
+
+
+def _median0(arr: np.ndarray) -> np.ndarray:
+    """``np.median(arr, axis=0)`` by one sort (np.median's overhead is most of its cost on the
+    32 x 2 windows here, and it runs every step)."""
+    s = np.sort(arr, axis=0)
+    n = len(s)
+    return (s[(n - 1) // 2] + s[n // 2]) / 2
+
+
 class TransientFilter:
     """Holds out per-step estimates that a transient made absurd, and restarts on a lasting change.
 
@@ -327,16 +340,16 @@ class TransientFilter:
     def _far(self, g2: float, ts: float) -> bool:
         if len(self.recent) < self.min_steps:
             return False
-        arr = np.asarray(self.recent[-self.window :])
-        med = np.median(arr, axis=0)
-        mad = np.median(np.abs(arr - med), axis=0) * 1.4826
+        arr = np.array(self.recent[-self.window :])
+        med = _median0(arr)
+        mad = _median0(np.abs(arr - med)) * 1.4826
         scale = np.maximum(mad, 1e-12 * np.maximum(np.abs(med), 1e-300))
         return bool(np.any(np.abs(np.array([g2, ts]) - med) > self.k * scale))
 
     def decide(self, g2: Any, ts: Any) -> str:
         """``"accept"``, ``"hold"`` or ``"restart"`` for a step with these estimates (series 0 is the
         total). On ``"restart"`` the caller re-averages :attr:`held` (this step included) from scratch."""
-        total = (float(np.atleast_1d(g2)[0]), float(np.atleast_1d(ts)[0]))
+        total = (_first(g2), _first(ts))
         if not self._far(*total):
             self.outliers += len(self.held)  # the held steps were a transient: dropped
             self.held = []
@@ -346,7 +359,7 @@ class TransientFilter:
         if len(self.held) < self.persist:
             return "hold"
         self.restarts += 1
-        self.recent = [(float(np.atleast_1d(a)[0]), float(np.atleast_1d(b)[0])) for a, b in self.held]
+        self.recent = [(_first(a), _first(b)) for a, b in self.held]
         return "restart"
 
     def reset(self) -> None:
@@ -391,17 +404,30 @@ class RobustAverage:
         self.ema = NoiseScaleEMA(beta, size)
         self.filter = TransientFilter() if robust else None
         self.window, self.z = int(window), float(z)
-        self.recent: list[tuple[Any, Any]] = []  # the last `window` accepted steps (every series)
+        self.recent = []  # the last `window` accepted steps (every series)
         self.since_restart = 0
         self.drifts = 0
 
+    @property
+    def recent(self) -> list[tuple[Any, Any]]:
+        return self._recent
+
+    @recent.setter
+    def recent(self, steps: list[tuple[Any, Any]]) -> None:
+        self._recent = list(steps)[-self.window :]
+        # the totals (series 0) as floats, kept beside: the drift check reads them every step
+        self._totals = [(_first(a), _first(b)) for a, b in self._recent]
+
     def _accept(self, g2: Any, ts: Any) -> str:
         self.ema.update(g2, ts)
-        self.recent = [*self.recent, (g2, ts)][-self.window :]
+        self._recent.append((g2, ts))
+        self._totals.append((_first(g2), _first(ts)))
+        if len(self._recent) > self.window:
+            del self._recent[0], self._totals[0]
         self.since_restart += 1
-        if self.since_restart < self.window // 2 or len(self.recent) < self.window // 2:
+        if self.since_restart < self.window // 2 or len(self._recent) < self.window // 2:
             return "measured"
-        tot = np.array([[float(np.atleast_1d(a)[0]), float(np.atleast_1d(b)[0])] for a, b in self.recent])
+        tot = np.array(self._totals)
         mean, se = tot.mean(0), tot.std(0, ddof=1) / np.sqrt(len(tot))
         cur = np.array([self.ema.series(0).g2, self.ema.series(0).trace_sigma])
         if not np.any(np.abs(cur - mean) > self.z * np.maximum(se, 1e-300)):

@@ -74,6 +74,7 @@ from .base import (
     ProbeConfig,
     StepContext,
     StepTotal,
+    _sq_norm_term,
     check_sizes,
     group_sums,
     infer_batch_size,
@@ -284,7 +285,7 @@ class DistributedProbe(Joinable):
             raise NotImplementedError(FSDP_UNSUPPORTED["preconditioner"])
         self._lock = threading.Lock()
         self._active = True
-        self._current: list[torch.Tensor] = []  # squared norms of the open part's gradients
+        self._current: list[torch.Tensor | float] = []  # squared norms of the open part's gradients
         self._current_index: list[int] = []  # their groups
         self._pending_sizes: list[int | None] = []
         self._parts: list[tuple[torch.Tensor, list[int | None]]] = []
@@ -420,13 +421,14 @@ class DistributedProbe(Joinable):
             # this pass's local gradient of p, before AccumulateGrad and before DDP's reducer
             # copies it into a bucket; nothing is returned: the gradient is untouched
             if measure:
-                self._add(sq_norm(grad, pre.weight(p) if pre is not None else None), gi)
+                # (a float on the CPU, read at once; a 0-d tensor on accelerators: no host sync)
+                self._add(_sq_norm_term(grad, pre.weight(p) if pre is not None else None), gi)
             else:
                 self._end.arm()
 
         return hook
 
-    def _add(self, term: torch.Tensor, group: int) -> None:
+    def _add(self, term: torch.Tensor | float, group: int) -> None:
         # One kernel per gradient here (the norm); summed when the part closes. The lock orders the
         # appends against _close_part_locked.
         with self._lock:
