@@ -57,6 +57,7 @@ statistics, rescaled the same way).
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Sequence
@@ -66,7 +67,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
-from ..estimators import ERRORS, HEAD, SUM_A2, SUM_A2_OVER_B, StepStats, make_step_stats
+from ..estimators import (
+    ERRORS,
+    HEAD,
+    SUM_A2,
+    SUM_A2_OVER_B,
+    StepStats,
+    make_step_stats,
+    part_weights,
+    pooling_moments,
+)
 from .base import (
     EndOfBackward,
     Hook,
@@ -536,8 +546,17 @@ class DistributedProbe(Joinable):
                 st.vec[SUM_A2] = st.vec[SUM_A2_OVER_B] = 0.0
                 st.vec[HEAD + G :] = total
                 return st
-            small = torch.stack([x for x, _ in parts]).sum(0) * ctx.inv_scale2_small
-            st = make_step_stats(small, total, sizes, reduction=self.reduction, device=self.device)
+            for j, bj in enumerate(sizes):
+                if not (math.isfinite(bj) and bj > 0):
+                    raise ValueError(f"part {j} of this rank has size {bj!r}; sizes must be finite and positive")
+            # a_rj = alpha_rj / n: the parts' weights and squared norms (u_rj / n in V's units) scale
+            # by 1/n^2. Built in one go (the step's fixed cost is these few tiny ops).
+            nn = float(n * n)
+            a2, a2b = pooling_moments(sizes, part_weights(sizes, self.reduction))
+            head = torch.tensor([a2 / nn, a2b / nn, float(sum(sizes)), float(k), 1.0, 0.0], dtype=torch.float64)
+            small = parts[0][0] if k == 1 else torch.stack([x for x, _ in parts]).sum(0)
+            vec = torch.cat([head.to(self.device), small * (ctx.inv_scale2_small / nn), total])
+            return StepStats(vec, G)
         # a_rj = alpha_rj / n: the parts' weights and squared norms (u_rj / n in V's units) scale by 1/n^2
         st.vec[SUM_A2] /= n * n
         st.vec[SUM_A2_OVER_B] /= n * n
