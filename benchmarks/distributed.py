@@ -9,7 +9,9 @@ tracker's lazy read of the all-reduced numbers (every ``max_pending`` = 64 steps
 ``--variants`` adds tracked replicas with the tracker's options, in the same alternating rounds:
 ``default`` (``method="ddp"``, one all-reduce of the statistics per ``reduce_every`` = 10 steps),
 ``every1`` (``reduce_every=1``: one all-reduce per step, the behaviour before issue 14),
-``groups`` (``groups="layers"``), all trained with SGD and compared with the plain SGD replica; ``preconditioner`` (``preconditioner=opt``, ``opt`` the AdamW
+``floor`` (no noisescale: one BLAS dot of each local gradient in a hook and one of the rank's share
+of the synchronized gradient, the reads any exact measurement needs), ``groups`` (``groups="layers"``),
+all trained with SGD and compared with the plain SGD replica; ``preconditioner`` (``preconditioner=opt``, ``opt`` the AdamW
 optimizer that trains that replica), compared with a plain replica trained by AdamW (added).
 
     python benchmarks/distributed.py                     # the table in docs/benchmarks.md
@@ -76,7 +78,7 @@ def make_case(kind: str, size, m: int, k: int, rank: int, path: str = DATA):
     return (lambda: mlp(size, seed=0)), batches, F.cross_entropy
 
 
-VARIANTS = ("default", "every1", "groups", "preconditioner")
+VARIANTS = ("default", "every1", "floor", "groups", "preconditioner")
 
 
 def replica_specs(variants: tuple[str, ...]) -> list[tuple[str, bool, dict | None, str | None]]:
@@ -86,12 +88,46 @@ def replica_specs(variants: tuple[str, ...]) -> list[tuple[str, bool, dict | Non
         specs.append(("tracked", False, {}, "plain"))
     if "every1" in variants:
         specs.append(("every1", False, {"reduce_every": 1}, "plain"))
+    if "floor" in variants:
+        specs.append(("floor", False, {"floor": True}, "plain"))
     if "groups" in variants:
         specs.append(("groups", False, {"groups": "layers"}, "plain"))
     if "preconditioner" in variants:
         specs.append(("plain_adamw", True, None, None))
         specs.append(("preconditioner", True, {"preconditioner": True}, "plain_adamw"))
     return specs
+
+
+class Floor:
+    """The physical limit of the measurement, without noisescale: one numpy BLAS dot of every local
+    gradient in a tensor hook (the one read each backward pass needs) and, at ``step()``, one dot of
+    this rank's 1/world share of the synchronized gradient. No bookkeeping, no collective."""
+
+    def __init__(self, ddp: DDP, rank: int) -> None:
+        import numpy as np
+
+        from noisescale.probes.distributed import _share
+
+        self._np = np
+        self.norms: list[float] = []
+        params = [p for p in ddp.parameters() if p.requires_grad]
+        self.handles = [p.register_hook(self._hook) for p in params]
+        self.pieces = _share(params, rank, dist.get_world_size())
+
+    def _hook(self, g: torch.Tensor) -> None:
+        a = g.detach().numpy().reshape(-1)
+        self.norms.append(float(self._np.dot(a, a)))
+
+    def step(self) -> None:
+        for p, lo, hi, _ in self.pieces:
+            if p.grad is not None:
+                a = p.grad.detach().numpy().reshape(-1)[lo:hi]
+                self.norms.append(float(self._np.dot(a, a)))
+        self.norms.clear()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def worker(
@@ -120,7 +156,9 @@ def worker(
             ddp = DDP(factory())
             opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4) if adamw else torch.optim.SGD(ddp.parameters(), lr=1e-3)
             gns = None
-            if tracker_kw is not None:
+            if tracker_kw is not None and tracker_kw.get("floor"):
+                gns = Floor(ddp, rank)
+            elif tracker_kw is not None:
                 kw = dict(tracker_kw)
                 if kw.pop("preconditioner", False):
                     kw["preconditioner"] = opt  # the optimizer that trains this replica
@@ -148,13 +186,13 @@ def worker(
                     times[idx].append(dt)
         res: dict = {"b_simple": None}
         for _, _, gns in replicas:
-            if gns is not None:
+            if isinstance(gns, ns.GradientNoiseScale):
                 gns.synchronize()  # every rank: the steps since the last multiple of reduce_every
         for (key, _, _, ref), (_, _, gns), t in zip(specs, replicas, times):
             res[key] = t
             if gns is not None:
                 res[f"{key}_ref"] = ref
-                res[f"{key}_b_simple"] = gns.b_simple
+                res[f"{key}_b_simple"] = getattr(gns, "b_simple", None)
                 gns.close()
         res["b_simple"] = res.get("tracked_b_simple")
         results[name] = res
@@ -235,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         labels = {
             "tracked": "default (reduce_every=10)",
             "every1": "reduce_every=1",
+            "floor": "floor: a dot per gradient, no noisescale",
             "groups": 'groups="layers"',
             "preconditioner": "preconditioner=AdamW",
         }
