@@ -79,7 +79,7 @@ import torch
 
 from .base import sq_norm
 
-__all__ = ["LinearFn", "ConvFn", "EmbeddingFn", "LayerNormFn", "GroupNormFn", "ScaleFn", "CHUNK_ELEMS"]
+__all__ = ["LinearFn", "ConvFn", "EmbeddingFn", "LayerNormFn", "LayerNormSums", "GroupNormFn", "ScaleFn", "CHUNK_ELEMS"]
 
 aten = torch.ops.aten
 
@@ -220,6 +220,19 @@ def _wsq64(t: torch.Tensor, pre: torch.Tensor | None) -> torch.Tensor:
     return _sqsum(v)  # the squares of float32/half values are normal float64 numbers
 
 
+def _add_sq(acc: torch.Tensor, idx: int, t: torch.Tensor, pre: torch.Tensor | None) -> None:
+    """``acc[idx] += sum((pre * t)**2)`` for a *small* tensor of per-example quantities (as
+    :func:`_wsq64`). Eager on the CPU with a float32 ``t`` and no weights: one dot, read on the host
+    and added as a Python float (float64) when in range (4 ops in all); else :func:`_wsq64`."""
+    if pre is None and t.dtype == torch.float32 and _cpu_eager(t):
+        f = t.reshape(-1)
+        v = float(torch.dot(f, f))
+        if _FAST_MIN <= v < math.inf:
+            acc.select(0, idx).add_(v)
+            return
+    _add(acc, idx, _wsq64(t, pre))
+
+
 def _plus(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     return part if total is None else total + part
 
@@ -251,8 +264,13 @@ def _keep(ctx, acc, w_idx, w_pre, b=None, b_idx=-1, b_pre=None, w_chk=-1, b_chk=
     ctx.b_chk = b_chk if b is not None else -1
 
 
+def _chunk_step(per_example: int, limit: int | None = None) -> int:
+    """Examples per chunk of :func:`_chunks`."""
+    return max(1, (CHUNK_ELEMS if limit is None else limit) // max(1, per_example))
+
+
 def _chunks(n: int, per_example: int, limit: int | None = None):
-    step = max(1, (CHUNK_ELEMS if limit is None else limit) // max(1, per_example))
+    step = _chunk_step(per_example, limit)
     for start in range(0, n, step):
         yield start, min(n, start + step)
 
@@ -685,6 +703,73 @@ def _sum_over_positions(t: torch.Tensor, keep_last: int) -> torch.Tensor:
     return t.sum(dims) if dims else t
 
 
+def _layer_norm_sums(g, x, mean, rstd, k, acc, wi, bi, wp, bp) -> None:
+    """Add the per-example squared norms of a layer norm's weight (slot ``wi``) and bias (``bi``) into
+    ``acc``, from the output gradient ``g``, the input ``x`` and ``native_layer_norm``'s ``mean`` and
+    ``rstd`` (``k`` normalised dims)."""
+    dt = _acc_dtype(g)
+    B = x.shape[0]
+    D = math.prod(x.shape[x.dim() - k :])
+    gf = g.reshape(B, -1, D)  # [B, positions, D]
+    if gf.dtype != dt:
+        gf = gf.to(dt)
+    # the per-example gradients [B, D] of the weight (row 0) and the bias (last row), as finite as
+    # the stock gradient (a sum of the same terms); their squares: _add_sq
+    n = (wi >= 0) + (bi >= 0)
+    P = gf.new_empty(n, B, D)
+    if wi >= 0:
+        # sum_t rstd_t (x_t - mean_t) g_t: (x - mean) * g in cache-sized chunks of examples (in
+        # place), summed over positions with the weights rstd_t as a batched GEMV
+        x3, m3, r3 = x.reshape(B, -1, D), mean.reshape(B, -1, 1), rstd.reshape(B, 1, -1)
+        if not x3.dtype == m3.dtype == r3.dtype == dt:
+            x3, m3, r3 = x3.to(dt), m3.to(dt), r3.to(dt)
+        pw = P[0].unsqueeze(1)  # [B, 1, D]
+        step = _chunk_step(x3[0].numel(), _elementwise_chunk(x))
+        if step >= B:
+            torch.bmm(r3, torch.sub(x3, m3).mul_(gf), out=pw)
+        else:
+            for s in range(0, B, step):
+                e = min(B, s + step)
+                torch.bmm(r3[s:e], torch.sub(x3[s:e], m3[s:e]).mul_(gf[s:e]), out=pw[s:e])
+    if bi >= 0:
+        torch.sum(gf, 1, out=P[n - 1])
+    if n == 2 and wi == bi and wp is None and bp is None:
+        _add_sq(acc, wi, P, None)  # one slot: one sum
+    else:
+        if wi >= 0:
+            _add_sq(acc, wi, P[0], _reshaped(wp, D))
+        if bi >= 0:
+            _add_sq(acc, bi, P[n - 1], _reshaped(bp, D))
+
+
+class LayerNormSums:
+    """The per-example sums of :class:`LayerNormFn` as a hook on the stock op, for eager steps
+    without the exactness check: ``out, mean, rstd = torch.native_layer_norm(x, ...)`` (what
+    ``F.layer_norm`` runs, with its own C++ autograd node: no Python autograd Function, no Python
+    backward), then ``out.register_hook(LayerNormSums(x, mean, rstd, ...))``. The hook receives the
+    output gradient before the node's backward runs and adds the sums into ``acc``. It keeps
+    ``x``, ``mean`` and ``rstd`` (detached: no reference cycle through the graph) until it has run
+    once, then lets them go, so that a graph kept alive after its backward pass (a ``loss`` still
+    referenced during the next forward) does not keep them. A second backward pass through the same
+    graph (``retain_graph=True``) adds NaN: its per-example gradients would be sums over the passes,
+    with cross terms these sums do not have."""
+
+    __slots__ = ("x", "mean", "rstd", "k", "acc", "w_idx", "b_idx", "w_pre", "b_pre")
+
+    def __init__(self, x, mean, rstd, k, acc, w_idx, b_idx, w_pre, b_pre) -> None:
+        self.x, self.mean, self.rstd = x.detach(), mean.detach(), rstd.detach()
+        self.k, self.acc, self.w_idx, self.b_idx, self.w_pre, self.b_pre = k, acc, w_idx, b_idx, w_pre, b_pre
+
+    def __call__(self, g: torch.Tensor) -> None:
+        x, mean, rstd = self.x, self.mean, self.rstd
+        if x is None or mean is None or rstd is None:
+            self.acc.select(0, max(self.w_idx, self.b_idx)).add_(math.nan)
+            return
+        self.x = self.mean = self.rstd = None
+        with torch.no_grad():
+            _layer_norm_sums(g, x, mean, rstd, self.k, self.acc, self.w_idx, self.b_idx, self.w_pre, self.b_pre)
+
+
 class LayerNormFn(torch.autograd.Function):
     """``aten.native_layer_norm`` (what ``F.layer_norm`` runs) with per-example norms of (weight, bias)."""
 
@@ -709,36 +794,13 @@ class LayerNormFn(torch.autograd.Function):
             b is not None and ctx.needs_input_grad[2],
         ]
         gx, gw, gb = aten.native_layer_norm_backward(g, x, ctx.shape, mean, rstd, w, b, mask)
-        with torch.no_grad():
-            dt = _acc_dtype(g)
-            k = len(ctx.shape)
-            B = x.shape[0]
-            D = math.prod(x.shape[x.dim() - k :])
-            gf = g.to(dt).reshape(B, -1, D)  # [B, positions, D]
-            # the per-example gradients [B, D] are as finite as the stock gradient (a sum of
-            # the same terms); their squares are summed in float64 (_wsq64)
-            wi, bi, wp, bp = ctx.w_idx, ctx.b_idx, ctx.w_pre, ctx.b_pre
-            pw = pb = None
-            if wi >= 0:
-                # sum_t rstd_t (x_t - mean_t) g_t: (x - mean) * g in cache-sized chunks of examples
-                # (in place), summed over positions with the weights rstd_t as a batched GEMV
-                x3, m3, r3 = x.to(dt).reshape(B, -1, D), mean.to(dt).reshape(B, -1, 1), rstd.to(dt).reshape(B, 1, -1)
-                parts = [
-                    torch.bmm(r3[s:e], (x3[s:e] - m3[s:e]).mul_(gf[s:e]))
-                    for s, e in _chunks(B, x3[0].numel(), _elementwise_chunk(x))
-                ]
-                pw = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(B, D)
-            if bi >= 0:
-                pb = gf.sum(1)
-            if pw is not None and pb is not None and wi == bi and wp is None and bp is None:
-                _add(ctx.acc, wi, _wsq64(torch.cat((pw, pb), 1), None))  # one slot: one sum
-            else:
-                if pw is not None:
-                    _add(ctx.acc, wi, _wsq64(pw, _reshaped(wp, D)))
-                if pb is not None:
-                    _add(ctx.acc, bi, _wsq64(pb, _reshaped(bp, D)))
-            _record(ctx.acc, ctx.w_chk, gw)
-            _record(ctx.acc, ctx.b_chk, gb)
+        if ctx.w_idx >= 0 or ctx.b_idx >= 0:
+            with torch.no_grad():
+                _layer_norm_sums(g, x, mean, rstd, len(ctx.shape), ctx.acc, ctx.w_idx, ctx.b_idx, ctx.w_pre, ctx.b_pre)
+        if ctx.w_chk >= 0 or ctx.b_chk >= 0:
+            with torch.no_grad():
+                _record(ctx.acc, ctx.w_chk, gw)
+                _record(ctx.acc, ctx.b_chk, gb)
         return gx, gw, gb, None, None, None, None, None, None, None, None, None
 
 
@@ -820,6 +882,6 @@ class ScaleFn(torch.autograd.Function):
             with torch.no_grad():
                 dt = _acc_dtype(g)
                 pf = prod if prod.dtype == dt else g.to(dt) * xhat.to(dt)
-                _add(ctx.acc, ctx.w_idx, _wsq64(_sum_over_positions(pf, w.dim()), ctx.w_pre))
+                _add_sq(ctx.acc, ctx.w_idx, _sum_over_positions(pf, w.dim()), ctx.w_pre)
         _record(ctx.acc, ctx.w_chk, gw)
         return gx, gw, None, None, None, None
