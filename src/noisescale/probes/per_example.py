@@ -76,7 +76,7 @@ from .base import (
     resolve_groups,
     sq_norm,
 )
-from .per_example_ops import ConvFn, EmbeddingFn, GroupNormFn, LayerNormFn, LinearFn, ScaleFn
+from .per_example_ops import ConvFn, EmbeddingFn, GroupNormFn, LayerNormFn, LayerNormSums, LinearFn, ScaleFn
 
 __all__ = ["PerExampleProbe", "Coverage", "per_example_coverage", "LAYER_GROUPS"]
 
@@ -318,6 +318,17 @@ def _autocast_fp32(x: torch.Tensor) -> torch.dtype | None:
     """float32 where CUDA-style autocast runs normalisation layers in float32 (not on the CPU), else None."""
     dev = x.device.type
     return torch.float32 if dev != "cpu" and torch.is_autocast_enabled(dev) else None
+
+
+def _stock_ok(x: torch.Tensor) -> bool:
+    """Whether a layer may run its stock op with a tensor hook for the per-example sums instead of an
+    autograd Function: eager (not compiling), autocast off, and no saved-tensor hooks (activation
+    checkpointing, offloading: the hook keeps its inputs itself, which would bypass them)."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(x.device.type)
+        and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    )
 
 
 def _apply(
@@ -849,12 +860,19 @@ class PerExampleProbe:
             ln = cast(nn.LayerNorm, L.module)
             shape = tuple(ln.normalized_shape)
 
+            sl, k = list(shape), len(shape)
+
             def forward(input: torch.Tensor) -> torch.Tensor:
-                check(L, input, len(shape) + 1)
+                check(L, input, k + 1)
                 w: torch.Tensor | None  # None without affine parameters
                 b: torch.Tensor | None
                 x, w, b = input, ln.weight, ln.bias
                 wc, bc = chk()
+                if wc < 0 and bc < 0 and _stock_ok(x):  # the stock op and a hook (see LayerNormSums)
+                    out, mean, rstd = torch.native_layer_norm(x, sl, w, b, ln.eps)
+                    if out.requires_grad and (L.w_idx >= 0 or L.b_idx >= 0):
+                        out.register_hook(LayerNormSums(x, mean, rstd, k, L.acc, L.w_idx, L.b_idx, L.w_pre, L.b_pre))
+                    return out
                 args = (L.acc, shape, ln.eps, L.w_idx, L.b_idx, L.w_pre, L.b_pre, wc, bc)
                 return _apply(LayerNormFn, x, w, b, _autocast_fp32(x), *args)[0]
         elif kind == "groupnorm":
