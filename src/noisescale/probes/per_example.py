@@ -76,7 +76,7 @@ from .base import (
     resolve_groups,
     sq_norm,
 )
-from .per_example_ops import ConvFn, EmbeddingFn, GroupNormFn, LayerNormFn, LayerNormSums, LinearFn, ScaleFn
+from .per_example_ops import ConvFn, EmbeddingFn, GroupNormFn, LayerNormFn, LayerNormSums, LinearFn, ScaleFn, ScaleSums
 
 __all__ = ["PerExampleProbe", "Coverage", "per_example_coverage", "LAYER_GROUPS"]
 
@@ -902,7 +902,13 @@ class PerExampleProbe:
                 lowp = input.dtype in (torch.float16, torch.bfloat16)
                 x = input.float() if lowp else input
                 xhat = torch.nn.functional.rms_norm(x, shape, None, rms.eps)  # stock autograd
-                out = ScaleFn.apply(xhat, rms.weight, L.acc, L.w_idx, L.w_pre, chk()[0])
+                wc = chk()[0]
+                if wc < 0 and _stock_ok(x):  # the stock mul and a hook (see ScaleSums)
+                    out = xhat * rms.weight
+                    if out.requires_grad and L.w_idx >= 0:
+                        out.register_hook(ScaleSums(xhat, rms.weight.dim(), L.acc, L.w_idx, L.w_pre))
+                else:
+                    out = ScaleFn.apply(xhat, rms.weight, L.acc, L.w_idx, L.w_pre, wc)
                 return out.to(input.dtype) if lowp else out
         else:  # pragma: no cover
             raise AssertionError(kind)

@@ -79,7 +79,17 @@ import torch
 
 from .base import sq_norm
 
-__all__ = ["LinearFn", "ConvFn", "EmbeddingFn", "LayerNormFn", "LayerNormSums", "GroupNormFn", "ScaleFn", "CHUNK_ELEMS"]
+__all__ = [
+    "LinearFn",
+    "ConvFn",
+    "EmbeddingFn",
+    "LayerNormFn",
+    "LayerNormSums",
+    "ScaleSums",
+    "GroupNormFn",
+    "ScaleFn",
+    "CHUNK_ELEMS",
+]
 
 aten = torch.ops.aten
 
@@ -885,3 +895,27 @@ class ScaleFn(torch.autograd.Function):
                 _add_sq(ctx.acc, ctx.w_idx, _sum_over_positions(pf, w.dim()), ctx.w_pre)
         _record(ctx.acc, ctx.w_chk, gw)
         return gx, gw, None, None, None, None
+
+
+class ScaleSums:
+    """The per-example sums of :class:`ScaleFn` as a hook on the stock ``xhat * w`` (as
+    :class:`LayerNormSums`: eager steps without the exactness check; ``xhat`` kept, detached, until
+    the hook has run once; a second backward pass through the graph adds NaN). One more elementwise
+    product than :class:`ScaleFn` (the stock ``MulBackward0`` forms ``g * xhat`` for the weight
+    gradient itself), but no Python autograd Function."""
+
+    __slots__ = ("xhat", "nd", "acc", "w_idx", "w_pre")
+
+    def __init__(self, xhat, nd, acc, w_idx, w_pre) -> None:
+        self.xhat, self.nd, self.acc, self.w_idx, self.w_pre = xhat.detach(), nd, acc, w_idx, w_pre
+
+    def __call__(self, g: torch.Tensor) -> None:
+        xhat = self.xhat
+        if xhat is None:
+            self.acc.select(0, self.w_idx).add_(math.nan)
+            return
+        self.xhat = None
+        with torch.no_grad():
+            dt = _acc_dtype(g)
+            pf = g * xhat if g.dtype == xhat.dtype == dt else g.to(dt) * xhat.to(dt)
+            _add_sq(self.acc, self.w_idx, _sum_over_positions(pf, self.nd), self.w_pre)
