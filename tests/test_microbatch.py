@@ -1,5 +1,7 @@
 """Micro-batch probe and tracker: against explicit references, on real data (scikit-learn digits)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,3 +267,42 @@ def test_sizes_explicit_inferred_and_inconsistent(digits):
     inferred.step()
     assert inferred.examples == 60.0
     inferred.close()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_first_pass_into_cleared_grads_is_not_read_twice(digits, set_to_none, k):
+    """The step's first pass into cleared (None) gradients: .grad is that pass's gradient, so its norm is
+    the hooks' sum and .grad is not read again; every later pass (and any pass into zero-filled .grad)
+    is captured. Either way the step's |V|^2 equals the explicit gradients' (a frozen layer included)."""
+    from noisescale.probes import base
+
+    X, y = digits
+    model = digits_mlp(hidden=32, seed=3)
+    model[0].bias.requires_grad_(False)  # never gets a .grad: must not count as 'not hooked'
+    parts = [(X[16 * j : 16 * j + 16], y[16 * j : 16 * j + 16]) for j in range(k)]
+    reads = []
+    real = base.StepTotal.compute
+
+    def counting(self):
+        reads.append(1)
+        return real(self)
+
+    base.StepTotal.compute = counting
+    try:
+        gns = ns.GradientNoiseScale(model, method="microbatch", beta=1.0)
+        for step in range(2):
+            model.zero_grad(set_to_none=set_to_none)
+            reads.clear()
+            for xb, yb in parts:
+                (F.cross_entropy(model(xb), yb) / k).backward()
+            fresh = set_to_none or step == 0  # (zero_grad(set_to_none=False) leaves a never-set .grad None)
+            assert len(reads) == (k - 1 if fresh else k), (step, reads)
+            twin = copy.deepcopy(model)  # (the tracker's hooks do not come along: autograd.grad would fire them)
+            _, sq_total = _reference_parts(twin, parts, lambda j, xb, yb: F.cross_entropy(twin(xb), yb) / k)
+            captured = float(gns.probe._total._value.sum())
+            assert captured == pytest.approx(sq_total, rel=1e-6)
+            gns.step(sizes=[16.0] * k)
+        gns.close()
+    finally:
+        base.StepTotal.compute = real

@@ -658,6 +658,11 @@ class StepTotal:
     def capture(self) -> None:
         self._value = self.compute()
 
+    def set(self, value: torch.Tensor) -> None:
+        """The step gradient's per-group norms are known without reading ``.grad`` (e.g. it equals the
+        gradient of the one pass whose norms the hooks took): record them as the captured value."""
+        self._value = value
+
     def take(self, ctx: StepContext) -> torch.Tensor:
         """Per-group squared norms in true units: the captured value (taken in backward, from scaled
         gradients under a GradScaler), or ``.grad``'s now when nothing was captured."""

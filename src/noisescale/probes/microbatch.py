@@ -86,6 +86,8 @@ class MicroBatchProbe:
         self._terms: list[torch.Tensor] = []
         self._index: list[int] = []
         self._parts: list[torch.Tensor] = []  # one [G] float64 vector per closed backward pass
+        self._hooked = 0  # parameters whose gradient arrived in the open pass
+        self._had_grad = False  # one of them already had a .grad when it arrived
         self._sizes_seen: list[int | None] = []
         self._total = StepTotal(
             [(p, None, None, True) for p in self.params], self.groups, self.preconditioner, self.device
@@ -113,6 +115,9 @@ class MicroBatchProbe:
             with self._lock:
                 self._terms.append(term)
                 self._index.append(gi)
+                self._hooked += 1
+                if p.grad is not None:  # (AccumulateGrad has not run yet: .grad is what came before)
+                    self._had_grad = True
             self._end.arm()
 
         return hook
@@ -120,9 +125,17 @@ class MicroBatchProbe:
     def _end_backward(self) -> None:
         with self._lock:
             terms, index, self._terms, self._index = self._terms, self._index, [], []
-        if terms:
-            self._parts.append(group_sums(terms, index, len(self.groups), self.device))
-        self._total.capture()
+            hooked, had_grad, self._hooked, self._had_grad = self._hooked, self._had_grad, 0, False
+        part = group_sums(terms, index, len(self.groups), self.device) if terms else None
+        first = not self._parts
+        if part is not None:
+            self._parts.append(part)
+        if first and part is not None and not had_grad and sum(p.grad is not None for p in self.params) == hooked:
+            # The step's first pass into cleared gradients (zero_grad(set_to_none=True)): .grad is
+            # exactly this pass's gradient, whose norms the hooks just took. No second read of it.
+            self._total.set(part)
+        else:
+            self._total.capture()
 
     # -- step --------------------------------------------------------------------------
 
