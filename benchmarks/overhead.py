@@ -9,6 +9,8 @@ ratio, and check that gradients stay bit-identical (inertness).
 ``--variants`` adds tracked copies with the tracker's options, in the same rounds:
 
 - ``default``: ``GradientNoiseScale(model, method="microbatch")`` (SGD; against plain SGD);
+- ``floor``: no noisescale, one BLAS dot of each micro-batch gradient in a hook and one of each
+  accumulated gradient at the step: the reads any exact measurement needs (SGD; against plain SGD);
 - ``groups``: the same with ``groups="layers"`` (SGD; against plain SGD);
 - ``preconditioner``: ``preconditioner=opt`` with ``opt`` an AdamW optimizer that trains that copy,
   against a plain copy trained by AdamW too (``plain AdamW``, added automatically).
@@ -26,6 +28,7 @@ import platform
 import random
 import statistics
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +87,35 @@ def make_case(name: str, micro: int, seed: int = 0):
     raise ValueError(name)
 
 
-VARIANTS = ("default", "groups", "preconditioner")
+VARIANTS = ("default", "floor", "groups", "preconditioner")
+
+
+class Floor:
+    """The physical limit, without noisescale: one BLAS dot of each micro-batch gradient in a tensor
+    hook (the one read per micro-batch that the small-batch norms need) and one dot of each
+    accumulated gradient at ``step()`` (the big batch's). No bookkeeping."""
+
+    b_simple = None
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.norms: list[float] = []
+        self.handles = [p.register_hook(self._hook) for p in self.params]
+
+    def _hook(self, g: torch.Tensor) -> None:
+        flat = g.detach().reshape(-1)
+        self.norms.append(float(torch.dot(flat, flat)))
+
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                flat = p.grad.detach().reshape(-1)
+                self.norms.append(float(torch.dot(flat, flat)))
+        self.norms.clear()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def bench(
@@ -104,8 +135,10 @@ def bench(
         torch.manual_seed(0)
         model = build()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if adamw else torch.optim.SGD(model.parameters(), lr=1e-3)
-        gns = None
-        if tracker_kw is not None:
+        gns: Any = None
+        if tracker_kw is not None and tracker_kw.get("floor"):
+            gns = Floor(model)
+        elif tracker_kw is not None:
             kw = dict(tracker_kw)
             if kw.pop("preconditioner", False):
                 kw["preconditioner"] = opt  # the optimizer that trains this copy
@@ -115,6 +148,8 @@ def bench(
     add("plain", False, None, None)
     if "default" in variants:
         add("noisescale", False, {}, "plain")
+    if "floor" in variants:
+        add("floor", False, {"floor": True}, "plain")
     if "groups" in variants:
         add("groups", False, {"groups": "layers"}, "plain")
     if "preconditioner" in variants:
@@ -229,6 +264,7 @@ def main() -> None:
         # one row per tracked copy: ratio against its plain copy (SGD, or AdamW for preconditioner=)
         labels = {
             "noisescale": ("default", "plain"),
+            "floor": ("floor: a dot per gradient, no noisescale", "plain"),
             "groups": ('groups="layers"', "plain"),
             "preconditioner": ("preconditioner=AdamW", "plain_adamw"),
         }
