@@ -183,13 +183,15 @@ def make_step_stats(
     parts: int | None = None,
     examples: float | None = None,
     device: torch.device | str = "cpu",
+    a2_scale: float = 1.0,
 ) -> StepStats:
     """Build the :class:`StepStats` of one process from per-group sums.
 
     ``sq_parts``/``sq_total``: per group (a sequence, a 1-d tensor, or a number for one group)
     ``sum_j |u_j|^2`` and ``|V|^2``; ``sizes`` (with ``counts`` repeating entries) the parts'
-    sizes; ``weights`` their weights (default: from ``reduction``). Device tensors stay on the
-    device (no host sync).
+    sizes; ``weights`` their weights (default: from ``reduction``). ``a2_scale`` multiplies
+    ``sum a^2`` and ``sum a^2/b``: a rank's parts weigh ``alpha / n`` in a step averaged over ``n``
+    ranks, so ``1/n^2`` there. Device tensors stay on the device (no host sync).
     """
     for j, bj in enumerate(sizes):
         if not (isinstance(bj, (int, float)) and math.isfinite(bj) and bj > 0):
@@ -198,7 +200,9 @@ def make_step_stats(
     a2, a2b = pooling_moments(sizes, w, counts)
     n_parts = parts if parts is not None else (sum(counts) if counts is not None else len(sizes))
     ex = examples if examples is not None else float(sum(n * b for n, b in zip(counts or [1] * len(sizes), sizes)))
-    head = torch.tensor([a2, a2b, ex, float(n_parts), 1.0, 0.0], dtype=torch.float64, device=device)
+    head = torch.tensor(
+        [a2 * a2_scale, a2b * a2_scale, ex, float(n_parts), 1.0, 0.0], dtype=torch.float64, device=device
+    )
     sp = torch.as_tensor(sq_parts, dtype=torch.float64, device=device).reshape(-1)
     st = torch.as_tensor(sq_total, dtype=torch.float64, device=device).reshape(-1)
     if sp.shape != st.shape:

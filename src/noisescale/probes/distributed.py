@@ -57,7 +57,6 @@ statistics, rescaled the same way).
 
 from __future__ import annotations
 
-import math
 import threading
 import warnings
 from collections.abc import Sequence
@@ -67,16 +66,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 
-from ..estimators import (
-    ERRORS,
-    HEAD,
-    SUM_A2,
-    SUM_A2_OVER_B,
-    StepStats,
-    make_step_stats,
-    part_weights,
-    pooling_moments,
-)
+from ..estimators import ERRORS, HEAD, SUM_A2, SUM_A2_OVER_B, StepStats, make_step_stats
 from .base import (
     EndOfBackward,
     Hook,
@@ -475,7 +465,7 @@ class DistributedProbe(Joinable):
         try:
             vec = self._local_stats(ctx).vec
         except Exception as e:  # queue the step anyway (peers count it), raise after
-            vec = torch.zeros(HEAD + 2 * G, dtype=torch.float64, device=self.device)
+            vec = self._zeros()
             vec[ERRORS] = 1.0  # every rank then skips the step
             error = None if isinstance(e, _LocalSkip) else e
         if self.preconditioner is not None:
@@ -490,6 +480,10 @@ class DistributedProbe(Joinable):
             error.noisescale_stats = st  # type: ignore[attr-defined]
             raise error
         return st
+
+    def _zeros(self) -> torch.Tensor:
+        """A record of nothing (it adds nothing when summed), to fill in with a flag if needed."""
+        return torch.zeros(HEAD + 2 * len(self.groups), dtype=torch.float64, device=self.device)
 
     def synchronize(self) -> int:
         """Reduce the queued steps across ranks now (one asynchronous all-reduce); return how many.
@@ -546,17 +540,18 @@ class DistributedProbe(Joinable):
                 st.vec[SUM_A2] = st.vec[SUM_A2_OVER_B] = 0.0
                 st.vec[HEAD + G :] = total
                 return st
-            for j, bj in enumerate(sizes):
-                if not (math.isfinite(bj) and bj > 0):
-                    raise ValueError(f"part {j} of this rank has size {bj!r}; sizes must be finite and positive")
             # a_rj = alpha_rj / n: the parts' weights and squared norms (u_rj / n in V's units) scale
-            # by 1/n^2. Built in one go (the step's fixed cost is these few tiny ops).
+            # by 1/n^2, applied as the record is built (no in-place ops after: the step's fixed cost)
             nn = float(n * n)
-            a2, a2b = pooling_moments(sizes, part_weights(sizes, self.reduction))
-            head = torch.tensor([a2 / nn, a2b / nn, float(sum(sizes)), float(k), 1.0, 0.0], dtype=torch.float64)
             small = parts[0][0] if k == 1 else torch.stack([x for x, _ in parts]).sum(0)
-            vec = torch.cat([head.to(self.device), small * (ctx.inv_scale2_small / nn), total])
-            return StepStats(vec, G)
+            return make_step_stats(
+                small * (ctx.inv_scale2_small / nn),
+                total,
+                sizes,
+                reduction=self.reduction,
+                device=self.device,
+                a2_scale=1.0 / nn,
+            )
         # a_rj = alpha_rj / n: the parts' weights and squared norms (u_rj / n in V's units) scale by 1/n^2
         st.vec[SUM_A2] /= n * n
         st.vec[SUM_A2_OVER_B] /= n * n
@@ -597,11 +592,7 @@ class DistributedProbe(Joinable):
                 # iteration synchronizes, i.e. ends a step.
                 if probe.kind == "ddp" and not getattr(probe.model, "require_forward_param_sync", True):
                     return
-                st = StepStats(
-                    torch.zeros(HEAD + 2 * len(probe.groups), dtype=torch.float64, device=probe.device),
-                    len(probe.groups),
-                    ready=False,
-                )
+                st = StepStats(probe._zeros(), len(probe.groups), ready=False)
                 probe._queue.append(st)
                 probe._step += 1
                 probe._shadow.append((probe._step, st))
