@@ -541,23 +541,33 @@ def ddp_bad(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def ddp_join(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Uneven inputs: rank 1 has fewer steps; Join shadows the tracker's all-reduce."""
+def _train_step(ddp: nn.Module, gns: ns.GradientNoiseScale, seed: int, t: int, rank: int) -> None:
+    """Step ``t`` of one seeded 8-example batch per rank: forward, backward, ``gns.step()``, ``zero_grad``."""
+    x, y = batch(seed, t, rank, 0, 8)
+    F.cross_entropy(ddp(x), y).backward()
+    gns.step()
+    ddp.zero_grad(set_to_none=True)
+
+
+def _joined_run(seed: int, rank: int, steps: int, **tracker: Any) -> ns.GradientNoiseScale:
+    """A tracker on a fresh DDP ``Net(16)`` trained ``steps`` steps (this rank's count) under
+    ``Join([ddp, joinable(gns)])``: uneven inputs."""
     from torch.distributed.algorithms.join import Join
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from noisescale.probes.distributed import joinable
 
-    model = Net(16, seed=cfg["seed"])
-    ddp = DDP(model)
-    gns = ns.GradientNoiseScale(ddp, beta=1.0)
-    n_steps = cfg["steps"][rank]
+    ddp = DDP(Net(16, seed=seed))
+    gns = ns.GradientNoiseScale(ddp, beta=1.0, **tracker)
     with Join([ddp, joinable(gns)]):
-        for t in range(n_steps):
-            x, y = batch(cfg["seed"], t, rank, 0, 8)
-            F.cross_entropy(ddp(x), y).backward()
-            gns.step()
-            ddp.zero_grad(set_to_none=True)
+        for t in range(steps):
+            _train_step(ddp, gns, seed, t, rank)
+    return gns
+
+
+def ddp_join(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Uneven inputs: rank 1 has fewer steps; Join shadows the tracker's all-reduce."""
+    gns = _joined_run(cfg["seed"], rank, cfg["steps"][rank])
     res = _tracker_summary(gns)
     gns.close()
     return res
@@ -608,11 +618,9 @@ def ddp_reduce_every(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, An
     """The same seeded steps with reduce_every=1 and reduce_every=K: noisescale's collectives counted
     (every call of torch.distributed.all_reduce from the probe), what is folded before and after each
     reduction, state_dict between reductions, close() with steps queued, Join with uneven inputs."""
-    from torch.distributed.algorithms.join import Join
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import noisescale.probes.distributed as D
-    from noisescale.probes.distributed import joinable
 
     calls = [0]
     real = D.dist.all_reduce
@@ -629,13 +637,10 @@ def ddp_reduce_every(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, An
         gns = ns.GradientNoiseScale(ddp, beta=1.0, reduce_every=every)
         calls[0] = 0
         D.dist.all_reduce = counting
-        seen = []  # after each step: (steps, measured + skipped, unreduced)
+        seen: list[tuple[int, int, int]] = []  # after each step: (steps, measured + skipped, unreduced)
         try:
             for t in range(steps):
-                x, y = batch(cfg["seed"], t, rank, 0, 8)
-                F.cross_entropy(ddp(x), y).backward()
-                gns.step()
-                ddp.zero_grad(set_to_none=True)
+                _train_step(ddp, gns, cfg["seed"], t, rank)
                 seen.append((gns.steps, gns.measured + gns.skipped, gns.unreduced))
             n_calls = calls[0]
             with warnings.catch_warnings(record=True) as caught:
@@ -659,23 +664,11 @@ def ddp_reduce_every(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, An
     ddp = DDP(model)
     gns = ns.GradientNoiseScale(ddp, beta=1.0, reduce_every=K)
     for t in range(steps):
-        x, y = batch(cfg["seed"], t, rank, 0, 8)
-        F.cross_entropy(ddp(x), y).backward()
-        gns.step()
-        ddp.zero_grad(set_to_none=True)
+        _train_step(ddp, gns, cfg["seed"], t, rank)
     out["synchronized"] = _tracker_summary(gns)
     gns.close()
     # Join: rank 1 runs out after `short` steps and shadows the rest, across a reduction
-    model = Net(16, seed=cfg["seed"])
-    ddp = DDP(model)
-    gns = ns.GradientNoiseScale(ddp, beta=1.0, reduce_every=K)
-    n_steps = steps if rank == 0 else cfg["short"]
-    with Join([ddp, joinable(gns)]):
-        for t in range(n_steps):
-            x, y = batch(cfg["seed"], t, rank, 0, 8)
-            F.cross_entropy(ddp(x), y).backward()
-            gns.step()
-            ddp.zero_grad(set_to_none=True)
+    gns = _joined_run(cfg["seed"], rank, steps if rank == 0 else cfg["short"], reduce_every=K)
     out["join"] = {
         "steps": gns.steps,
         "unreduced": gns.unreduced,
