@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 
 import numpy as np
 import torch
@@ -25,18 +27,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 from noisescale import estimate
 from noisescale.integrations.transformers import NoiseScaleCallback
 
-SEQ = 64
-
-
-class Chunks(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids[: len(ids) // SEQ * SEQ].view(-1, SEQ)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+# the example's data: characters as tokens, cut into SEQ-long training sequences
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from hf_trainer import SEQ, Chunks, tokens
 
 
 class ClippedNorm(TrainerCallback):
@@ -59,16 +52,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    with open(args.data, encoding="utf-8") as f:
-        text = f.read()
-    vocab = sorted(set(text))
-    index = {c: i for i, c in enumerate(vocab)}
-    ids = torch.tensor([index[c] for c in text])
+    ids, vocab = tokens(args.data)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=len(vocab), n_positions=SEQ, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
-        )
+        GPT2Config(vocab_size=vocab, n_positions=SEQ, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
     )
     training = TrainingArguments(
         output_dir="hf-clipping",
