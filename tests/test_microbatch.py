@@ -269,18 +269,11 @@ def test_sizes_explicit_inferred_and_inconsistent(digits):
     inferred.close()
 
 
-@pytest.mark.parametrize("set_to_none", [True, False])
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_first_pass_into_cleared_grads_is_not_read_twice(digits, set_to_none, k):
-    """The step's first pass into cleared (None) gradients: .grad is that pass's gradient, so its norm is
-    the hooks' sum and .grad is not read again; every later pass (and any pass into zero-filled .grad)
-    is captured. Either way the step's |V|^2 equals the explicit gradients' (a frozen layer included)."""
+@pytest.fixture
+def count_reads():
+    """Counts the probe's reads of the accumulated .grad (StepTotal.compute calls)."""
     from noisescale.probes import base
 
-    X, y = digits
-    model = digits_mlp(hidden=32, seed=3)
-    model[0].bias.requires_grad_(False)  # never gets a .grad: must not count as 'not hooked'
-    parts = [(X[16 * j : 16 * j + 16], y[16 * j : 16 * j + 16]) for j in range(k)]
     reads = []
     real = base.StepTotal.compute
 
@@ -289,20 +282,81 @@ def test_first_pass_into_cleared_grads_is_not_read_twice(digits, set_to_none, k)
         return real(self)
 
     base.StepTotal.compute = counting
-    try:
-        gns = ns.GradientNoiseScale(model, method="microbatch", beta=1.0)
-        for step in range(2):
-            model.zero_grad(set_to_none=set_to_none)
-            reads.clear()
-            for xb, yb in parts:
-                (F.cross_entropy(model(xb), yb) / k).backward()
-            fresh = set_to_none or step == 0  # (zero_grad(set_to_none=False) leaves a never-set .grad None)
-            assert len(reads) == (k - 1 if fresh else k), (step, reads)
-            twin = copy.deepcopy(model)  # (the tracker's hooks do not come along: autograd.grad would fire them)
-            _, sq_total = _reference_parts(twin, parts, lambda j, xb, yb, m=twin: F.cross_entropy(m(xb), yb) / k)
-            captured = float(gns.probe._total._value.sum())
-            assert captured == pytest.approx(sq_total, rel=1e-6)
+    yield reads
+    base.StepTotal.compute = real
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_step_gradient_read_once_per_step(digits, count_reads, set_to_none, k):
+    """|V|^2 is read at the end of every pass but the first in the first step (the pass count is not
+    known yet; a step of one pass is not measured), then once per step, at the end of the pass
+    expected to be the last. Every step's |V|^2 equals the explicit gradients' (a frozen layer
+    included), with .grad cleared to None or to zeros."""
+    X, y = digits
+    model = digits_mlp(hidden=32, seed=3)
+    model[0].bias.requires_grad_(False)  # never gets a .grad
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gns = ns.GradientNoiseScale(model, method="microbatch", beta=1.0)
+    for step in range(3):
+        rows = [slice(64 * step + 16 * j, 64 * step + 16 * j + 16) for j in range(k)]
+        parts = [(X[r], y[r]) for r in rows]
+        model.zero_grad(set_to_none=set_to_none)
+        count_reads.clear()
+        twin = copy.deepcopy(model)  # (the tracker's hooks do not come along: autograd.grad would fire them)
+        _, sq_total = _reference_parts(twin, parts, lambda j, xb, yb, m=twin: F.cross_entropy(m(xb), yb) / k)
+        for xb, yb in parts:
+            (F.cross_entropy(model(xb), yb) / k).backward()
+        assert len(count_reads) == (k - 1 if step == 0 else min(k - 1, 1)), (step, count_reads)
+        gns.step(sizes=[16.0] * k)
+        if k > 1:
+            assert gns.history[-1]["sq_big"] == pytest.approx(sq_total, rel=1e-6)
+        opt.step()
+    gns.close()
+
+
+@pytest.mark.parametrize("clip_first", [False, True])
+def test_steps_with_other_pass_counts_exact_or_skipped_with_reason(digits, count_reads, clip_first):
+    """Pass counts that change from step to step (an epoch's tail). A longer step is read again at its
+    later passes, a shorter one at step(): exact while nothing touches .grad in between. Clipping
+    before step() in a shorter step loses that step (skipped, with the reason), once per pass count:
+    steps of that count are read at their last pass from then on. Checked against explicit gradients
+    taken before the clip."""
+    X, y = digits
+    model = digits_mlp(hidden=32, seed=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    counts = [4, 4, 2, 4, 2, 5, 3, 4, 3]
+    lost = {2, 6} if clip_first else set()
+    reads = [3, 1, 0, 3, 1, 4, 1, 3, 2] if clip_first else [3, 1, 1, 3, 1, 4, 1, 2, 1]
+    gns = ns.GradientNoiseScale(model, method="microbatch", beta=1.0)
+    at = 0
+    for step, k in enumerate(counts):
+        parts = [(X[at + 16 * j : at + 16 * j + 16], y[at + 16 * j : at + 16 * j + 16]) for j in range(k)]
+        at += 16 * k
+        twin = copy.deepcopy(model)
+        _, sq_total = _reference_parts(twin, parts, lambda j, xb, yb, m=twin, k=k: F.cross_entropy(m(xb), yb) / k)
+        count_reads.clear()
+        for xb, yb in parts:
+            (F.cross_entropy(model(xb), yb) / k).backward()
+        if clip_first:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        if step in lost:
+            with pytest.warns(
+                UserWarning, match=f"changed .*step of {k} passes where {counts[step - 1]} were expected"
+            ):
+                gns.step(sizes=[16.0] * k)
+            r = gns.history[-1]
+            assert r["status"] == "unmeasurable" and "clipping" in r["reason"], r
+        else:
             gns.step(sizes=[16.0] * k)
-        gns.close()
-    finally:
-        base.StepTotal.compute = real
+            r = gns.history[-1]
+            assert r["status"] == "measured" and r["sq_big"] == pytest.approx(sq_total, rel=1e-6), (step, r)
+        # reads of V: after passes 2..k in the first step; from the expected count on in a longer step;
+        # at step() in a shorter one (none if it is lost); at the counts of lost steps from then on
+        assert len(count_reads) == reads[step], (step, k, count_reads)
+        if not clip_first:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        opt.zero_grad()
+    assert gns.unmeasurable == len(lost)
+    gns.close()

@@ -200,9 +200,13 @@ def make_step_stats(
     a2, a2b = pooling_moments(sizes, w, counts)
     n_parts = parts if parts is not None else (sum(counts) if counts is not None else len(sizes))
     ex = examples if examples is not None else float(sum(n * b for n, b in zip(counts or [1] * len(sizes), sizes)))
-    head = torch.tensor(
-        [a2 * a2_scale, a2b * a2_scale, ex, float(n_parts), 1.0, 0.0], dtype=torch.float64, device=device
-    )
+    values = [a2 * a2_scale, a2b * a2_scale, ex, float(n_parts), 1.0, 0.0]
+    if isinstance(sq_parts, list) and isinstance(sq_total, list) and torch.device(device).type == "cpu":
+        # host floats (the CPU probes): the record in one tensor op, not four (see probes.base.host_group_sums)
+        if len(sq_parts) != len(sq_total):
+            raise ValueError(f"sq_parts has {len(sq_parts)} groups but sq_total has {len(sq_total)}")
+        return StepStats(torch.tensor(values + sq_parts + sq_total, dtype=torch.float64), len(sq_parts))
+    head = torch.tensor(values, dtype=torch.float64, device=device)
     sp = torch.as_tensor(sq_parts, dtype=torch.float64, device=device).reshape(-1)
     st = torch.as_tensor(sq_total, dtype=torch.float64, device=device).reshape(-1)
     if sp.shape != st.shape:

@@ -28,6 +28,9 @@ __all__ = [
     "sq_norm",
     "grouped_sq_norms",
     "group_sums",
+    "host_group_sums",
+    "scaled_sums",
+    "Sums",
     "infer_batch_size",
     "trainable_parameters",
     "check_sizes",
@@ -556,6 +559,34 @@ def _index_tensor(index: Sequence[int], device: torch.device) -> torch.Tensor:
     return t
 
 
+# Per-group sums held on the host (a list of Python floats, CPU only) or as a float64 tensor.
+Sums = torch.Tensor | list[float]
+
+
+def host_group_sums(terms: Sequence[torch.Tensor | float], index: Sequence[int], n_groups: int) -> list[float] | None:
+    """:func:`group_sums` as Python floats where every term is a float or a CPU tensor, else ``None``.
+
+    The CPU probes keep their sums on the host until the step's record is built: a tiny tensor made
+    right after a backward pass costs 20-50 us on a 2-thread CPU (the first small op after a
+    parallel kernel), as much as a dot over a 1M-entry gradient."""
+    acc = [0.0] * n_groups
+    for t, i in zip(terms, index):
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            return None
+        acc[i] += float(t)
+    return acc
+
+
+def scaled_sums(value: Sums, factor: Any, device: torch.device) -> Sums:
+    """``value * factor`` (``factor`` a float or a 0-d tensor, e.g. a GradScaler's ``1/S^2``): on the
+    host while both are host numbers, else a float64 tensor on ``device``."""
+    if isinstance(value, list):
+        if isinstance(factor, (int, float)):
+            return value if factor == 1 else [v * float(factor) for v in value]
+        value = torch.tensor(value, dtype=torch.float64, device=device)
+    return value if isinstance(factor, (int, float)) and factor == 1 else value * factor
+
+
 def group_sums(
     terms: Sequence[torch.Tensor | float], index: Sequence[int], n_groups: int, device: torch.device
 ) -> torch.Tensor:
@@ -565,10 +596,8 @@ def group_sums(
     On the CPU the terms are read as floats (nothing runs asynchronously there, and this saves the
     tiny tensor ops of stacking); elsewhere one stack and one ``index_add_``, with no host sync.
     """
-    if all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in terms):
-        acc = [0.0] * n_groups
-        for t, i in zip(terms, index):
-            acc[i] += float(t)
+    acc = host_group_sums(terms, index, n_groups)
+    if acc is not None:
         return torch.tensor(acc, dtype=torch.float64, device=device)
     out = torch.zeros(n_groups, dtype=torch.float64, device=device)
     if not terms:
@@ -625,20 +654,29 @@ class StepTotal:
     :meth:`capture` runs when a backward pass ends (see :class:`EndOfBackward`): the value of the
     step's last pass is what :meth:`take` returns at ``step()``, so clipping or anything else that
     rescales ``.grad`` in place between the backward and ``step()`` changes nothing. Without a
-    captured value (no backward reached the probe's hooks) :meth:`take` reads ``.grad`` now.
+    captured value (no backward reached the probe's hooks, or the last pass only :meth:`mark`-ed)
+    :meth:`take` reads ``.grad`` now; :meth:`changed` says whether that read would differ from one
+    at the end of the marked pass.
     """
 
     def __init__(
-        self, pieces: Sequence[Piece], groups: Groups, preconditioner: Preconditioner | None, device: torch.device
+        self,
+        pieces: Sequence[Piece],
+        groups: Groups,
+        preconditioner: Preconditioner | None,
+        device: torch.device,
+        host: bool = False,
     ) -> None:
         self.pieces = list(pieces)
         self.groups = groups
         self.preconditioner = preconditioner
         self.device = device
+        self.host = host  # keep CPU sums as Python floats (see host_group_sums); take() may return a list
         self._index = [groups.index(p) for p, *_ in self.pieces]
-        self._value: torch.Tensor | None = None
+        self._value: Sums | None = None
+        self._marks: list[tuple[torch.Tensor | None, int]] | None = None
 
-    def compute(self) -> torch.Tensor:
+    def compute(self) -> Sums:
         grads: list[torch.Tensor] = []
         weights: list[torch.Tensor | None] = []
         index: list[int] = []
@@ -663,23 +701,63 @@ class StepTotal:
             grads.append(g)
             weights.append(w)
             index.append(gi)
+        if self.host and self.device.type == "cpu":
+            acc = host_group_sums([_sq_norm_term(g, w) for g, w in zip(grads, weights)], index, len(self.groups))
+            if acc is not None:
+                return acc
         return grouped_sq_norms(grads, weights, index, len(self.groups), self.device)
 
     def capture(self) -> None:
         self._value = self.compute()
+        self._marks = None
 
-    def set(self, value: torch.Tensor) -> None:
+    def set(self, value: Sums) -> None:
         """The step gradient's per-group norms are known without reading ``.grad`` (e.g. it equals the
         gradient of the one pass whose norms the hooks took): record them as the captured value."""
         self._value = value
+        self._marks = None
+
+    def mark(self) -> None:
+        """Defer the read of ``.grad`` to :meth:`take`, and remember each ``.grad``'s identity and
+        version counter now (a backward pass ended) so that :meth:`changed` can tell whether anything
+        wrote into them in between. Forgets any captured value: it belongs to an earlier pass."""
+        self._value = None
+        self._marks = [((g := p.grad), g._version if g is not None else 0) for p, *_ in self.pieces]
+
+    def changed(self) -> bool:
+        """Whether a ``.grad`` was replaced, set, cleared or changed in place (clipping, ``mul_``, ...)
+        since :meth:`mark`; ``False`` when nothing was marked. In-place writes through ``.grad.data``
+        bypass version counters and are not seen. (``GradScaler.unscale_`` writes without bumping the
+        version on some builds; that is harmless: :meth:`take` reads ``.grad`` with ``inv_scale2_big``,
+        which is 1 once ``unscale_`` has run.)"""
+        if self._marks is None:
+            return False
+        for (p, *_), (g, version) in zip(self.pieces, self._marks):
+            now = p.grad
+            if now is not g or (now is not None and now._version != version):
+                return True
+        return False
+
+    def clear(self) -> None:
+        """Forget the captured value and the marks (the step is not measured)."""
+        self._value = None
+        self._marks = None
+
+    def take_sums(self, ctx: StepContext) -> Sums:
+        """Per-group squared norms in true units: the captured value (taken in backward, from scaled
+        gradients under a GradScaler), or ``.grad``'s now when nothing was captured (check
+        :meth:`changed` first where a read was deferred by :meth:`mark`). With ``host=True`` on the
+        CPU a list of floats, else a float64 tensor."""
+        value, self._value = self._value, None
+        self._marks = None
+        if value is not None:
+            return scaled_sums(value, ctx.inv_scale2_small, self.device)
+        return scaled_sums(self.compute(), ctx.inv_scale2_big, self.device)
 
     def take(self, ctx: StepContext) -> torch.Tensor:
-        """Per-group squared norms in true units: the captured value (taken in backward, from scaled
-        gradients under a GradScaler), or ``.grad``'s now when nothing was captured."""
-        value, self._value = self._value, None
-        if value is not None:
-            return value * ctx.inv_scale2_small
-        return self.compute() * ctx.inv_scale2_big
+        """:meth:`take_sums` as a float64 ``[groups]`` tensor on the device."""
+        out = self.take_sums(ctx)
+        return torch.tensor(out, dtype=torch.float64, device=self.device) if isinstance(out, list) else out
 
 
 def check_sizes(given: Sequence[float], k: int, passes: str = "this step had") -> list[float]:

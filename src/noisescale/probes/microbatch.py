@@ -8,10 +8,20 @@ trainable parameter sees that parameter's gradient *for the current backward pas
 is added into ``.grad`` (for a tied parameter the engine has already summed all its uses, so
 the hook sees the true per-micro-batch gradient once). The hook takes ``|P g|^2`` (``P`` the
 preconditioner's weights, if any) for the parameter's group; the first hook of a backward pass
-arms an end-of-backward callback that closes the micro-batch and captures the accumulated
-``.grad``'s norm per group (so that clipping before ``step()`` changes nothing). Parameters that
-get no gradient in a pass contribute zero, which is their true gradient. Nothing is returned
-from the hooks, so gradients are untouched.
+arms an end-of-backward callback that closes the micro-batch. Parameters that get no gradient in
+a pass contribute zero, which is their true gradient. Nothing is returned from the hooks, so
+gradients are untouched.
+
+The step gradient ``V`` (the accumulated ``.grad``) is read once per step, at the end of the pass
+that is expected to be the step's last (the previous step's pass count ``k``, and every pass of
+the first step): its norm is then what it was when backward ended, so clipping or unscaling
+before ``step()`` changes nothing. A step with more passes is read again at its later passes. A
+step with fewer passes is read at ``step()``, which is exact when no ``.grad`` changed since its
+last pass ended (version counters tell); if one did (the user clipped a short step, e.g. an
+epoch's tail), that step is skipped with the reason and steps of that length are read at their
+last pass from then on. Reading ``V`` after every pass instead would cost ``k - 1`` extra reads of
+every gradient per step. A
+step's first pass is never read: a step of one pass is not measured.
 
 Sizes: a forward pre-hook on the model records the leading dimension of the first input
 tensor of every forward pass run with gradients enabled; explicit sizes (examples or tokens)
@@ -33,11 +43,14 @@ from .base import (
     ProbeConfig,
     StepContext,
     StepTotal,
+    Sums,
+    _sq_norm_term,
     check_single_process,
     check_sizes,
     group_sums,
+    host_group_sums,
     infer_batch_size,
-    sq_norm,
+    scaled_sums,
 )
 
 __all__ = ["MicroBatchProbe"]
@@ -83,14 +96,18 @@ class MicroBatchProbe:
         self.preconditioner = config.preconditioner
         self.device = self.params[0].device
         self._lock = threading.Lock()
-        self._terms: list[torch.Tensor] = []
+        self._terms: list[torch.Tensor | float] = []
         self._index: list[int] = []
-        self._parts: list[torch.Tensor] = []  # one [G] float64 vector per closed backward pass
-        self._hooked = 0  # parameters whose gradient arrived in the open pass
-        self._had_grad = False  # one of them already had a .grad when it arrived
+        self._parts: list[Sums] = []  # per-group sums of each closed backward pass
         self._sizes_seen: list[int | None] = []
+        self._expect: int | None = None  # passes the step is expected to have (the last step's); None: unknown
+        self._read_at: set[int] = set()  # pass counts of short steps that lost V to an in-place change: read them
         self._total = StepTotal(
-            [(p, None, None, True) for p in self.params], self.groups, self.preconditioner, self.device
+            [(p, None, None, True) for p in self.params],
+            self.groups,
+            self.preconditioner,
+            self.device,
+            host=self.device.type == "cpu",
         )
         self._end = EndOfBackward(self._end_backward)
         self._batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -111,13 +128,10 @@ class MicroBatchProbe:
         def hook(grad: torch.Tensor) -> None:
             # this pass's gradient of p, before it is added into .grad (for a tied parameter the
             # engine has already summed its uses); nothing is returned: the gradient is untouched
-            term = sq_norm(grad, pre.weight(p) if pre is not None else None)
+            term = _sq_norm_term(grad, pre.weight(p) if pre is not None else None)
             with self._lock:
                 self._terms.append(term)
                 self._index.append(gi)
-                self._hooked += 1
-                if p.grad is not None:  # (AccumulateGrad has not run yet: .grad is what came before)
-                    self._had_grad = True
             self._end.arm()
 
         return hook
@@ -125,17 +139,22 @@ class MicroBatchProbe:
     def _end_backward(self) -> None:
         with self._lock:
             terms, index, self._terms, self._index = self._terms, self._index, [], []
-            hooked, had_grad, self._hooked, self._had_grad = self._hooked, self._had_grad, 0, False
-        part = group_sums(terms, index, len(self.groups), self.device) if terms else None
-        first = not self._parts
+        part: Sums | None = None
+        if terms:
+            # on the CPU a list of floats: no tensor is made until the step's record (see host_group_sums)
+            part = host_group_sums(terms, index, len(self.groups))
+            if part is None:
+                part = group_sums(terms, index, len(self.groups), self.device)
         if part is not None:
             self._parts.append(part)
-        if first and part is not None and not had_grad and sum(p.grad is not None for p in self.params) == hooked:
-            # The step's first pass into cleared gradients (zero_grad(set_to_none=True)): .grad is
-            # exactly this pass's gradient, whose norms the hooks just took. No second read of it.
-            self._total.set(part)
+        n = len(self._parts)  # this pass's number in the step
+        if n < 2:
+            # a step of one pass is not measured, and a longer one reads V at a later pass
+            self._total.clear()
+        elif self._expect is None or n >= self._expect or n in self._read_at:
+            self._total.capture()  # (possibly) the step's last pass: read V as backward left it
         else:
-            self._total.capture()
+            self._total.mark()  # not expected to be the last: read at step() if nothing changes .grad
 
     # -- step --------------------------------------------------------------------------
 
@@ -153,22 +172,38 @@ class MicroBatchProbe:
             self.preconditioner.stale = True  # the optimizer updates its state before the next step
         k = len(parts)
         sizes = self._resolve_sizes(ctx.sizes, seen, k)
-        total = self._total.take(ctx)
+        lost = k >= 2 and self._total.changed()  # (only where V's read was deferred to step(): see mark)
+        expected, self._expect = self._expect, (k if k else self._expect)
         G = len(self.groups)
-        if k < 2:
-            reason = self._why_unmeasurable(k)
+        if k < 2 or lost:
+            self._total.clear()
+            if k < 2:
+                reason = self._why_unmeasurable(k)
+            else:
+                self._read_at.add(k)
+                reason = (
+                    f"a .grad was changed (clipping, or another in-place edit) between this step's last backward pass "
+                    f"and step(), in a step of {k} passes where {expected} were expected, so |V|^2 as backward "
+                    f"left it is unknown; steps of {k} passes are read at their last pass from now on"
+                )
             ex = float(sum(sizes)) if sizes is not None else float("nan")
             st = make_step_stats([0.0] * G, [0.0] * G, [1.0], parts=k, examples=ex, device=self.device)
             st.reason = reason
             return st
+        total = self._total.take_sums(ctx)
         if sizes is None:
             raise ValueError(
                 f"could not infer the sizes of the {k} micro-batches of this step (saw {len(seen)} "
                 f"forward passes with gradients enabled, sizes {seen}); pass them explicitly: "
                 f"gns.step(sizes=[...]) with {k} numbers in the tracker's unit"
             )
-        small = torch.stack(parts).sum(0)  # (k >= 2 here)
-        return make_step_stats(small * ctx.inv_scale2_small, total, sizes, reduction=self.reduction, device=self.device)
+        small: Sums
+        if all(isinstance(x, list) for x in parts):
+            small = [sum(col) for col in zip(*parts)]  # (all lists: checked)
+        else:
+            small = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in parts]).sum(0)
+        small = scaled_sums(small, ctx.inv_scale2_small, self.device)
+        return make_step_stats(small, total, sizes, reduction=self.reduction, device=self.device)
 
     def _why_unmeasurable(self, k: int) -> str:
         if k == 0:
@@ -206,3 +241,4 @@ class MicroBatchProbe:
         self._parts = []
         self._sizes_seen = []
         self._terms, self._index = [], []
+        self._total.clear()
