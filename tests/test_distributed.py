@@ -555,3 +555,13 @@ def test_reduce_every_one_collective_per_k_steps(tmp_path):
     assert j0["history"] == j1["history"] and len(j0["history"]) == steps
     assert j0["b_simple"] == j1["b_simple"] is not None
     assert j0["measured"] == 13 and j0["skipped"] == 12  # one rank's one part per step: not measurable
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10", None])
+def test_bad_reduce_every_is_one_clear_line(bad):
+    """reduce_every= is checked before anything else (no process group needed): one line with the value."""
+    from noisescale.probes.distributed import DDPProbe
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=rf"reduce_every must be a positive integer number of steps, got {bad!r} "):
+        DDPProbe(model, list(model.parameters()), reduce_every=bad)

@@ -360,3 +360,71 @@ def test_steps_with_other_pass_counts_exact_or_skipped_with_reason(digits, count
         opt.zero_grad()
     assert gns.unmeasurable == len(lost)
     gns.close()
+
+
+def test_tied_head_gpt_adamw_bf16_clipping_and_varying_accumulation(shakespeare_path):
+    """The way users train: a character GPT with its head tied to the token embedding, AdamW with a
+    linear warm-up, bf16 autocast, clip_grad_norm_ before gns.step(), and steps of 4, 2 and 3 micro-batches
+    (an epoch's tail). Each step's |G|^2 and tr(Sigma) equal those of explicit per-micro-batch gradients of
+    a twin (torch.autograd.grad, the same autocast) taken before clipping; the one short step whose .grad
+    was clipped after a longer step is skipped with the reason; the bf16 training is bit-identical with
+    and without the tracker."""
+    from models import CharTransformer, char_batches, char_data
+    from noisescale import estimate
+
+    data, vocab = char_data(shakespeare_path)
+    counts = [4, 4, 2, 4, 2, 4, 3, 3, 4]
+    batches = char_batches(data, 3, 16, sum(counts), seed=1)
+
+    def build():
+        m = CharTransformer(len(vocab), d=32, heads=2, layers=1, block=16, seed=5)
+        m.head.weight = m.tok.weight  # tied head: one parameter, two uses
+        return m
+
+    def loss_of(m, xb, yb, k):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(xb)
+        return CharTransformer.loss(logits.float(), yb) / k
+
+    def run(track):
+        model = build()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
+        gns = ns.GradientNoiseScale(model, method="microbatch", beta=1.0) if track else None
+        refs, at = [], 0
+        for k in counts:
+            parts = batches[at : at + k]
+            at += k
+            if track:
+                twin = copy.deepcopy(model)
+                sq, sq_total = _reference_parts(twin, parts, lambda j, xb, yb, m=twin, k=k: loss_of(m, xb, yb, k))
+                refs.append((k, [k * k * s for s in sq], sq_total))  # (|k u_j|^2: micro-batch j's own mean gradient)
+            for xb, yb in parts:
+                loss_of(model, xb, yb, k).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            if gns is not None:
+                gns.step()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        return model, gns, refs
+
+    plain, _, _ = run(False)
+    model, gns, refs = run(True)
+    for a, b in zip(plain.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    hist = list(gns.history)
+    lost = [i for i, r in enumerate(hist) if r["status"] != "measured"]
+    assert lost == [2, 6], [(r["status"], r.get("reason")) for r in hist]  # the first short step of 2 and of 3
+    assert "clipping" in hist[2]["reason"] and "3 passes where 4" in hist[6]["reason"]
+    clipped = 0
+    for i, (r, (k, sq, sq_total)) in enumerate(zip(hist, refs)):
+        clipped += sq_total > 0.05**2
+        if i in lost:
+            continue
+        g2, ts = estimate(sum(sq) / k, 3.0, sq_total, 3.0 * k)  # 3 sequences (the inferred size) per micro-batch
+        assert r["g2_step"] == pytest.approx(g2, rel=1e-5, abs=1e-9) and r["trace_sigma_step"] == pytest.approx(
+            ts, rel=1e-5
+        ), i
+    assert clipped == len(counts)  # the clip acted on every step: a clipped |V|^2 would be far off
+    gns.close()

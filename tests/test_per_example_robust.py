@@ -225,3 +225,58 @@ def test_torch_compile_inductor_fullgraph():
     assert m is not None, reason
     assert float(m.sq_norm_small) == pytest.approx(want[0], rel=RTOL)
     assert float(m.sq_norm_big) == pytest.approx(want[1], rel=RTOL)
+
+
+@pytest.mark.parametrize("layers", [None, "norm"])
+def test_one_backward_pass_per_forward_pass_or_the_step_says_why(layers):
+    """Per-example norms need one backward pass per forward pass. Two backward passes through one forward
+    pass's graph (retain_graph=True) make each example's gradient a sum over passes, whose cross terms the
+    summed per-example norms lack; two forward passes whose losses are added into one backward pass break the
+    count of examples and the exactness check. Neither step is measured, each says why, and nothing is
+    excluded (with layers='norm' too, past the checked first steps, where the norm layers run the stock ops
+    with a hook). Two forward passes each with its own backward pass are measured and exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3))
+    gns = ns.GradientNoiseScale(model, method="per_example", **({"layers": layers} if layers else {}))
+    x, y = torch.randn(12, 8), torch.randint(0, 3, (12,))
+    # layers="norm" measures the normalisation layers' parameters only
+    want = reference(copy.deepcopy(model), F.cross_entropy, (x, y), names=["1.weight", "1.bias"] if layers else None)
+    coverage = gns.probe.coverage.fraction
+    why = {
+        "twice": "2 backward passes for 1 forward pass: a graph was backpropagated more than once",
+        "merged": "2 forward passes but 1 backward pass: per-example norms need one backward pass per forward",
+    }
+    plan = ["one", "halves", "twice", "merged", "halves", "one", "twice", "merged", "one"]  # steps 1-3 checked
+    warned: set[str] = set()
+    for case in plan:
+        if case == "one":
+            F.cross_entropy(model(x), y).backward()
+        elif case == "halves":  # two micro-batches, each with its own backward pass
+            for h in (slice(0, 6), slice(6, 12)):
+                (F.cross_entropy(model(x[h]), y[h]) / 2).backward()
+        elif case == "twice":
+            loss = F.cross_entropy(model(x), y)
+            loss.backward(retain_graph=True)
+            (0.5 * loss).backward()
+        else:  # merged: two forward passes, their losses added, one backward pass
+            ((F.cross_entropy(model(x[:6]), y[:6]) + F.cross_entropy(model(x[6:]), y[6:])) / 2).backward()
+        sizes = [6.0, 6.0] if case in ("halves", "merged") else [12.0]
+        if case in why:
+            if case not in warned:  # (the tracker warns once per reason)
+                warned.add(case)
+                with pytest.warns(UserWarning, match=why[case]):
+                    gns.step(sizes=sizes)
+            else:
+                gns.step(sizes=sizes)
+            r = gns.history[-1]
+            assert r["status"] == "unmeasurable" and r["reason"].startswith(why[case]), r
+        else:
+            gns.step(sizes=sizes)
+            r = gns.history[-1]
+            assert r["status"] == "measured", (case, r)
+            assert r["sq_big"] == pytest.approx(want[1], rel=RTOL)
+            if case == "one":  # (sq_small: the mean per-example norm)
+                assert r["sq_small"] == pytest.approx(want[0], rel=RTOL)
+        model.zero_grad()
+    assert gns.probe.coverage.fraction == coverage  # nothing was excluded
+    gns.close()

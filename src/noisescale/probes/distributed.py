@@ -74,10 +74,13 @@ from .base import (
     ProbeConfig,
     StepContext,
     StepTotal,
+    Sums,
     _sq_norm_term,
     check_sizes,
     group_sums,
+    host_group_sums,
     infer_batch_size,
+    scaled_sums,
     sq_norm,
 )
 
@@ -266,6 +269,11 @@ class DistributedProbe(Joinable):
         self.config = config = config or ProbeConfig()
         if config.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {config.reduction!r}")
+        if not (isinstance(reduce_every, int) and not isinstance(reduce_every, bool) and reduce_every >= 1):
+            raise ValueError(
+                f"reduce_every must be a positive integer number of steps, got {reduce_every!r} (1: reduce "
+                "every step; larger: one all-reduce per that many steps, values up to that many steps behind)"
+            )
         self.kind, self.group, self.world_size = _validate(
             model, kind, "ddp_per_example" if local is not None else (kind or "ddp"), process_group
         )
@@ -288,13 +296,8 @@ class DistributedProbe(Joinable):
         self._current: list[torch.Tensor | float] = []  # squared norms of the open part's gradients
         self._current_index: list[int] = []  # their groups
         self._pending_sizes: list[int | None] = []
-        self._parts: list[tuple[torch.Tensor, list[int | None]]] = []
+        self._parts: list[tuple[Sums, list[int | None]]] = []
         self._handles: list[Any] = []
-        if not (isinstance(reduce_every, int) and not isinstance(reduce_every, bool) and reduce_every >= 1):
-            raise ValueError(
-                f"reduce_every must be a positive integer number of steps, got {reduce_every!r} (1: reduce "
-                "every step; larger: one all-reduce per that many steps, values up to that many steps behind)"
-            )
         self.reduce_every = reduce_every
         self._queue: list[StepStats] = []  # this rank's records since the last reduction
         self._shadow: list[tuple[int, StepStats]] = []  # steps shadowed under Join, for the tracker
@@ -328,7 +331,7 @@ class DistributedProbe(Joinable):
                 self._install_fsdp1(model)
         # The global norm is captured when a backward pass ends, after DDP's/FSDP's own final
         # callbacks wrote the synchronized gradient: clipping before step() changes nothing.
-        self._total = StepTotal(pieces, self.groups, self.preconditioner, self.device)
+        self._total = StepTotal(pieces, self.groups, self.preconditioner, self.device, host=self.device.type == "cpu")
         self._end = EndOfBackward(self._capture)
         if config.infer_sizes and local is None:
             self._handles.append(model.register_forward_pre_hook(Hook(self._pre_forward), with_kwargs=True))
@@ -438,7 +441,10 @@ class DistributedProbe(Joinable):
 
     def _close_part_locked(self) -> None:
         if self._current:
-            part = group_sums(self._current, self._current_index, len(self.groups), self.device)
+            # on the CPU a list of floats: no tensor until the step's record (see host_group_sums)
+            part: Sums | None = host_group_sums(self._current, self._current_index, len(self.groups))
+            if part is None:
+                part = group_sums(self._current, self._current_index, len(self.groups), self.device)
             self._parts.append((part, self._pending_sizes))
             self._current, self._current_index, self._pending_sizes = [], [], []
 
@@ -522,7 +528,7 @@ class DistributedProbe(Joinable):
         ``V = (1/n) sum_r U_r`` (DDP averages the ranks' gradients), and its share of ``|V|^2``."""
         G = len(self.groups)
         n = self.world_size
-        total = self._total.take(ctx)
+        total = self._total.take_sums(ctx)
         if self._local is not None:
             st = self._local.collect(ctx)
             if st.reason is not None:
@@ -538,14 +544,19 @@ class DistributedProbe(Joinable):
             if k == 0:
                 st = make_step_stats([0.0] * G, [0.0] * G, [1.0], parts=0, examples=0.0, device=self.device)
                 st.vec[SUM_A2] = st.vec[SUM_A2_OVER_B] = 0.0
-                st.vec[HEAD + G :] = total
+                st.vec[HEAD + G :] = torch.as_tensor(total, dtype=torch.float64, device=self.device)
                 return st
             # a_rj = alpha_rj / n: the parts' weights and squared norms (u_rj / n in V's units) scale
             # by 1/n^2, applied as the record is built (no in-place ops after: the step's fixed cost)
             nn = float(n * n)
-            small = parts[0][0] if k == 1 else torch.stack([x for x, _ in parts]).sum(0)
+            small: Sums
+            if all(isinstance(x, list) for x, _ in parts):
+                small = [sum(col) for col in zip(*(x for x, _ in parts))]  # (all lists: checked)
+            else:
+                small = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x, _ in parts])
+                small = small.sum(0)
             return make_step_stats(
-                small * (ctx.inv_scale2_small / nn),
+                scaled_sums(small, ctx.inv_scale2_small / nn, self.device),
                 total,
                 sizes,
                 reduction=self.reduction,
@@ -556,7 +567,7 @@ class DistributedProbe(Joinable):
         st.vec[SUM_A2] /= n * n
         st.vec[SUM_A2_OVER_B] /= n * n
         st.vec[HEAD : HEAD + G] /= n * n
-        st.vec[HEAD + G :] = total
+        st.vec[HEAD + G :] = torch.as_tensor(total, dtype=torch.float64, device=self.device)
         return st
 
     def _resolve_sizes(self, given: Sequence[float] | None, seen: list[list[int | None]], k: int) -> list[float]:

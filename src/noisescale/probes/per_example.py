@@ -578,6 +578,7 @@ class PerExampleProbe:
         self._end = EndOfBackward(self._capture)  # (self._total is replaced when coverage changes)
         self._bn_modules = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._seen: list[int | None] = []
+        self._passes = 0  # backward passes that reached a covered parameter since the last step
         self._batch: int | None = None
         self._not_called_warned: set[str] = set()
         self._steps = 0  # collect() calls so far
@@ -619,13 +620,14 @@ class PerExampleProbe:
                 pre.refresh()  # the weights the layers' backward reads: v_hat before this step's update
 
     def _capture(self) -> None:
-        self._total.capture()
+        self._passes += 1
+        if self._capture_total:
+            self._total.capture()
 
     def _on_grad(self, L: _Layer, k: int, grad: torch.Tensor) -> None:
         """Tensor hook on covered parameter ``k`` (0: weight, 1: bias) of ``L``: ``grad`` is everything
         that reached it in this backward pass (summed over all its uses, before accumulation)."""
-        if self._capture_total:
-            self._end.arm()
+        self._end.arm()
         if self._checking:
             slot = L.w_chk if k == 0 else L.b_chk
             if slot >= 0:
@@ -984,9 +986,28 @@ class PerExampleProbe:
             self.preconditioner.stale = True  # the optimizer updates its state before the next step
         total = self._total.take(ctx) if self._capture_total else torch.zeros_like(raw)
         k = len(seen)
+        passes, self._passes = self._passes, 0
         if self._bn_modules and not self._bn_warned:
             self._warn_batch_norm([type(m).__name__ for m in self._bn_modules if m.training])
         reason = self._unmeasurable(k, calls)
+        if reason is None and passes > k:
+            # some forward pass's graph was backpropagated twice (retain_graph=True): each example's
+            # gradient is then a sum over the passes, whose cross terms per-example norms do not have
+            reason = (
+                f"{passes} backward passes for {k} forward pass{'es' if k > 1 else ''}: a graph was backpropagated "
+                "more than once (retain_graph=True, or several losses of one forward pass each with its own "
+                "backward), so per-example gradients are sums over passes that per-example norms cannot add up; "
+                "add the losses and call backward once, or use method='microbatch'"
+            )
+        elif reason is None and 0 < passes < k:
+            # forward passes merged into one backward (their losses added) or never backpropagated: the
+            # exactness check (one gradient per layer and pass) and the examples counted would be wrong
+            reason = (
+                f"{k} forward passes but {passes} backward pass{'es' if passes > 1 else ''}: per-example norms need "
+                "one backward pass per forward pass of the model (a forward pass whose loss was added to another's, "
+                "or that was never backpropagated, breaks the count of examples and the exactness check); call "
+                "backward once per forward pass (per micro-batch), or use method='microbatch'"
+            )
         if reason is None and checked:
             reason = self._verify(acc[G:], calls, k)
         if reason is not None:
