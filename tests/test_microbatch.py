@@ -428,3 +428,41 @@ def test_tied_head_gpt_adamw_bf16_clipping_and_varying_accumulation(shakespeare_
         ), i
     assert clipped == len(counts)  # the clip acted on every step: a clipped |V|^2 would be far off
     gns.close()
+
+
+def test_device_path_of_the_sums_equals_the_host_path(digits, monkeypatch):
+    """On accelerators the per-pass sums and the step norm stay device tensors (no host read per pass);
+    on the CPU they are Python floats until the record is built. The tensor path, forced on the CPU,
+    gives the same records as the float path, with a GradScaler's 0-d tensor factor and steps of
+    varying length (a shorter step read at step())."""
+    from noisescale.probes import microbatch
+
+    X, y = digits
+
+    def run(host):
+        model = digits_mlp(hidden=32, seed=6)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        gns = ns.GradientNoiseScale(model, method="microbatch", beta=1.0, scaler=scaler, groups="layers")
+        if not host:
+            monkeypatch.setattr(microbatch, "host_group_sums", lambda *a: None)
+            gns.probe._total.host = False
+        at = 0
+        for k in [3, 3, 2, 4, 2]:
+            for _ in range(k):
+                xb, yb = X[at : at + 16], y[at : at + 16]
+                at += 16
+                scaler.scale(F.cross_entropy(model(xb), yb) / k).backward()
+            gns.step()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        monkeypatch.undo()
+        out = [(r["status"], r["sq_small"], r["sq_big"], r["g2_step"]) for r in gns.history]
+        gns.close()
+        return out
+
+    host, device = run(True), run(False)
+    assert [r[0] for r in host] == ["measured"] * 5
+    for a, b in zip(host, device):
+        assert a[0] == b[0] and all(u == pytest.approx(v, rel=1e-12) for u, v in zip(a[1:], b[1:])), (a, b)
