@@ -466,3 +466,36 @@ def test_device_path_of_the_sums_equals_the_host_path(digits, monkeypatch):
     assert [r[0] for r in host] == ["measured"] * 5
     for a, b in zip(host, device):
         assert a[0] == b[0] and all(u == pytest.approx(v, rel=1e-12) for u, v in zip(a[1:], b[1:])), (a, b)
+
+
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_one_read_per_step_equals_reading_after_every_pass(digits, preconditioned):
+    """Reading the step gradient once per step (at the predicted last pass, or at step() in a shorter
+    step) gives the records of reading it after every pass, bit for bit, with AdamW and its
+    preconditioner too (whose weights must stay those of the step: v_hat before its update) and
+    steps of 3, 2, 4 and 1 passes."""
+    X, y = digits
+
+    def run(every_pass):
+        model = digits_mlp(hidden=32, seed=7)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        gns = ns.GradientNoiseScale(
+            model, method="microbatch", beta=1.0, groups="layers", preconditioner=opt if preconditioned else None
+        )
+        at = 0
+        for k in [3, 3, 2, 3, 4, 2, 1, 3, 2]:
+            for _ in range(k):
+                (F.cross_entropy(model(X[at : at + 16]), y[at : at + 16]) / k).backward()
+                at += 16
+            gns.step()
+            if every_pass:
+                gns.probe._expect = None  # (unknown: read after every pass, as the first step does)
+            opt.step()
+            opt.zero_grad()
+        out = [(r["status"], r["sq_small"], r["sq_big"]) for r in gns.history]
+        gns.close()
+        return out
+
+    once, every = run(False), run(True)
+    assert [r[0] for r in once] == ["measured"] * 6 + ["unmeasurable"] + ["measured"] * 2
+    assert once == every

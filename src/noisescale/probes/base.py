@@ -671,7 +671,7 @@ class StepTotal:
         self.groups = groups
         self.preconditioner = preconditioner
         self.device = device
-        self.host = host  # keep CPU sums as Python floats (see host_group_sums); take() may return a list
+        self.host = host  # keep CPU sums as Python floats (see host_group_sums): take_sums() returns a list
         self._index = [groups.index(p) for p, *_ in self.pieces]
         self._value: Sums | None = None
         self._marks: list[tuple[torch.Tensor | None, int]] | None = None
@@ -709,12 +709,6 @@ class StepTotal:
 
     def capture(self) -> None:
         self._value = self.compute()
-        self._marks = None
-
-    def set(self, value: Sums) -> None:
-        """The step gradient's per-group norms are known without reading ``.grad`` (e.g. it equals the
-        gradient of the one pass whose norms the hooks took): record them as the captured value."""
-        self._value = value
         self._marks = None
 
     def mark(self) -> None:

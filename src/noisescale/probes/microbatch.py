@@ -20,8 +20,7 @@ step with fewer passes is read at ``step()``, which is exact when no ``.grad`` c
 last pass ended (version counters tell); if one did (the user clipped a short step, e.g. an
 epoch's tail), that step is skipped with the reason and steps of that length are read at their
 last pass from then on. Reading ``V`` after every pass instead would cost ``k - 1`` extra reads of
-every gradient per step. A
-step's first pass is never read: a step of one pass is not measured.
+every gradient per step. A step's first pass is never read: a step of one pass is not measured.
 
 Sizes: a forward pre-hook on the model records the leading dimension of the first input
 tensor of every forward pass run with gradients enabled; explicit sizes (examples or tokens)
@@ -168,15 +167,19 @@ class MicroBatchProbe:
     def collect(self, ctx: StepContext) -> StepStats:
         parts, self._parts = self._parts, []
         seen, self._sizes_seen = self._sizes_seen, []
+        k = len(parts)
+        lost = k >= 2 and self._total.changed()  # (only where V's read was deferred to step(): see mark)
+        total: Sums | None = None
+        if k >= 2 and not lost:
+            total = self._total.take_sums(ctx)  # (a deferred read weighs by this step's preconditioner)
+        else:
+            self._total.clear()
         if self.preconditioner is not None:
             self.preconditioner.stale = True  # the optimizer updates its state before the next step
-        k = len(parts)
         sizes = self._resolve_sizes(ctx.sizes, seen, k)
-        lost = k >= 2 and self._total.changed()  # (only where V's read was deferred to step(): see mark)
         expected, self._expect = self._expect, (k if k else self._expect)
         G = len(self.groups)
-        if k < 2 or lost:
-            self._total.clear()
+        if total is None:
             if k < 2:
                 reason = self._why_unmeasurable(k)
             else:
@@ -190,7 +193,6 @@ class MicroBatchProbe:
             st = make_step_stats([0.0] * G, [0.0] * G, [1.0], parts=k, examples=ex, device=self.device)
             st.reason = reason
             return st
-        total = self._total.take_sums(ctx)
         if sizes is None:
             raise ValueError(
                 f"could not infer the sizes of the {k} micro-batches of this step (saw {len(seen)} "

@@ -982,9 +982,11 @@ class PerExampleProbe:
             a.zero_()
         G = len(self.groups)
         raw = acc[:G]
-        if self.preconditioner is not None:
-            self.preconditioner.stale = True  # the optimizer updates its state before the next step
         total = self._total.take(ctx) if self._capture_total else torch.zeros_like(raw)
+        if self.preconditioner is not None:
+            # (after the read above, which may weigh .grad by this step's weights): the optimizer
+            # updates its state before the next step
+            self.preconditioner.stale = True
         k = len(seen)
         passes, self._passes = self._passes, 0
         if self._bn_modules and not self._bn_warned:
