@@ -468,29 +468,38 @@ def test_device_path_of_the_sums_equals_the_host_path(digits, monkeypatch):
         assert a[0] == b[0] and all(u == pytest.approx(v, rel=1e-12) for u, v in zip(a[1:], b[1:])), (a, b)
 
 
-@pytest.mark.parametrize("preconditioned", [False, True])
-def test_one_read_per_step_equals_reading_after_every_pass(digits, preconditioned):
+@pytest.mark.parametrize("case", ["plain", "preconditioned", "unscaled"])
+def test_one_read_per_step_equals_reading_after_every_pass(digits, case):
     """Reading the step gradient once per step (at the predicted last pass, or at step() in a shorter
-    step) gives the records of reading it after every pass, bit for bit, with AdamW and its
-    preconditioner too (whose weights must stay those of the step: v_hat before its update) and
-    steps of 3, 2, 4 and 1 passes."""
+    step) gives the records of reading it after every pass, bit for bit, over steps of 3, 2, 4 and 1
+    passes: with AdamW and its preconditioner (whose weights must stay those of the step: v_hat before
+    its update), and with a GradScaler whose unscale_ runs before gns.step() (a shorter step's read at
+    step() sees unscaled gradients and must not divide by S^2 again)."""
     X, y = digits
 
     def run(every_pass):
         model = digits_mlp(hidden=32, seed=7)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=case == "unscaled")
         gns = ns.GradientNoiseScale(
-            model, method="microbatch", beta=1.0, groups="layers", preconditioner=opt if preconditioned else None
+            model,
+            method="microbatch",
+            beta=1.0,
+            groups="layers",
+            preconditioner=opt if case == "preconditioned" else None,
+            scaler=scaler if case == "unscaled" else None,
         )
         at = 0
         for k in [3, 3, 2, 3, 4, 2, 1, 3, 2]:
             for _ in range(k):
-                (F.cross_entropy(model(X[at : at + 16]), y[at : at + 16]) / k).backward()
+                scaler.scale(F.cross_entropy(model(X[at : at + 16]), y[at : at + 16]) / k).backward()
                 at += 16
+            scaler.unscale_(opt)
             gns.step()
             if every_pass:
                 gns.probe._expect = None  # (unknown: read after every pass, as the first step does)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad()
         out = [(r["status"], r["sq_small"], r["sq_big"]) for r in gns.history]
         gns.close()
