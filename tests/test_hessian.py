@@ -195,3 +195,60 @@ def test_draw_is_inert_and_validates_the_closure() -> None:
         hessian_draw(model, [model.theta], lambda: (model.theta * 1.0, 3))
     with pytest.raises(ValueError, match=">= 2"):
         hessian_draw(model, [model.theta], noisy_closure, parts=1)
+
+
+def test_draw_on_a_tied_head_gpt_equals_the_explicit_hessian() -> None:
+    """One draw on a character GPT whose output head is tied to the token embedding (one parameter, two
+    uses: its Hessian block couples them), with attention, LayerNorm, RMSNorm and GELU, in float64:
+    ``(G^T H G, tr(H Sigma), |G|^2)`` equal hessian_terms() of the quadratic forms built from the
+    explicit Hessian of the flattened parameters (one double-backward row per parameter) and explicit
+    gradients, to 1e-9.
+
+    (Not torch.func.hessian: in torch 2.13 its forward-over-reverse, and jacrev(jacrev), give a
+    LayerNorm Hessian whose weight-by-input block is wrong -- asymmetric by 0.04 here, off from finite
+    differences by 0.6 on a 4-wide LayerNorm -- while autograd's double backward, which the draws use,
+    matches finite differences to 1e-9; cf. pytorch/pytorch#196700.)"""
+    import sys
+    from pathlib import Path
+
+    from torch.func import functional_call
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import CharTransformer
+
+    torch.manual_seed(0)
+    model = CharTransformer(vocab=8, d=4, heads=2, layers=1, block=8, seed=3).double()
+    model.head.weight = model.tok.weight  # tied head
+    for p in model.parameters():  # (larger weights than the LM's init: curvature well away from zero)
+        p.data.normal_(0, 0.4)
+    names = [n for n, _ in model.named_parameters()]  # (the tied weight once)
+    params = [p for _, p in model.named_parameters()]
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 8, (5, 9), generator=gen) for _ in range(3)]  # 2 gradient parts + Hessian
+
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        return CharTransformer.loss(model(ids[:, :-1]), ids[:, 1:])
+
+    shapes = [p.shape for p in params]
+    numels = [p.numel() for p in params]
+
+    def flat_loss(theta: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        chunks = [c.view(s) for c, s in zip(theta.split(numels), shapes)]
+        logits = functional_call(model, dict(zip(names, chunks)), (ids[:, :-1],))  # (both uses of the tied weight)
+        return CharTransformer.loss(logits, ids[:, 1:])
+
+    served = iter(batches)
+    with sdpa_kernel(SDPBackend.MATH):  # (the fused kernel has no double backward)
+        draw = hessian_draw(model, params, lambda: loss_of(next(served)), parts=2)
+        theta = torch.cat([p.detach().reshape(-1) for p in params]).requires_grad_(True)
+        grads = [torch.autograd.grad(flat_loss(theta, b), theta)[0] for b in batches[:2]]
+        g = torch.autograd.grad(flat_loss(theta, batches[2]), theta, create_graph=True)[0]
+        H = torch.stack([torch.autograd.grad(g[i], theta, retain_graph=True)[0] for i in range(len(g))])
+    assert float((H - H.T).abs().max()) < 1e-12 * float(H.abs().max()) * len(g)
+    Q = np.array([[float(a @ H @ c) for c in grads] for a in grads])
+    D = np.array([[float(a @ c) for c in grads] for a in grads])
+    want = hessian_terms(Q, D, [5.0, 5.0])
+    for got, w in zip((draw.gHg, draw.trace_h_sigma, draw.g2), want):
+        assert got == pytest.approx(w, rel=1e-9, abs=1e-12), (draw, want)
+    assert abs(want[0]) > 1e-3  # a curvature along G well away from zero: the comparison means something
