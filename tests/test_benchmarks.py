@@ -21,7 +21,8 @@ def test_gpu_benchmark_dry_run(capsys):
     mod = _benchmark("gpu")
     assert mod.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("PASS") == 6 and "FAIL" not in out
+    assert out.count("PASS") == 7 and "FAIL" not in out
+    assert "PASS: microbatch: one read of the step gradient per step" in out
 
 
 def test_hessian_cost_benchmark_quick(capsys):
