@@ -508,3 +508,37 @@ def test_one_read_per_step_equals_reading_after_every_pass(digits, case):
     once, every = run(False), run(True)
     assert [r[0] for r in once] == ["measured"] * 6 + ["unmeasurable"] + ["measured"] * 2
     assert once == every
+
+
+def test_expect_passes_reads_a_short_clipped_step_at_its_last_pass(digits, count_reads):
+    """gns.expect_passes(n) before a step of n passes: a step shorter than the previous one, clipped
+    before gns.step(), is read at the end of its n-th pass and measured exactly (no step lost), with one
+    read; bad values are one clear line; other methods ignore it."""
+    X, y = digits
+    model = digits_mlp(hidden=32, seed=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gns = ns.GradientNoiseScale(model, method="microbatch", beta=1.0)
+    at = 0
+    for k in [4, 4, 2, 4, 3]:
+        parts = [(X[at + 16 * j : at + 16 * j + 16], y[at + 16 * j : at + 16 * j + 16]) for j in range(k)]
+        at += 16 * k
+        twin = copy.deepcopy(model)
+        _, sq_total = _reference_parts(twin, parts, lambda j, xb, yb, m=twin, k=k: F.cross_entropy(m(xb), yb) / k)
+        gns.expect_passes(k)
+        count_reads.clear()
+        for xb, yb in parts:
+            (F.cross_entropy(model(xb), yb) / k).backward()
+        assert len(count_reads) == 1  # (the first step too: told, it need not read every pass)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        gns.step()
+        r = gns.history[-1]
+        assert r["status"] == "measured" and r["sq_big"] == pytest.approx(sq_total, rel=1e-6), r
+        opt.step()
+        opt.zero_grad()
+    for bad in (0, -1, 2.0, True, None):
+        with pytest.raises(ValueError, match=f"expect_passes\\(n\\): n must be a positive integer .* got {bad!r}"):
+            gns.expect_passes(bad)
+    gns.close()
+    other = ns.GradientNoiseScale(digits_mlp(hidden=8), method="per_example")
+    other.expect_passes(3)  # (nothing to do)
+    other.close()

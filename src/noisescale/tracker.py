@@ -578,6 +578,20 @@ class GradientNoiseScale:
             self._steps = step
             self._pending.append(_Entry(step, stats, None))
 
+    def expect_passes(self, n: int) -> None:
+        """Say that the optimizer step in progress (or about to start) has ``n`` backward passes
+        (micro-batches). Optional. The micro-batch probe reads the step gradient when the pass it
+        expects to be the step's last ends, by default the previous step's count; a step shorter than
+        that (an epoch's tail) whose ``.grad`` is clipped before ``step()`` is then skipped once
+        (docs/method.md §2). A trainer that knows each step's count (the Hugging Face callback does)
+        tells it here, and no step is lost. Other methods ignore it."""
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise ValueError(f"expect_passes(n): n must be a positive integer number of backward passes, got {n!r}")
+        self._check_open()
+        expect = getattr(self.probe, "expect_passes", None)
+        if expect is not None:
+            expect(n)
+
     def synchronize(self) -> int:
         """Under DDP/FSDP: reduce the steps queued since the last reduction across ranks now, so that
         every value includes them; returns how many. A collective: call it on **every** rank at the

@@ -8,10 +8,13 @@ Where it hooks in, and why each is right:
   measures across ranks, App. A.1), the model itself on one. The trainer's ``GradScaler`` (fp16) is
   passed as ``scaler=``. The trainer runs all but the last micro-batch of a step in ``no_sync``; the
   probes see every backward pass's gradient before it is added and reduced.
+- **the step's start** (``on_step_begin``, before its first forward pass): the trainer has fetched
+  the step's micro-batches, ``trainer.current_gradient_accumulation_steps`` of them (fewer in an
+  epoch's last step); ``gns.expect_passes(n)`` tells the tracker which backward pass is the last.
 - **the optimizer step** (``on_pre_optimizer_step``): ``gns.step()``, once per optimizer step. The
   trainer clips *before* this event (the order that gave a wrong 8.06 instead of 2.89 to a tracker
-  reading ``.grad`` there); the tracker captured the step gradient's norm when the step's last
-  backward pass ended, before clipping, so the value is right.
+  reading ``.grad`` there); the tracker read the step gradient's norm when the step's last backward
+  pass ended, before clipping, so the value is right, in the short last step of an epoch too.
 - **logging** (``on_step_end`` when the trainer logs, every ``logging_steps``): ``gns/*`` through
   ``trainer.log``, so the ``report_to`` integrations (TensorBoard, W&B, ...) and
   ``trainer.state.log_history`` get them.
@@ -142,6 +145,14 @@ class NoiseScaleCallback(TrainerCallback):
             self.gns.close()  # hooks removed; the estimates stay readable
 
     # -- the loop ----------------------------------------------------------------------
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The trainer has fetched this step's micro-batches (fewer at an epoch's end) and called back
+        # before the first forward pass: tell the tracker how many, so that the step gradient is read
+        # at the end of the last one even in the short step it clips before on_pre_optimizer_step.
+        n = getattr(self.trainer, "current_gradient_accumulation_steps", None)
+        if self.gns is not None and isinstance(n, int) and n >= 1:
+            self.gns.expect_passes(n)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.gns is None:

@@ -157,6 +157,11 @@ class MicroBatchProbe:
 
     # -- step --------------------------------------------------------------------------
 
+    def expect_passes(self, n: int) -> None:
+        """The optimizer step in progress has ``n`` backward passes: read the step gradient at the end
+        of the ``n``-th (instead of the previous step's count). Call it before that pass ends."""
+        self._expect = n
+
     def pending_parts(self) -> int:
         """Backward passes seen since the last :meth:`collect`."""
         return len(self._parts)
