@@ -29,6 +29,8 @@ __all__ = [
     "grouped_sq_norms",
     "group_sums",
     "host_group_sums",
+    "pass_sums",
+    "add_sums",
     "scaled_sums",
     "Sums",
     "infer_batch_size",
@@ -575,6 +577,21 @@ def host_group_sums(terms: Sequence[torch.Tensor | float], index: Sequence[int],
             return None
         acc[i] += float(t)
     return acc
+
+
+def pass_sums(terms: Sequence[torch.Tensor | float], index: Sequence[int], n_groups: int, device: torch.device) -> Sums:
+    """One backward pass's per-group sums: host floats on the CPU (:func:`host_group_sums`: no tensor
+    is made until the step's record), else a device tensor (:func:`group_sums`, no host sync)."""
+    acc = host_group_sums(terms, index, n_groups)
+    return acc if acc is not None else group_sums(terms, index, n_groups, device)
+
+
+def add_sums(parts: Sequence[Sums], device: torch.device) -> Sums:
+    """The sum of several passes' per-group sums (:func:`pass_sums`): on the host while all are host
+    floats, else one stack and sum on ``device``."""
+    if all(isinstance(x, list) for x in parts):
+        return [sum(col) for col in zip(*parts)]  # (all lists: checked)
+    return torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in parts]).sum(0)
 
 
 def scaled_sums(value: Sums, factor: Any, device: torch.device) -> Sums:

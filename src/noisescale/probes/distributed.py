@@ -76,10 +76,10 @@ from .base import (
     StepTotal,
     Sums,
     _sq_norm_term,
+    add_sums,
     check_sizes,
-    group_sums,
-    host_group_sums,
     infer_batch_size,
+    pass_sums,
     scaled_sums,
     sq_norm,
 )
@@ -441,10 +441,7 @@ class DistributedProbe(Joinable):
 
     def _close_part_locked(self) -> None:
         if self._current:
-            # on the CPU a list of floats: no tensor until the step's record (see host_group_sums)
-            part: Sums | None = host_group_sums(self._current, self._current_index, len(self.groups))
-            if part is None:
-                part = group_sums(self._current, self._current_index, len(self.groups), self.device)
+            part = pass_sums(self._current, self._current_index, len(self.groups), self.device)
             self._parts.append((part, self._pending_sizes))
             self._current, self._current_index, self._pending_sizes = [], [], []
 
@@ -477,15 +474,22 @@ class DistributedProbe(Joinable):
         if self.preconditioner is not None:
             self.preconditioner.stale = True
         st = StepStats(vec, G, ready=False)
-        self._queue.append(st)
-        self._step = ctx.step if ctx.step is not None else self._step + 1
-        if ctx.step is None or self._step % self.reduce_every == 0:
+        self._enqueue(st, ctx.step)
+        if ctx.step is None:  # (outside a tracker: reduced at once)
             self.synchronize()
         if error is not None:
             # the tracker records the step from the reduced numbers, as the other ranks do
             error.noisescale_stats = st  # type: ignore[attr-defined]
             raise error
         return st
+
+    def _enqueue(self, st: StepStats, step: int | None) -> None:
+        """Queue a step's record under its number (the tracker's; ``None``: the next one) and reduce the
+        queue at the step numbers that are multiples of ``reduce_every`` (the same on every rank)."""
+        self._queue.append(st)
+        self._step = step if step is not None else self._step + 1
+        if self._step % self.reduce_every == 0:
+            self.synchronize()
 
     def _zeros(self) -> torch.Tensor:
         """A record of nothing (it adds nothing when summed), to fill in with a flag if needed."""
@@ -549,12 +553,7 @@ class DistributedProbe(Joinable):
             # a_rj = alpha_rj / n: the parts' weights and squared norms (u_rj / n in V's units) scale
             # by 1/n^2, applied as the record is built (no in-place ops after: the step's fixed cost)
             nn = float(n * n)
-            small: Sums
-            if all(isinstance(x, list) for x, _ in parts):
-                small = [sum(col) for col in zip(*(x for x, _ in parts))]  # (all lists: checked)
-            else:
-                small = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x, _ in parts])
-                small = small.sum(0)
+            small = add_sums([x for x, _ in parts], self.device)
             return make_step_stats(
                 scaled_sums(small, ctx.inv_scale2_small / nn, self.device),
                 total,
@@ -604,11 +603,8 @@ class DistributedProbe(Joinable):
                 if probe.kind == "ddp" and not getattr(probe.model, "require_forward_param_sync", True):
                     return
                 st = StepStats(probe._zeros(), len(probe.groups), ready=False)
-                probe._queue.append(st)
-                probe._step += 1
+                probe._enqueue(st, None)
                 probe._shadow.append((probe._step, st))
-                if probe._step % probe.reduce_every == 0:
-                    probe.synchronize()
 
             def post_hook(self, is_last_joiner: bool) -> None:
                 # every rank runs this when the Join context ends: reduce what is left, so that

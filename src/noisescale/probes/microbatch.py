@@ -44,11 +44,11 @@ from .base import (
     StepTotal,
     Sums,
     _sq_norm_term,
+    add_sums,
     check_single_process,
     check_sizes,
-    group_sums,
-    host_group_sums,
     infer_batch_size,
+    pass_sums,
     scaled_sums,
 )
 
@@ -138,14 +138,8 @@ class MicroBatchProbe:
     def _end_backward(self) -> None:
         with self._lock:
             terms, index, self._terms, self._index = self._terms, self._index, [], []
-        part: Sums | None = None
         if terms:
-            # on the CPU a list of floats: no tensor is made until the step's record (see host_group_sums)
-            part = host_group_sums(terms, index, len(self.groups))
-            if part is None:
-                part = group_sums(terms, index, len(self.groups), self.device)
-        if part is not None:
-            self._parts.append(part)
+            self._parts.append(pass_sums(terms, index, len(self.groups), self.device))
         n = len(self._parts)  # this pass's number in the step
         if n < 2:
             # a step of one pass is not measured, and a longer one reads V at a later pass
@@ -204,12 +198,7 @@ class MicroBatchProbe:
                 f"forward passes with gradients enabled, sizes {seen}); pass them explicitly: "
                 f"gns.step(sizes=[...]) with {k} numbers in the tracker's unit"
             )
-        small: Sums
-        if all(isinstance(x, list) for x in parts):
-            small = [sum(col) for col in zip(*parts)]  # (all lists: checked)
-        else:
-            small = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in parts]).sum(0)
-        small = scaled_sums(small, ctx.inv_scale2_small, self.device)
+        small = scaled_sums(add_sums(parts, self.device), ctx.inv_scale2_small, self.device)
         return make_step_stats(small, total, sizes, reduction=self.reduction, device=self.device)
 
     def _why_unmeasurable(self, k: int) -> str:
